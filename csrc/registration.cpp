@@ -1,0 +1,64 @@
+// The hcext operator library: every schema is declared here, once. Backends register
+// their kernels with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cpp; fake
+// kernels and autograd are registered in Python (hcext/ops.py).
+// The pybind11 module only reports build information; ops go through the dispatcher.
+
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <string>
+
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#else
+#include <torch/version.h>
+#endif
+#ifdef HCEXT_WITH_CUDA
+#include <cuda_runtime_api.h>  // CUDART_VERSION: the toolkit the kernels were compiled with
+#endif
+
+// setup.py passes TORCH_CUDA_ARCH_LIST with commas as separators: stringify it whole.
+#define HCEXT_STRINGIFY_ALL(...) #__VA_ARGS__
+#define HCEXT_STRINGIFY(...) HCEXT_STRINGIFY_ALL(__VA_ARGS__)
+#ifndef HCEXT_CUDA_ARCH_LIST_TOKENS
+#define HCEXT_CUDA_ARCH_LIST_TOKENS none
+#endif
+
+TORCH_LIBRARY(hcext, m) {
+  // Fake kernels live in hcext.ops; importing it is required for torch.compile.
+  m.set_python_module("hcext.ops");
+  m.def("sinkhorn(Tensor logits, int iters=20, float eps=1e-06) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("sinkhorn_backward(Tensor grad, Tensor logits, int iters, float eps) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+}
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "hcext native library (ops are registered as torch.ops.hcext.*)";
+  mod.def("build_info", []() {
+    pybind11::dict info;
+    pybind11::list backends;
+    backends.append("cpu");
+#ifdef HCEXT_WITH_CUDA
+    backends.append("cuda");
+#endif
+    info["backends"] = backends;
+    info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                            std::to_string(TORCH_VERSION_PATCH);
+#ifdef HCEXT_WITH_CUDA
+    info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+#else
+    info["cuda_version"] = pybind11::none();
+#endif
+#ifdef HCEXT_WITH_CUDA
+    info["cuda_arch_list"] = std::string(HCEXT_STRINGIFY(HCEXT_CUDA_ARCH_LIST_TOKENS));
+#else
+    info["cuda_arch_list"] = pybind11::none();
+#endif
+#ifdef NDEBUG
+    info["debug"] = false;
+#else
+    info["debug"] = true;
+#endif
+    return info;
+  });
+}
