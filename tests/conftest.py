@@ -1,0 +1,23 @@
+"""Fixtures shared by every hcext test: the device parametrisation and a fixed seed."""
+
+import zlib
+
+import pytest
+import torch
+
+import hcext  # noqa: F401  (registers torch.ops.hcext.* and their fake kernels)
+from helpers import requires_cuda
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=requires_cuda)])
+def device(request):
+    """Every test that takes ``device`` runs on the CPU and, when a GPU is present, on CUDA."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed(request):
+    # A fixed seed per test, different between tests (derived from the test id), so that a
+    # failure reproduces when the test is run alone.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
