@@ -30,6 +30,47 @@ TORCH_LIBRARY(hcext, m) {
   m.def("sinkhorn(Tensor logits, int iters=20, float eps=1e-06) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("sinkhorn_backward(Tensor grad, Tensor logits, int iters, float eps) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+
+  // mHC coefficients (mHC Eq. 7-9). The public ops return what users need; their *_fwd
+  // twins also return what the backward needs (proj = x̃ @ phi before scaling, and rstd),
+  // so that autograd saves only those plus the inputs. mhc_backward serves both.
+#define HCEXT_MHC_ARGS                                                                               \
+  "Tensor x, Tensor phi, Tensor alpha, Tensor bias, int sinkhorn_iters=20, float norm_eps=1e-06, " \
+  "float sinkhorn_eps=1e-06, float pre_eps=1e-06, float post_mult=2.0"
+  m.def("mhc_coeffs(" HCEXT_MHC_ARGS ") -> (Tensor h_pre, Tensor h_post, Tensor h_res)", {at::Tag::pt2_compliant_tag});
+  m.def("mhc_coeffs_fwd(" HCEXT_MHC_ARGS ") -> (Tensor h_pre, Tensor h_post, Tensor h_res, Tensor proj, Tensor rstd)",
+        {at::Tag::pt2_compliant_tag});
+#undef HCEXT_MHC_ARGS
+  m.def(
+      "mhc_backward(Tensor x, Tensor phi, Tensor alpha, Tensor bias, Tensor proj, Tensor rstd, "
+      "Tensor? grad_layer_input, Tensor? grad_h_pre, Tensor? grad_h_post, Tensor? grad_h_res, int sinkhorn_iters, "
+      "float sinkhorn_eps, float pre_eps, float post_mult) -> (Tensor grad_x, Tensor grad_phi, Tensor grad_alpha, "
+      "Tensor grad_bias)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+namespace {
+
+using MhcOutputs5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using MhcOutputs3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// mhc_coeffs = the first three outputs of mhc_coeffs_fwd, on every backend (the autograd
+// formula is registered on mhc_coeffs_fwd).
+MhcOutputs3 mhc_coeffs_composite(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                                 const at::Tensor& bias, int64_t iters, double norm_eps, double sinkhorn_eps,
+                                 double pre_eps, double post_mult) {
+  static const auto fwd = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("hcext::mhc_coeffs_fwd", "")
+                              .typed<MhcOutputs5(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, int64_t, double, double, double, double)>();
+  auto out = fwd.call(x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hcext, CompositeImplicitAutograd, m) {
+  m.impl("mhc_coeffs", &mhc_coeffs_composite);
 }
 
 PYBIND11_MODULE(_C, mod) {

@@ -42,6 +42,13 @@ HCEXT_HD S mhc_alpha_of(const S* alpha, int k, int n) {
   return k < n ? alpha[0] : (k < 2 * n ? alpha[1] : alpha[2]);
 }
 
+// h_pre[i] from the token's proj[i] (shared by the forward epilogue and the backward's
+// recomputation of the layer input's coefficients).
+template <typename V, typename S>
+HCEXT_HD V mhc_h_pre(const V& proj_i, const V& rstd, const S* alpha, S bias_i, S pre_eps) {
+  return mhc_sigmoid<V, S>(proj_i * rstd * alpha[0] + bias_i) + pre_eps;
+}
+
 // Writes ℓ_res (the Sinkhorn logits, n*n) into L.
 template <int kN, typename V, typename S>
 HCEXT_HD void mhc_res_logits(V* L, const V* proj, const V& rstd, const S* alpha, const S* bias, int n_rt) {
@@ -57,7 +64,7 @@ HCEXT_HD void mhc_coeffs_epilogue(const V* proj, const V& rstd, const S* alpha, 
   const int n = kN > 0 ? kN : n_rt;
   HCEXT_UNROLL
   for (int i = 0; i < n; ++i) {
-    h_pre[i] = mhc_sigmoid<V, S>(proj[i] * rstd * alpha[0] + bias[i]) + pre_eps;
+    h_pre[i] = mhc_h_pre(proj[i], rstd, alpha, bias[i], pre_eps);
     h_post[i] = mhc_sigmoid<V, S>(proj[n + i] * rstd * alpha[1] + bias[n + i]) * post_mult;
   }
   mhc_res_logits<kN>(h_res, proj, rstd, alpha, bias, n_rt);
