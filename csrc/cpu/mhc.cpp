@@ -1,13 +1,10 @@
 // CPU implementation of the mHC coefficient ops: hcext::mhc_coeffs_fwd (and through it the
-// public mhc_coeffs) and hcext::mhc_backward. The projection GEMMs are at::mm; the
-// per-token epilogues (hcext/mhc.h, shared with CUDA) run on blocks of Lanes tokens.
+// public mhc_coeffs) and hcext::mhc_backward. The sequence of passes is mhc_driver.h; here
+// are the CPU passes: at::parallel_for over tokens, the per-token epilogues (hcext/mhc.h,
+// shared with CUDA) on blocks of kW tokens held in Lanes.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -16,7 +13,7 @@
 #include "hcext/dispatch.h"
 #include "hcext/lanes.h"
 #include "hcext/mhc.h"
-#include "mhc_args.h"
+#include "mhc_driver.h"
 
 namespace hcext {
 namespace {
@@ -27,17 +24,7 @@ using cpu::LaneHistory;
 using cpu::load_lanes;
 using cpu::store_lanes;
 
-struct MhcScalars {
-  int iters;
-  double norm_eps, sinkhorn_eps, pre_eps, post_mult;
-};
-
-// x as fp32 (fp64) rows [tokens, n*C]: the GEMM operand; no copy for contiguous fp32 x.
-at::Tensor rows_in_compute_dtype(const at::Tensor& x, const MhcDims& d) {
-  return x.reshape({d.tokens, d.n * d.C}).to(d.compute).contiguous();
-}
-
-// Sum of the k-th block of 8 (SIMD) products; T accumulates in its own precision.
+// Dot product with kW independent accumulators (vectorisable without -ffast-math).
 template <typename T>
 T dot(const T* a, const T* b, int64_t len) {
   Lanes<T, kW> acc(T(0));
@@ -83,41 +70,6 @@ void epilogue_forward(const T* proj, const T* rstd, const T* alpha, const T* bia
       }
     });
   });
-}
-
-std::vector<int64_t> lead_shape(const at::Tensor& x, std::initializer_list<int64_t> tail) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
-  shape.insert(shape.end(), tail);
-  return shape;
-}
-
-// -> (h_pre [..., n], h_post [..., n], h_res [..., n, n], proj [..., D], rstd [...])
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mhc_coeffs_fwd_cpu(
-    const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias, int64_t iters,
-    double norm_eps, double sinkhorn_eps, double pre_eps, double post_mult) {
-  const char* op = "hcext::mhc_coeffs";
-  const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
-  check_mhc_norm_eps(norm_eps, op);
-  check_mhc_scalars(pre_eps, post_mult, op);
-  const MhcScalars s{static_cast<int>(iters), norm_eps, sinkhorn_eps, pre_eps, post_mult};
-  const auto opts = x.options().dtype(d.compute);
-  const int64_t n = d.n;
-  at::Tensor h_pre = at::empty(lead_shape(x, {n}), opts);
-  at::Tensor h_post = at::empty(lead_shape(x, {n}), opts);
-  at::Tensor h_res = at::empty(lead_shape(x, {n, n}), opts);
-  at::Tensor rstd = at::empty(lead_shape(x, {}), opts);
-  if (d.tokens == 0) return {h_pre, h_post, h_res, at::empty(lead_shape(x, {d.D}), opts), rstd};
-  const at::Tensor xf = rows_in_compute_dtype(x, d);
-  at::Tensor proj = at::mm(xf, phi).reshape(lead_shape(x, {d.D}));
-  const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
-  auto run = [&](auto zero) {
-    using T = decltype(zero);
-    compute_rstd<T>(xf.data_ptr<T>(), rstd.data_ptr<T>(), d, norm_eps);
-    epilogue_forward<T>(proj.data_ptr<T>(), rstd.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(), h_pre.data_ptr<T>(),
-                        h_post.data_ptr<T>(), h_res.data_ptr<T>(), d, s);
-  };
-  if (d.compute == at::kDouble) run(double{}); else run(float{});
-  return {h_pre, h_post, h_res, proj, rstd};
 }
 
 // Backward epilogue on blocks of lanes: -> dl, dproj [tokens, D], dalpha [tokens, 3], drstd [tokens].
@@ -196,80 +148,50 @@ void grad_x_pass(const T* xf, const T* dxp, const T* proj, const T* rstd, const 
   });
 }
 
-at::Tensor optional_rows(const c10::optional<at::Tensor>& g, int64_t rows, int64_t cols, at::ScalarType dtype) {
-  if (!g.has_value() || !g->defined()) return at::Tensor();
-  return g->reshape({rows, cols}).to(dtype).contiguous();
-}
+// The CPU passes of mhc_driver.h.
+struct CpuMhcBackend {
+  explicit CpuMhcBackend(const at::Tensor&) {}
 
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-// -> (grad_x, grad_phi, grad_alpha, grad_bias)
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mhc_backward_cpu(
-    const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
-    const at::Tensor& proj, const at::Tensor& rstd, const c10::optional<at::Tensor>& grad_layer_input,
-    const c10::optional<at::Tensor>& grad_h_pre, const c10::optional<at::Tensor>& grad_h_post,
-    const c10::optional<at::Tensor>& grad_h_res, int64_t iters, double sinkhorn_eps, double pre_eps,
-    double post_mult) {
-  const char* op = "hcext::mhc_backward";
-  const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
-  check_mhc_scalars(pre_eps, post_mult, op);
-  check_mhc_saved(d, x, proj, rstd, op);
-  check_mhc_grad(grad_layer_input, d.tokens * d.C, x, op, "grad_layer_input");
-  check_mhc_grad(grad_h_pre, d.tokens * d.n, x, op, "grad_h_pre");
-  check_mhc_grad(grad_h_post, d.tokens * d.n, x, op, "grad_h_post");
-  check_mhc_grad(grad_h_res, d.tokens * d.n * d.n, x, op, "grad_h_res");
-  const MhcScalars s{static_cast<int>(iters), 0.0, sinkhorn_eps, pre_eps, post_mult};
-  const auto opts = x.options().dtype(d.compute);
-  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (d.tokens == 0) {
-    return {grad_x, at::zeros_like(phi), at::zeros_like(alpha), at::zeros_like(bias)};
+  at::Tensor rows(const at::Tensor& x, at::Tensor& rstd, const MhcDims& d, double norm_eps) {
+    at::Tensor xf = rows_in_compute_dtype(x, d);
+    dispatch_compute(d.compute, [&](auto zero) {
+      using T = decltype(zero);
+      compute_rstd<T>(xf.data_ptr<T>(), rstd.data_ptr<T>(), d, norm_eps);
+    });
+    return xf;
   }
-  const int64_t T_ = d.tokens, n = d.n, D = d.D;
-  const at::Tensor xf = rows_in_compute_dtype(x, d);
-  const at::Tensor P = proj.reshape({T_, D}).contiguous(), R = rstd.reshape({T_}).contiguous();
-  const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
-  const at::Tensor gy = optional_rows(grad_layer_input, T_, d.C, d.compute);
-  at::Tensor gpre = optional_rows(grad_h_pre, T_, n, d.compute);
-  const at::Tensor gpost = optional_rows(grad_h_post, T_, n, d.compute);
-  const at::Tensor gres = optional_rows(grad_h_res, T_, n * n, d.compute);
-  at::Tensor dl = at::empty({T_, D}, opts), dproj = at::empty({T_, D}, opts);
-  at::Tensor dalpha = at::empty({T_, 3}, opts), drstd = at::empty({T_}, opts);
-  at::Tensor grad_phi, dxp;
-  auto run = [&](auto zero) {
-    using T = decltype(zero);
-    if (gy.defined()) {
-      at::Tensor total = at::empty({T_, n}, opts);
-      add_layer_input_grad_to_h_pre<T>(xf.data_ptr<T>(), gy.data_ptr<T>(), ptr_or_null<T>(gpre), total.data_ptr<T>(), d);
-      gpre = total;
+  template <typename T>
+  void epilogue(const T* proj, const T* rstd, const T* alpha, const T* bias, T* h_pre, T* h_post, T* h_res,
+                const MhcDims& d, const MhcScalars& s) {
+    epilogue_forward<T>(proj, rstd, alpha, bias, h_pre, h_post, h_res, d, s);
+  }
+  template <typename T>
+  void layer_input_grad(const T* xf, const T* gy, const T* g_pre, T* out, const MhcDims& d) {
+    add_layer_input_grad_to_h_pre<T>(xf, gy, g_pre, out, d);
+  }
+  template <typename T>
+  void epilogue_backward(const T* proj, const T* rstd, const T* alpha, const T* bias, const T* g_pre, const T* g_post,
+                         const T* g_res, T* dl, T* dproj, T* dalpha, T* drstd, const MhcDims& d, const MhcScalars& s) {
+    hcext::epilogue_backward<T>(proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha, drstd, d, s);
+  }
+  template <typename T>
+  void grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy, const T* alpha,
+              const T* bias, double pre_eps, at::Tensor& dx, const MhcDims& d) {
+    auto write = [&](auto* out) { grad_x_pass<T>(xf, dxp, proj, rstd, drstd, gy, alpha, bias, pre_eps, out, d); };
+    switch (dx.scalar_type()) {
+      case at::kFloat: return write(dx.data_ptr<float>());
+      case at::kDouble: return write(dx.data_ptr<double>());
+      case at::kBFloat16: return write(dx.data_ptr<at::BFloat16>());
+      default: return write(dx.data_ptr<at::Half>());
     }
-    epilogue_backward<T>(P.data_ptr<T>(), R.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(), ptr_or_null<T>(gpre),
-                         ptr_or_null<T>(gpost), ptr_or_null<T>(gres), dl.data_ptr<T>(), dproj.data_ptr<T>(),
-                         dalpha.data_ptr<T>(), drstd.data_ptr<T>(), d, s);
-    grad_phi = at::mm(xf.t(), dproj);
-    dxp = at::mm(dproj, phi.t());
-    auto write = [&](auto* out) {
-      grad_x_pass<T>(xf.data_ptr<T>(), dxp.data_ptr<T>(), P.data_ptr<T>(), R.data_ptr<T>(), drstd.data_ptr<T>(),
-                     ptr_or_null<T>(gy), a.data_ptr<T>(), b.data_ptr<T>(), pre_eps, out, d);
-    };
-    switch (x.scalar_type()) {
-      case at::kFloat: write(grad_x.data_ptr<float>()); break;
-      case at::kDouble: write(grad_x.data_ptr<double>()); break;
-      case at::kBFloat16: write(grad_x.data_ptr<at::BFloat16>()); break;
-      default: write(grad_x.data_ptr<at::Half>()); break;
-    }
-  };
-  if (d.compute == at::kDouble) run(double{}); else run(float{});
-  return {grad_x, grad_phi, at::sum(dalpha, {0}), at::sum(dl, {0})};
-}
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hcext, CPU, m) {
-  m.impl("mhc_coeffs_fwd", &mhc_coeffs_fwd_cpu);
-  m.impl("mhc_backward", &mhc_backward_cpu);
+  m.impl("mhc_coeffs_fwd", &mhc_coeffs_fwd_impl<CpuMhcBackend>);
+  m.impl("mhc_backward", &mhc_backward_impl<CpuMhcBackend>);
 }
 
 }  // namespace hcext

@@ -25,9 +25,13 @@ HCEXT_HD double vmax(double a, double b) { return a > b ? a : b; }
 #if defined(__CUDA_ARCH__)
 HCEXT_HD float vexp(float a) { return expf(a); }
 HCEXT_HD double vexp(double a) { return exp(a); }
+HCEXT_HD float vsqrt(float a) { return sqrtf(a); }
+HCEXT_HD double vsqrt(double a) { return sqrt(a); }
 #else
 HCEXT_HD float vexp(float a) { return std::exp(a); }
 HCEXT_HD double vexp(double a) { return std::exp(a); }
+HCEXT_HD float vsqrt(float a) { return std::sqrt(a); }
+HCEXT_HD double vsqrt(double a) { return std::sqrt(a); }
 #endif
 
 }  // namespace hcext

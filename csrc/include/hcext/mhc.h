@@ -28,18 +28,12 @@ HCEXT_HD constexpr int mhc_coeff_width(int n) { return n * n + 2 * n; }
 
 template <typename S>
 HCEXT_HD S mhc_rstd(S sum_squares, S count, S norm_eps) {
-  return S(1) / sqrt(sum_squares / count + norm_eps);
+  return S(1) / vsqrt(sum_squares / count + norm_eps);
 }
 
 template <typename V, typename S>
 HCEXT_HD V mhc_sigmoid(const V& l) {
   return S(1) / (S(1) + vexp(S(0) - l));
-}
-
-// ℓ_k for k in [0, D): alpha of the k's part.
-template <typename S>
-HCEXT_HD S mhc_alpha_of(const S* alpha, int k, int n) {
-  return k < n ? alpha[0] : (k < 2 * n ? alpha[1] : alpha[2]);
 }
 
 // h_pre[i] from the token's proj[i] (shared by the forward epilogue and the backward's

@@ -1,0 +1,82 @@
+// CUDA implementation of the mHC coefficient ops (hcext::mhc_coeffs_fwd, hcext::mhc_backward):
+// the sequence of mhc_driver.h with the CUDA passes of mhc_kernels.cu, on the current stream
+// under a device guard. No host synchronisation.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "launchers.h"
+#include "mhc_driver.h"
+
+namespace hcext {
+namespace {
+
+cuda::MhcXType x_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::MhcXType::kFloat;
+    case at::kDouble: return cuda::MhcXType::kDouble;
+    case at::kBFloat16: return cuda::MhcXType::kBFloat16;
+    default: return cuda::MhcXType::kHalf;
+  }
+}
+
+struct CudaMhcBackend {
+  c10::cuda::CUDAGuard guard;
+  cudaStream_t stream;
+
+  explicit CudaMhcBackend(const at::Tensor& x) : guard(x.device()), stream(c10::cuda::getCurrentCUDAStream()) {}
+
+  // One read of x: the sum of squares, and the fp32 copy the GEMM needs when x is not fp32.
+  at::Tensor rows(const at::Tensor& x, at::Tensor& rstd, const MhcDims& d, double norm_eps) {
+    const at::Tensor xc = x.contiguous();
+    const bool copy = xc.scalar_type() != d.compute;
+    at::Tensor xf = copy ? at::empty({d.tokens, d.n * d.C}, x.options().dtype(d.compute))
+                         : xc.reshape({d.tokens, d.n * d.C});
+    dispatch_compute(d.compute, [&](auto zero) {
+      using T = decltype(zero);
+      C10_CUDA_CHECK(cuda::mhc_rows<T>(xc.data_ptr(), x_type(xc.scalar_type()), copy ? xf.data_ptr<T>() : nullptr,
+                                       rstd.data_ptr<T>(), d.tokens, d.n * d.C, static_cast<T>(norm_eps), stream));
+    });
+    return xf;
+  }
+  template <typename T>
+  void epilogue(const T* proj, const T* rstd, const T* alpha, const T* bias, T* h_pre, T* h_post, T* h_res,
+                const MhcDims& d, const MhcScalars& s) {
+    C10_CUDA_CHECK(cuda::mhc_epilogue<T>(proj, rstd, alpha, bias, h_pre, h_post, h_res, d.tokens, d.n, s.iters,
+                                         T(s.sinkhorn_eps), T(s.pre_eps), T(s.post_mult), stream));
+  }
+  template <typename T>
+  void layer_input_grad(const T* xf, const T* gy, const T* g_pre, T* out, const MhcDims& d) {
+    C10_CUDA_CHECK(cuda::mhc_layer_input_grad<T>(xf, gy, g_pre, out, d.tokens, d.n, d.C, stream));
+  }
+  template <typename T>
+  void epilogue_backward(const T* proj, const T* rstd, const T* alpha, const T* bias, const T* g_pre, const T* g_post,
+                         const T* g_res, T* dl, T* dproj, T* dalpha, T* drstd, const MhcDims& d, const MhcScalars& s) {
+    // Scratch for the recomputed Sinkhorn denominators (freed to the caching allocator).
+    at::Tensor workspace = at::empty({int64_t(sinkhorn_half_steps(s.iters)) * d.n * d.tokens},
+                                     at::TensorOptions().device(at::kCUDA, guard.current_device().index())
+                                         .dtype(c10::CppTypeToScalarType<T>::value));
+    C10_CUDA_CHECK(cuda::mhc_epilogue_backward<T>(proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha,
+                                                  drstd, workspace.data_ptr<T>(), d.tokens, d.n, s.iters,
+                                                  T(s.sinkhorn_eps), T(s.post_mult), stream));
+  }
+  template <typename T>
+  void grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy, const T* alpha,
+              const T* bias, double pre_eps, at::Tensor& dx, const MhcDims& d) {
+    C10_CUDA_CHECK(cuda::mhc_grad_x<T>(xf, dxp, proj, rstd, drstd, gy, alpha, bias, T(pre_eps), dx.data_ptr(),
+                                       x_type(dx.scalar_type()), d.tokens, d.n, d.C, d.D, stream));
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hcext, CUDA, m) {
+  m.impl("mhc_coeffs_fwd", &mhc_coeffs_fwd_impl<CudaMhcBackend>);
+  m.impl("mhc_backward", &mhc_backward_impl<CudaMhcBackend>);
+}
+
+}  // namespace hcext

@@ -1,0 +1,210 @@
+// CUDA kernels of the mHC coefficient ops (see csrc/cuda/mhc.cpp for the glue and the
+// GEMMs, which are cuBLAS through at::mm). Per-token coefficient math is the shared
+// hcext/mhc.h; rows of x are reduced one block per token, in a fixed order (deterministic).
+// No torch header here.
+
+#include <cuda_runtime.h>
+
+#include "cuda_utils.cuh"
+#include "hcext/dispatch.h"
+#include "hcext/mhc.h"
+#include "launchers.h"
+
+namespace hcext::cuda {
+namespace {
+
+constexpr int kRowThreads = 256;    // one block per token for the row passes
+constexpr int kTokenThreads = 128;  // one thread per token for the epilogues
+
+// Sinkhorn denominators in a workspace laid out [step, k, token] (coalesced across threads).
+template <typename T>
+struct WorkspaceHistory {
+  T* d;
+  int64_t tokens, token;
+  int n;
+  __device__ void store(int t, int k, T v) { d[(int64_t(t) * n + k) * tokens + token] = v; }
+  __device__ T load(int t, int k) const { return d[(int64_t(t) * n + k) * tokens + token]; }
+};
+
+template <typename X, typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    rows_kernel(const X* __restrict__ x, T* __restrict__ xf, T* __restrict__ rstd, int64_t len, T norm_eps) {
+  __shared__ T smem[kRowThreads / 32];
+  const int64_t t = blockIdx.x;
+  const X* row = x + t * len;
+  T acc = 0;
+  for (int64_t k = threadIdx.x; k < len; k += kRowThreads) {
+    const T v = to_compute(row[k]);
+    acc += v * v;
+    if (xf) xf[t * len + k] = v;
+  }
+  const T total = block_sum<kRowThreads>(acc, smem);
+  if (threadIdx.x == 0) rstd[t] = mhc_rstd<T>(total, T(len), norm_eps);
+}
+
+template <typename T, int kN, int kMaxN>
+__global__ void __launch_bounds__(kTokenThreads)
+    epilogue_kernel(const T* __restrict__ proj, const T* __restrict__ rstd, const T* __restrict__ alpha,
+                    const T* __restrict__ bias, T* __restrict__ h_pre, T* __restrict__ h_post, T* __restrict__ h_res,
+                    int64_t tokens, int n_rt, int iters, T sinkhorn_eps, T pre_eps, T post_mult) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  const int n = kN > 0 ? kN : n_rt;
+  const int D = mhc_coeff_width(n);
+  T hr[kMaxN * kMaxN];  // the Sinkhorn's working matrix, in registers for the n = 4 path
+  mhc_coeffs_epilogue<kN>(proj + t * D, rstd[t], alpha, bias, n, iters, sinkhorn_eps, pre_eps, post_mult,
+                          h_pre + t * n, h_post + t * n, hr);
+  T* out = h_res + t * n * n;
+  HCEXT_UNROLL
+  for (int k = 0; k < n * n; ++k) out[k] = hr[k];
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    layer_input_grad_kernel(const T* __restrict__ xf, const T* __restrict__ gy, const T* __restrict__ g_pre,
+                            T* __restrict__ g_pre_out, int n, int64_t C) {
+  __shared__ T smem[kRowThreads / 32];
+  const int64_t t = blockIdx.x;
+  for (int i = 0; i < n; ++i) {
+    const T* xi = xf + (t * n + i) * C;
+    const T* g = gy + t * C;
+    T acc = 0;
+    for (int64_t c = threadIdx.x; c < C; c += kRowThreads) acc += g[c] * xi[c];
+    const T total = block_sum<kRowThreads>(acc, smem);
+    if (threadIdx.x == 0) g_pre_out[t * n + i] = (g_pre ? g_pre[t * n + i] : T(0)) + total;
+  }
+}
+
+template <typename T, int kN, int kMaxN>
+__global__ void __launch_bounds__(kTokenThreads)
+    epilogue_backward_kernel(const T* __restrict__ proj, const T* __restrict__ rstd, const T* __restrict__ alpha,
+                             const T* __restrict__ bias, const T* __restrict__ g_pre, const T* __restrict__ g_post,
+                             const T* __restrict__ g_res, T* __restrict__ dl, T* __restrict__ dproj,
+                             T* __restrict__ dalpha, T* __restrict__ drstd, T* __restrict__ workspace, int64_t tokens,
+                             int n_rt, int iters, T sinkhorn_eps, T post_mult) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  const int n = kN > 0 ? kN : n_rt;
+  const int D = mhc_coeff_width(n);
+  T gp[kMaxN], gq[kMaxN], gr[kMaxN * kMaxN], scratch[kMaxN * kMaxN];
+  HCEXT_UNROLL
+  for (int i = 0; i < n; ++i) {
+    gp[i] = g_pre ? g_pre[t * n + i] : T(0);
+    gq[i] = g_post ? g_post[t * n + i] : T(0);
+  }
+  HCEXT_UNROLL
+  for (int k = 0; k < n * n; ++k) gr[k] = g_res ? g_res[t * n * n + k] : T(0);
+  WorkspaceHistory<T> hist{workspace, tokens, t, n};
+  T dr;
+  mhc_coeffs_epilogue_backward<kN>(proj + t * D, rstd[t], alpha, bias, n, iters, sinkhorn_eps, post_mult, gp, gq, gr,
+                                   scratch, hist, dl + t * D, dproj + t * D, dalpha + t * 3, dr);
+  drstd[t] = dr;
+}
+
+template <typename T, typename X>
+__global__ void __launch_bounds__(kRowThreads)
+    grad_x_kernel(const T* __restrict__ xf, const T* __restrict__ dxp, const T* __restrict__ proj,
+                  const T* __restrict__ rstd, const T* __restrict__ drstd, const T* __restrict__ gy,
+                  const T* __restrict__ alpha, const T* __restrict__ bias, T pre_eps, X* __restrict__ dx, int n,
+                  int64_t C, int64_t D) {
+  __shared__ T h_pre[kMhcMaxN];
+  const int64_t t = blockIdx.x;
+  const int64_t len = n * C;
+  if (gy && threadIdx.x < n) {
+    h_pre[threadIdx.x] = mhc_h_pre<T, T>(proj[t * D + threadIdx.x], rstd[t], alpha, bias[threadIdx.x], pre_eps);
+  }
+  __syncthreads();
+  const T factor = mhc_rstd_grad_factor<T>(drstd[t], rstd[t], T(len));
+  for (int64_t k = threadIdx.x; k < len; k += kRowThreads) {
+    T v = dxp[t * len + k] + factor * xf[t * len + k];
+    if (gy) v += h_pre[k / C] * gy[t * C + k % C];
+    store_as(dx + t * len + k, v);
+  }
+}
+
+// Calls fn(X*) with x's pointer cast to its element type.
+template <typename T, typename Fn>
+void with_x_type(MhcXType xtype, const void* x, Fn&& fn) {
+  switch (xtype) {
+    case MhcXType::kFloat: return fn(static_cast<const float*>(x));
+    case MhcXType::kDouble: return fn(static_cast<const double*>(x));
+    case MhcXType::kBFloat16: return fn(static_cast<const __nv_bfloat16*>(x));
+    case MhcXType::kHalf: return fn(static_cast<const __half*>(x));
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t mhc_rows(const void* x, MhcXType xtype, T* xf, T* rstd, int64_t tokens, int64_t len, T norm_eps,
+                     cudaStream_t stream) {
+  if (tokens == 0) return cudaSuccess;
+  with_x_type<T>(xtype, x, [&](auto* xp) {
+    rows_kernel<<<static_cast<unsigned int>(tokens), kRowThreads, 0, stream>>>(xp, xf, rstd, len, norm_eps);
+  });
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t mhc_epilogue(const T* proj, const T* rstd, const T* alpha, const T* bias, T* h_pre, T* h_post, T* h_res,
+                         int64_t tokens, int n, int iters, T sinkhorn_eps, T pre_eps, T post_mult, cudaStream_t stream) {
+  if (tokens == 0) return cudaSuccess;
+  dispatch_streams(n, [&]<int kN, int kMaxN>() {
+    epilogue_kernel<T, kN, kMaxN><<<ceil_div(tokens, kTokenThreads), kTokenThreads, 0, stream>>>(
+        proj, rstd, alpha, bias, h_pre, h_post, h_res, tokens, n, iters, sinkhorn_eps, pre_eps, post_mult);
+  });
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t mhc_layer_input_grad(const T* xf, const T* gy, const T* g_pre, T* g_pre_out, int64_t tokens, int n,
+                                 int64_t C, cudaStream_t stream) {
+  if (tokens == 0) return cudaSuccess;
+  layer_input_grad_kernel<T><<<static_cast<unsigned int>(tokens), kRowThreads, 0, stream>>>(xf, gy, g_pre, g_pre_out,
+                                                                                           n, C);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t mhc_epilogue_backward(const T* proj, const T* rstd, const T* alpha, const T* bias, const T* g_pre,
+                                  const T* g_post, const T* g_res, T* dl, T* dproj, T* dalpha, T* drstd,
+                                  T* workspace, int64_t tokens, int n, int iters, T sinkhorn_eps, T post_mult,
+                                  cudaStream_t stream) {
+  if (tokens == 0) return cudaSuccess;
+  dispatch_streams(n, [&]<int kN, int kMaxN>() {
+    epilogue_backward_kernel<T, kN, kMaxN><<<ceil_div(tokens, kTokenThreads), kTokenThreads, 0, stream>>>(
+        proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha, drstd, workspace, tokens, n, iters,
+        sinkhorn_eps, post_mult);
+  });
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t mhc_grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy,
+                       const T* alpha, const T* bias, T pre_eps, void* dx, MhcXType xtype, int64_t tokens, int n,
+                       int64_t C, int64_t D, cudaStream_t stream) {
+  if (tokens == 0) return cudaSuccess;
+  with_x_type<T>(xtype, dx, [&](auto* xp) {
+    using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    grad_x_kernel<T, X><<<static_cast<unsigned int>(tokens), kRowThreads, 0, stream>>>(
+        xf, dxp, proj, rstd, drstd, gy, alpha, bias, pre_eps, const_cast<X*>(xp), n, C, D);
+  });
+  return cudaGetLastError();
+}
+
+#define HCEXT_INSTANTIATE_MHC(T)                                                                                   \
+  template cudaError_t mhc_rows<T>(const void*, MhcXType, T*, T*, int64_t, int64_t, T, cudaStream_t);            \
+  template cudaError_t mhc_epilogue<T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int, int, T, T, \
+                                       T, cudaStream_t);                                                          \
+  template cudaError_t mhc_layer_input_grad<T>(const T*, const T*, const T*, T*, int64_t, int, int64_t,            \
+                                               cudaStream_t);                                                     \
+  template cudaError_t mhc_epilogue_backward<T>(const T*, const T*, const T*, const T*, const T*, const T*,        \
+                                                const T*, T*, T*, T*, T*, T*, int64_t, int, int, T, T,             \
+                                                cudaStream_t);                                                    \
+  template cudaError_t mhc_grad_x<T>(const T*, const T*, const T*, const T*, const T*, const T*, const T*,         \
+                                     const T*, T, void*, MhcXType, int64_t, int, int64_t, int64_t, cudaStream_t);
+HCEXT_INSTANTIATE_MHC(float)
+HCEXT_INSTANTIATE_MHC(double)
+#undef HCEXT_INSTANTIATE_MHC
+
+}  // namespace hcext::cuda

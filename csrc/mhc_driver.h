@@ -1,0 +1,151 @@
+#pragma once
+// The device-independent sequence of the mHC coefficient ops, shared by the CPU and CUDA
+// implementations. A Backend supplies the passes over memory (CPU loops or CUDA kernels);
+// the GEMMs are at::mm on either device (cuBLAS on CUDA, with TF32 only when the user
+// enabled torch.backends.cuda.matmul.allow_tf32).
+//
+// Forward (mhc_coeffs_fwd):
+//   xf   = x as [tokens, n*C] in fp32, rstd = 1/sqrt(mean(xf²) + norm_eps)    backend.rows
+//   proj = xf @ phi                                                             at::mm
+//   h_pre, h_post, h_res = epilogue(proj, rstd)   (hcext/mhc.h)                backend.epilogue
+// Backward (mhc_backward), from the saved proj and rstd:
+//   g_pre += sum_c gy * x_i            (only when the layer input has a gradient: mhc_pre)
+//   dl, dproj, dalpha, drstd = epilogue_backward(...)                           backend.epilogue_backward
+//   grad_phi = xfᵀ @ dproj, dxp = dproj @ phiᵀ                                  at::mm
+//   grad_x = dxp + rstd's share + h_pre ⊗ gy, in fp32, rounded once             backend.grad_x
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "mhc_args.h"
+
+namespace hcext {
+
+struct MhcScalars {
+  int iters;
+  double norm_eps, sinkhorn_eps, pre_eps, post_mult;
+};
+
+using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline std::vector<int64_t> lead_shape(const at::Tensor& x, std::initializer_list<int64_t> tail) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
+  shape.insert(shape.end(), tail);
+  return shape;
+}
+
+// x as fp32 (fp64) rows [tokens, n*C]; no copy for contiguous x in the compute dtype.
+inline at::Tensor rows_in_compute_dtype(const at::Tensor& x, const MhcDims& d) {
+  return x.reshape({d.tokens, d.n * d.C}).to(d.compute).contiguous();
+}
+
+inline at::Tensor optional_rows(const std::optional<at::Tensor>& g, int64_t rows, int64_t cols, at::ScalarType dtype) {
+  if (!g.has_value() || !g->defined()) return at::Tensor();
+  return g->reshape({rows, cols}).to(dtype).contiguous();
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename Fn>
+void dispatch_compute(at::ScalarType compute, Fn&& fn) {
+  if (compute == at::kDouble) {
+    fn(double{});
+  } else {
+    fn(float{});
+  }
+}
+
+// -> (h_pre [..., n], h_post [..., n], h_res [..., n, n], proj [..., D], rstd [...])
+template <class Backend>
+Tensor5 mhc_coeffs_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                            const at::Tensor& bias, int64_t iters, double norm_eps, double sinkhorn_eps,
+                            double pre_eps, double post_mult) {
+  const char* op = "hcext::mhc_coeffs";
+  const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
+  check_mhc_norm_eps(norm_eps, op);
+  check_mhc_scalars(pre_eps, post_mult, op);
+  Backend backend(x);
+  const MhcScalars s{static_cast<int>(iters), norm_eps, sinkhorn_eps, pre_eps, post_mult};
+  const auto opts = x.options().dtype(d.compute);
+  const int64_t n = d.n;
+  at::Tensor h_pre = at::empty(lead_shape(x, {n}), opts);
+  at::Tensor h_post = at::empty(lead_shape(x, {n}), opts);
+  at::Tensor h_res = at::empty(lead_shape(x, {n, n}), opts);
+  at::Tensor rstd = at::empty(lead_shape(x, {}), opts);
+  if (d.tokens == 0) return {h_pre, h_post, h_res, at::empty(lead_shape(x, {d.D}), opts), rstd};
+  const at::Tensor xf = backend.rows(x, rstd, d, norm_eps);
+  at::Tensor proj = at::mm(xf, phi).reshape(lead_shape(x, {d.D}));
+  const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
+  dispatch_compute(d.compute, [&](auto zero) {
+    using T = decltype(zero);
+    backend.template epilogue<T>(proj.data_ptr<T>(), rstd.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(),
+                                 h_pre.data_ptr<T>(), h_post.data_ptr<T>(), h_res.data_ptr<T>(), d, s);
+  });
+  return {h_pre, h_post, h_res, proj, rstd};
+}
+
+// -> (grad_x, grad_phi, grad_alpha, grad_bias)
+template <class Backend>
+Tensor4 mhc_backward_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                          const at::Tensor& proj, const at::Tensor& rstd,
+                          const std::optional<at::Tensor>& grad_layer_input,
+                          const std::optional<at::Tensor>& grad_h_pre, const std::optional<at::Tensor>& grad_h_post,
+                          const std::optional<at::Tensor>& grad_h_res, int64_t iters, double sinkhorn_eps,
+                          double pre_eps, double post_mult) {
+  const char* op = "hcext::mhc_backward";
+  const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
+  check_mhc_scalars(pre_eps, post_mult, op);
+  check_mhc_saved(d, x, proj, rstd, op);
+  check_mhc_grad(grad_layer_input, d.tokens * d.C, x, op, "grad_layer_input");
+  check_mhc_grad(grad_h_pre, d.tokens * d.n, x, op, "grad_h_pre");
+  check_mhc_grad(grad_h_post, d.tokens * d.n, x, op, "grad_h_post");
+  check_mhc_grad(grad_h_res, d.tokens * d.n * d.n, x, op, "grad_h_res");
+  Backend backend(x);
+  const MhcScalars s{static_cast<int>(iters), 0.0, sinkhorn_eps, pre_eps, post_mult};
+  const auto opts = x.options().dtype(d.compute);
+  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (d.tokens == 0) return {grad_x, at::zeros_like(phi), at::zeros_like(alpha), at::zeros_like(bias)};
+  const int64_t T_ = d.tokens, n = d.n, D = d.D;
+  const at::Tensor xf = rows_in_compute_dtype(x, d);
+  const at::Tensor P = proj.reshape({T_, D}).contiguous(), R = rstd.reshape({T_}).contiguous();
+  const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
+  const at::Tensor gy = optional_rows(grad_layer_input, T_, d.C, d.compute);
+  at::Tensor gpre = optional_rows(grad_h_pre, T_, n, d.compute);
+  const at::Tensor gpost = optional_rows(grad_h_post, T_, n, d.compute);
+  const at::Tensor gres = optional_rows(grad_h_res, T_, n * n, d.compute);
+  at::Tensor dl = at::empty({T_, D}, opts), dproj = at::empty({T_, D}, opts);
+  at::Tensor dalpha = at::empty({T_, 3}, opts), drstd = at::empty({T_}, opts);
+  at::Tensor grad_phi;
+  dispatch_compute(d.compute, [&](auto zero) {
+    using T = decltype(zero);
+    if (gy.defined()) {
+      at::Tensor total = at::empty({T_, n}, opts);
+      backend.template layer_input_grad<T>(xf.data_ptr<T>(), gy.data_ptr<T>(), ptr_or_null<T>(gpre),
+                                           total.data_ptr<T>(), d);
+      gpre = total;
+    }
+    backend.template epilogue_backward<T>(P.data_ptr<T>(), R.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(),
+                                          ptr_or_null<T>(gpre), ptr_or_null<T>(gpost), ptr_or_null<T>(gres),
+                                          dl.data_ptr<T>(), dproj.data_ptr<T>(), dalpha.data_ptr<T>(),
+                                          drstd.data_ptr<T>(), d, s);
+    grad_phi = at::mm(xf.t(), dproj);
+    const at::Tensor dxp = at::mm(dproj, phi.t());
+    backend.template grad_x<T>(xf.data_ptr<T>(), dxp.data_ptr<T>(), P.data_ptr<T>(), R.data_ptr<T>(),
+                               drstd.data_ptr<T>(), ptr_or_null<T>(gy), a.data_ptr<T>(), b.data_ptr<T>(), pre_eps,
+                               grad_x, d);
+  });
+  return {grad_x, grad_phi, at::sum(dalpha, {0}), at::sum(dl, {0})};
+}
+
+}  // namespace hcext
