@@ -438,12 +438,8 @@ def test_backward_rejects_integer_grad(device):
         BACKWARD_OP(torch.ones(3, 4, 4, device=device, dtype=torch.int32), logits, 5, 1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="op bug: the fake kernel of hcext::sinkhorn_backward (hcext/ops.py) does not check grad's dtype "
-    "(the C++ check_sinkhorn_grad does), so traced code accepts an integer grad that eager rejects",
-)
 def test_backward_fake_kernel_rejects_integer_grad():
+    # Traced code (fake kernel) must reject what eager rejects.
     logits = torch.randn(3, 4, 4, device="meta")
     with pytest.raises(RuntimeError, match=r"grad .*floating-point"):
         BACKWARD_OP(torch.ones(3, 4, 4, device="meta", dtype=torch.int32), logits, 5, 1e-6)
