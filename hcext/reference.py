@@ -21,6 +21,7 @@ __all__ = [
     "sinkhorn",
     "mhc_coeffs",
     "stream_aggregate",
+    "mhc_pre",
     "stream_mix_expand",
     "hc_coeffs",
     "expand_streams",
@@ -111,6 +112,25 @@ def stream_mix_expand(f: Tensor, x: Tensor, h_post: Tensor, h_res: Tensor) -> Te
     mixed = _fp32(h_res) @ _fp32(x)  # [..., n, n] @ [..., n, C]
     out = mixed + _fp32(h_post).unsqueeze(-1) * _fp32(f).unsqueeze(-2)
     return out.to(x.dtype)
+
+
+def mhc_pre(
+    x: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    sinkhorn_iters: int = 20,
+    norm_eps: float = 1e-6,
+    sinkhorn_eps: float = 1e-6,
+    pre_eps: float = 1e-6,
+    post_mult: float = 2.0,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Everything an mHC sub-layer needs before its branch F (mHC Eq. 3 and 7-9):
+    ``(layer_input = H_pre x  [..., C] in x's dtype, h_post [..., n], h_res [..., n, n])``.
+    Then the sub-layer ends with ``stream_mix_expand(F(layer_input), x, h_post, h_res)``.
+    """
+    h_pre, h_post, h_res = mhc_coeffs(x, phi, alpha, bias, sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps, post_mult)
+    return stream_aggregate(x, h_pre), h_post, h_res
 
 
 def _stream_norm(
