@@ -30,6 +30,18 @@ TORCH_LIBRARY(hcext, m) {
   m.def("sinkhorn(Tensor logits, int iters=20, float eps=1e-06) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("sinkhorn_backward(Tensor grad, Tensor logits, int iters, float eps) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // Streams x [..., n, C]; coefficients per token or shared (see csrc/streams_args.h).
+  // A backward op computes only the gradients whose output_mask entry is true and returns
+  // an empty [0] tensor for the others.
+  m.def("stream_aggregate(Tensor x, Tensor h_pre) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("stream_aggregate_backward(Tensor grad, Tensor x, Tensor h_pre, bool[2] output_mask=[True, True]) -> "
+        "(Tensor grad_x, Tensor grad_h_pre)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("stream_mix_expand(Tensor f, Tensor x, Tensor h_post, Tensor h_res) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("stream_mix_expand_backward(Tensor grad, Tensor f, Tensor x, Tensor h_post, Tensor h_res, "
+        "bool[4] output_mask=[True, True, True, True]) -> "
+        "(Tensor grad_f, Tensor grad_x, Tensor grad_h_post, Tensor grad_h_res)",
+        {at::Tag::pt2_compliant_tag});
 }
 
 PYBIND11_MODULE(_C, mod) {
