@@ -4,6 +4,7 @@ fp32/fp64/bf16/fp16, any strides, gradcheck, opcheck, torch.compile and bad inpu
 """
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -118,6 +119,15 @@ def test_parity_large_n(device, n):
         inputs = _make((3,), n, 40, torch.float32, device, shared)
         for name, (_, _, pick) in OPS.items():
             _check_against_reference(name, pick(*inputs), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_parity_many_tokens(device, dtype):
+    """Shared-coefficient gradients summed over several reduction blocks of tokens."""
+    for shared in (False, True):
+        inputs = _make((600,), 4, 72, dtype, device, shared)
+        for name, (_, _, pick) in OPS.items():
+            _check_against_reference(name, pick(*inputs), dtype)
 
 
 def _noncontiguous(t, kind):
@@ -381,10 +391,6 @@ def _bad_cases(device):
     ]
 
 
-def _bad_ids():
-    return [c[0] for c in _bad_cases("cpu")]
-
-
 @pytest.mark.parametrize("device_kind", ["cpu", "cuda", "meta"])
 def test_bad_inputs(device_kind):
     """Same checks (RuntimeError naming the argument) on CPU, CUDA and in the fake kernels
@@ -396,8 +402,6 @@ def test_bad_inputs(device_kind):
         try:
             fn()
         except RuntimeError as e:
-            import re
-
             if not re.search(pattern, str(e)):
                 failures.append(f"{desc}: message {str(e)[:300]!r} does not match {pattern!r}")
         else:

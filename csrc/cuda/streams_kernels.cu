@@ -231,12 +231,14 @@ __global__ void __launch_bounds__(kTokenThreads)
                         int n_rt, int64_t C) {
   using S = ComputeOf<T>;
   using V = Lanes<S, VEC>;
-  // Fast path: all n * n + n sums at once, [0, n*n) = h_res, then h_post. Generic path:
-  // one row i at a time, [0] = h_post[i], [1 + j] = h_res[i, j].
+  // Sums over C. Fast path: all n * n + n at once, [0, n*n) = h_res, then h_post.
+  // Generic path: one row i at a time, [0] = h_post[i], [1 + j] = h_res[i, j].
   constexpr int K = kN > 0 ? kN * kN + kN : kStreamsMaxN + 1;
   __shared__ S smem[kMaxWarps][K];
   const int n = kN > 0 ? kN : n_rt;
   const int64_t groups = C / VEC;
+  const bool want_inputs = grad_f != nullptr || grad_x != nullptr;
+  const bool want_coefs = gh_post != nullptr || gh_res != nullptr;
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
     const T* gt = g + t * n * C;
     const T* xt = x + t * n * C;
@@ -244,23 +246,54 @@ __global__ void __launch_bounds__(kTokenThreads)
     const S* hpt = hp + t * hp_stride;
     const S* hrt = hr + t * hr_stride;
 
-    // 1. grad_f, grad_x: channel-wise.
-    if (grad_f || grad_x) {
+    if constexpr (kN > 0) {
+      // One pass: the gradient rows G stay in registers for every output.
+      S acc[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) acc[k] = S(0);
       for (int64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
         const int64_t c = gi * VEC;
-        if constexpr (kN > 0) {
-          V G[kN];
+        V G[kN];
 #pragma unroll
-          for (int i = 0; i < kN; ++i) G[i] = load<T, VEC>(gt + i * C + c);
-          auto rows = [&](int i) { return G[i]; };
-          if (grad_f) store<T, VEC>(grad_f + t * C + c, stream_mix_grad_f_value<kN, V>(hpt, kN, rows));
-          if (grad_x) {
+        for (int i = 0; i < kN; ++i) G[i] = load<T, VEC>(gt + i * C + c);
+        auto rows = [&](int i) { return G[i]; };
+        if (grad_f) store<T, VEC>(grad_f + t * C + c, stream_mix_grad_f_value<kN, V>(hpt, kN, rows));
+        if (grad_x) {
 #pragma unroll
-            for (int j = 0; j < kN; ++j) {
-              store<T, VEC>(grad_x + (t * kN + j) * C + c, stream_mix_grad_x_value<kN, V>(hrt, j, kN, rows));
-            }
+          for (int j = 0; j < kN; ++j) {
+            store<T, VEC>(grad_x + (t * kN + j) * C + c, stream_mix_grad_x_value<kN, V>(hrt, j, kN, rows));
           }
-        } else {
+        }
+        if (gh_res) {
+          V X[kN];
+#pragma unroll
+          for (int j = 0; j < kN; ++j) X[j] = load<T, VEC>(xt + j * C + c);
+#pragma unroll
+          for (int i = 0; i < kN; ++i) {
+#pragma unroll
+            for (int j = 0; j < kN; ++j) acc[i * kN + j] += group_sum(G[i], X[j]);
+          }
+        }
+        if (gh_post) {
+          const V F = load<T, VEC>(ft + c);
+#pragma unroll
+          for (int i = 0; i < kN; ++i) acc[kN * kN + i] += group_sum(G[i], F);
+        }
+      }
+      if (want_coefs) {
+        block_sum<K>(acc, K, smem, [&](int k, S s) {
+          if (k < kN * kN) {
+            if (gh_res) gh_res[t * kN * kN + k] = s;
+          } else if (gh_post) {
+            gh_post[t * kN + (k - kN * kN)] = s;
+          }
+        });
+      }
+    } else {
+      // 1. grad_f, grad_x: channel-wise, gradient rows reloaded per output (L1 hits).
+      if (want_inputs) {
+        for (int64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
+          const int64_t c = gi * VEC;
           auto rows = [&](int i) { return load<T, VEC>(gt + i * C + c); };
           if (grad_f) store<T, VEC>(grad_f + t * C + c, stream_mix_grad_f_value<0, V>(hpt, n, rows));
           if (grad_x) {
@@ -270,43 +303,8 @@ __global__ void __launch_bounds__(kTokenThreads)
           }
         }
       }
-    }
-
-    // 2. grad_h_post, grad_h_res: sums over C.
-    if (gh_post || gh_res) {
-      if constexpr (kN > 0) {
-        S acc[K];
-#pragma unroll
-        for (int k = 0; k < K; ++k) acc[k] = S(0);
-        for (int64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
-          const int64_t c = gi * VEC;
-          V G[kN];
-#pragma unroll
-          for (int i = 0; i < kN; ++i) G[i] = load<T, VEC>(gt + i * C + c);
-          if (gh_res) {
-            V X[kN];
-#pragma unroll
-            for (int j = 0; j < kN; ++j) X[j] = load<T, VEC>(xt + j * C + c);
-#pragma unroll
-            for (int i = 0; i < kN; ++i) {
-#pragma unroll
-              for (int j = 0; j < kN; ++j) acc[i * kN + j] += group_sum(G[i], X[j]);
-            }
-          }
-          if (gh_post) {
-            const V F = load<T, VEC>(ft + c);
-#pragma unroll
-            for (int i = 0; i < kN; ++i) acc[kN * kN + i] += group_sum(G[i], F);
-          }
-        }
-        block_sum<K>(acc, K, smem, [&](int k, S s) {
-          if (k < kN * kN) {
-            if (gh_res) gh_res[t * kN * kN + k] = s;
-          } else if (gh_post) {
-            gh_post[t * kN + (k - kN * kN)] = s;
-          }
-        });
-      } else {
+      // 2. grad_h_post[i], grad_h_res[i, :]: one gradient row i at a time.
+      if (want_coefs) {
         for (int i = 0; i < n; ++i) {
           S acc[K];
 #pragma unroll
