@@ -15,6 +15,7 @@
 //   grad_x = dxp + rstd's share + h_pre ⊗ gy, in fp32, rounded once             backend.grad_x
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -93,6 +94,20 @@ Tensor5 mhc_coeffs_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at
                                  h_pre.data_ptr<T>(), h_post.data_ptr<T>(), h_res.data_ptr<T>(), d, s);
   });
   return {h_pre, h_post, h_res, proj, rstd};
+}
+
+// mhc_pre = the coefficients, then the layer input through hcext::stream_aggregate (the
+// same kernels users call directly). h_pre is not kept: the backward recomputes it from proj.
+// -> (layer_input [..., C], h_post, h_res, proj, rstd)
+template <class Backend>
+Tensor5 mhc_pre_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                         int64_t iters, double norm_eps, double sinkhorn_eps, double pre_eps, double post_mult) {
+  auto [h_pre, h_post, h_res, proj, rstd] =
+      mhc_coeffs_fwd_impl<Backend>(x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
+  static const auto aggregate = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("hcext::stream_aggregate", "")
+                                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return {aggregate.call(x, h_pre), h_post, h_res, proj, rstd};
 }
 
 // -> (grad_x, grad_phi, grad_alpha, grad_bias)

@@ -30,6 +30,18 @@ TORCH_LIBRARY(hcext, m) {
   m.def("sinkhorn(Tensor logits, int iters=20, float eps=1e-06) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("sinkhorn_backward(Tensor grad, Tensor logits, int iters, float eps) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // Streams x [..., n, C]; coefficients per token or shared (see csrc/streams_args.h).
+  // A backward op computes only the gradients whose output_mask entry is true and returns
+  // an empty [0] tensor for the others.
+  m.def("stream_aggregate(Tensor x, Tensor h_pre) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("stream_aggregate_backward(Tensor grad, Tensor x, Tensor h_pre, bool[2] output_mask=[True, True]) -> "
+        "(Tensor grad_x, Tensor grad_h_pre)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("stream_mix_expand(Tensor f, Tensor x, Tensor h_post, Tensor h_res) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("stream_mix_expand_backward(Tensor grad, Tensor f, Tensor x, Tensor h_post, Tensor h_res, "
+        "bool[4] output_mask=[True, True, True, True]) -> "
+        "(Tensor grad_f, Tensor grad_x, Tensor grad_h_post, Tensor grad_h_res)",
+        {at::Tag::pt2_compliant_tag});
 
   // mHC coefficients (mHC Eq. 7-9). The public ops return what users need; their *_fwd
   // twins also return what the backward needs (proj = x̃ @ phi before scaling, and rstd),
@@ -39,6 +51,11 @@ TORCH_LIBRARY(hcext, m) {
   "float sinkhorn_eps=1e-06, float pre_eps=1e-06, float post_mult=2.0"
   m.def("mhc_coeffs(" HCEXT_MHC_ARGS ") -> (Tensor h_pre, Tensor h_post, Tensor h_res)", {at::Tag::pt2_compliant_tag});
   m.def("mhc_coeffs_fwd(" HCEXT_MHC_ARGS ") -> (Tensor h_pre, Tensor h_post, Tensor h_res, Tensor proj, Tensor rstd)",
+        {at::Tag::pt2_compliant_tag});
+  // mhc_pre: the coefficients and the layer input y = sum_i h_pre[i] x_i in one op.
+  m.def("mhc_pre(" HCEXT_MHC_ARGS ") -> (Tensor layer_input, Tensor h_post, Tensor h_res)", {at::Tag::pt2_compliant_tag});
+  m.def("mhc_pre_fwd(" HCEXT_MHC_ARGS
+        ") -> (Tensor layer_input, Tensor h_post, Tensor h_res, Tensor proj, Tensor rstd)",
         {at::Tag::pt2_compliant_tag});
 #undef HCEXT_MHC_ARGS
   m.def(
@@ -54,23 +71,28 @@ namespace {
 using MhcOutputs5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using MhcOutputs3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// mhc_coeffs = the first three outputs of mhc_coeffs_fwd, on every backend (the autograd
-// formula is registered on mhc_coeffs_fwd).
-MhcOutputs3 mhc_coeffs_composite(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
-                                 const at::Tensor& bias, int64_t iters, double norm_eps, double sinkhorn_eps,
-                                 double pre_eps, double post_mult) {
-  static const auto fwd = c10::Dispatcher::singleton()
-                              .findSchemaOrThrow("hcext::mhc_coeffs_fwd", "")
-                              .typed<MhcOutputs5(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                 const at::Tensor&, int64_t, double, double, double, double)>();
+using MhcFwdOp = MhcOutputs5(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                             double, double, double, double);
+
+// op = the first three outputs of op_fwd, on every backend (autograd is registered on the
+// *_fwd op, which also returns what the backward saves).
+template <const char* kFwdName>
+MhcOutputs3 first_three_outputs(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                                const at::Tensor& bias, int64_t iters, double norm_eps, double sinkhorn_eps,
+                                double pre_eps, double post_mult) {
+  static const auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow(kFwdName, "").typed<MhcFwdOp>();
   auto out = fwd.call(x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
+constexpr char kMhcCoeffsFwd[] = "hcext::mhc_coeffs_fwd";
+constexpr char kMhcPreFwd[] = "hcext::mhc_pre_fwd";
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hcext, CompositeImplicitAutograd, m) {
-  m.impl("mhc_coeffs", &mhc_coeffs_composite);
+  m.impl("mhc_coeffs", &first_three_outputs<kMhcCoeffsFwd>);
+  m.impl("mhc_pre", &first_three_outputs<kMhcPreFwd>);
 }
 
 PYBIND11_MODULE(_C, mod) {

@@ -10,8 +10,9 @@ import torch  # noqa: F401  (torch must be loaded before the native library)
 from . import _C  # noqa: F401  (registers the ops)
 from . import ops, reference  # noqa: F401
 from .ops import sinkhorn
+from .ops import stream_aggregate, stream_mix_expand
 
-__all__ = ["build_info", "has_cuda", "ops", "reference", "sinkhorn"]
+__all__ = ["build_info", "has_cuda", "ops", "reference", "sinkhorn", "stream_aggregate", "stream_mix_expand"]
 __version__ = "0.1.0"
 
 

@@ -9,7 +9,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["sinkhorn", "mhc_coeffs"]
+__all__ = ["sinkhorn", "stream_aggregate", "stream_mix_expand", "mhc_coeffs", "mhc_pre"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,6 +102,179 @@ torch.library.register_autograd("hcext::sinkhorn", _sinkhorn_backward, setup_con
 
 
 # ---------------------------------------------------------------------------------------
+# stream_aggregate / stream_mix_expand
+#
+# Streams x are [..., n, C] (1 <= n <= 32). Coefficients are per token (h_pre / h_post
+# [..., n], h_res [..., n, n], with x's leading dims) or shared by every token ([n],
+# [n, n]: static Hyper-Connections). Coefficients are float32, or float64 when x is
+# float64. The backward ops take output_mask (which gradients to compute). A gradient
+# that is not requested comes back as an empty [0] tensor.
+
+
+def stream_aggregate(x: Tensor, h_pre: Tensor) -> Tensor:
+    """The layer input ``y = H_pre x``: ``y[..., c] = sum_i h_pre[..., i] * x[..., i, c]``.
+
+    ``x [..., n, C]`` is float32, float64, bfloat16 or float16 with 1 <= n <= 32.
+    ``h_pre`` is either per token, ``[..., n]``, or shared by every token, ``[n]``. It is
+    float32, or float64 when x is float64. The sum is accumulated in fp32 (fp64 for fp64
+    x). The result has x's dtype and shape ``[..., C]``. x may have any strides.
+    Differentiable in x and h_pre. The gradient of a shared h_pre is summed over the
+    tokens in a fixed order, so it is deterministic. See
+    ``hcext.reference.stream_aggregate``.
+    """
+    return torch.ops.hcext.stream_aggregate.default(x, h_pre)
+
+
+def stream_mix_expand(f: Tensor, x: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """The residual merge ``x' = H_res x + H_post^T f``, in one pass over the streams.
+
+    ``out[..., i, c] = sum_j h_res[..., i, j] * x[..., j, c] + h_post[..., i] * f[..., c]``.
+    ``x [..., n, C]`` holds the streams, and ``f [..., C]`` is the sub-layer's output. f
+    has x's leading dims, C and dtype. ``h_post`` is ``[..., n]`` per token or ``[n]``
+    shared. ``h_res`` is ``[..., n, n]`` per token or ``[n, n]`` shared, indexed
+    ``[dst, src]``. Coefficients are float32, or float64 when x is float64. The math is
+    fp32 and the result has x's dtype and shape. Any strides. Differentiable in every
+    input. Shared coefficients' gradients are summed over tokens deterministically. See
+    ``hcext.reference.stream_mix_expand``.
+    """
+    return torch.ops.hcext.stream_mix_expand.default(f, x, h_post, h_res)
+
+
+def _streams_coef_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
+def _check_streams_x(x: Tensor, op: str) -> int:
+    # Mirrors csrc/streams_args.h so that traced code fails with the same messages.
+    torch._check(
+        x.dim() >= 2,
+        lambda: f"{op}: expected x of shape [..., n, C] with at least 2 dims, got {x.dim()} dim(s)",
+    )
+    torch._check(
+        x.dtype.is_floating_point,
+        lambda: f"{op}: expected x to be a floating-point tensor (float32, float64, bfloat16 or float16), "
+        f"got {x.dtype}",
+    )
+    n = x.shape[-2]
+    torch._check(1 <= n <= 32, lambda: f"{op}: expected n (x's dim -2) in [1, 32], got {n}")
+    return n
+
+
+def _check_streams_coef(h: Tensor, name: str, rank: int, x: Tensor, op: str) -> None:
+    torch._check(h.device == x.device, lambda: f"{op}: expected {name} on {x.device} like x, got {h.device}")
+    want = _streams_coef_dtype(x.dtype)
+    torch._check(h.dtype == want, lambda: f"{op}: expected {name} to be {want}, got {h.dtype}")
+    n = x.shape[-2]
+    shared_shape = (n,) * rank
+    token_shape = tuple(x.shape[:-2]) + shared_shape
+    shape = tuple(h.shape)
+    torch._check(
+        shape == token_shape or shape == shared_shape,
+        lambda: f"{op}: expected {name} of shape {list(token_shape)} (per token) or {list(shared_shape)} "
+        f"(shared by every token), got {list(shape)}",
+    )
+
+
+def _check_streams_f(f: Tensor, x: Tensor, op: str) -> None:
+    torch._check(f.device == x.device, lambda: f"{op}: expected f on {x.device} like x, got {f.device}")
+    torch._check(f.dtype == x.dtype, lambda: f"{op}: expected f to have x's dtype {x.dtype}, got {f.dtype}")
+    torch._check(
+        f.dim() >= 1 and f.shape[-1] == x.shape[-1],
+        lambda: f"{op}: expected f's last dim (C) to be {x.shape[-1]} like x's, got f of shape {list(f.shape)}",
+    )
+    torch._check(
+        tuple(f.shape[:-1]) == tuple(x.shape[:-2]),
+        lambda: f"{op}: expected f's leading dims to be {list(x.shape[:-2])} (x's leading dims), "
+        f"got f of shape {list(f.shape)}",
+    )
+
+
+def _check_streams_grad(grad: Tensor, out_shape, x: Tensor, op: str) -> None:
+    torch._check(grad.device == x.device, lambda: f"{op}: expected grad on {x.device} like x, got {grad.device}")
+    torch._check(
+        grad.dtype == x.dtype, lambda: f"{op}: expected grad to have x's dtype {x.dtype}, got {grad.dtype}"
+    )
+    torch._check(
+        tuple(grad.shape) == tuple(out_shape),
+        lambda: f"{op}: expected grad of shape {list(out_shape)} (the output's), got {list(grad.shape)}",
+    )
+
+
+def _grad_or_skipped(wanted: bool, like: Tensor) -> Tensor:
+    # Real kernels: a contiguous tensor of the input's shape, or an empty [0] when skipped.
+    return like.new_empty(like.shape if wanted else (0,))
+
+
+@torch.library.register_fake("hcext::stream_aggregate")
+def _stream_aggregate_fake(x, h_pre):
+    op = "hcext::stream_aggregate"
+    _check_streams_x(x, op)
+    _check_streams_coef(h_pre, "h_pre", 1, x, op)
+    return x.new_empty((*x.shape[:-2], x.shape[-1]))
+
+
+@torch.library.register_fake("hcext::stream_aggregate_backward")
+def _stream_aggregate_backward_fake(grad, x, h_pre, output_mask=(True, True)):
+    op = "hcext::stream_aggregate_backward"
+    _check_streams_x(x, op)
+    _check_streams_coef(h_pre, "h_pre", 1, x, op)
+    _check_streams_grad(grad, (*x.shape[:-2], x.shape[-1]), x, op)
+    return _grad_or_skipped(output_mask[0], x), _grad_or_skipped(output_mask[1], h_pre)
+
+
+@torch.library.register_fake("hcext::stream_mix_expand")
+def _stream_mix_expand_fake(f, x, h_post, h_res):
+    op = "hcext::stream_mix_expand"
+    _check_streams_x(x, op)
+    _check_streams_f(f, x, op)
+    _check_streams_coef(h_post, "h_post", 1, x, op)
+    _check_streams_coef(h_res, "h_res", 2, x, op)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("hcext::stream_mix_expand_backward")
+def _stream_mix_expand_backward_fake(grad, f, x, h_post, h_res, output_mask=(True, True, True, True)):
+    op = "hcext::stream_mix_expand_backward"
+    _check_streams_x(x, op)
+    _check_streams_f(f, x, op)
+    _check_streams_coef(h_post, "h_post", 1, x, op)
+    _check_streams_coef(h_res, "h_res", 2, x, op)
+    _check_streams_grad(grad, x.shape, x, op)
+    return tuple(_grad_or_skipped(m, t) for m, t in zip(output_mask, (f, x, h_post, h_res)))
+
+
+def _stream_aggregate_setup_context(ctx, inputs, output):
+    # Inputs only: the backward needs x and h_pre, never the output.
+    ctx.save_for_backward(*inputs)
+
+
+def _stream_aggregate_backward(ctx, grad):
+    x, h_pre = ctx.saved_tensors
+    mask = [bool(m) for m in ctx.needs_input_grad[:2]]
+    grad_x, grad_h_pre = torch.ops.hcext.stream_aggregate_backward.default(grad, x, h_pre, mask)
+    return (grad_x if mask[0] else None), (grad_h_pre if mask[1] else None)
+
+
+def _stream_mix_expand_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _stream_mix_expand_backward(ctx, grad):
+    f, x, h_post, h_res = ctx.saved_tensors
+    mask = [bool(m) for m in ctx.needs_input_grad[:4]]
+    grads = torch.ops.hcext.stream_mix_expand_backward.default(grad, f, x, h_post, h_res, mask)
+    return tuple(g if m else None for g, m in zip(grads, mask))
+
+
+torch.library.register_autograd(
+    "hcext::stream_aggregate", _stream_aggregate_backward, setup_context=_stream_aggregate_setup_context
+)
+torch.library.register_autograd(
+    "hcext::stream_mix_expand", _stream_mix_expand_backward, setup_context=_stream_mix_expand_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------
 # mHC coefficients
 
 
@@ -129,6 +302,29 @@ def mhc_coeffs(
     return torch.ops.hcext.mhc_coeffs.default(
         x, phi, alpha, bias, sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps, post_mult
     )
+
+
+def mhc_pre(
+    x: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    sinkhorn_iters: int = 20,
+    norm_eps: float = 1e-6,
+    sinkhorn_eps: float = 1e-6,
+    pre_eps: float = 1e-6,
+    post_mult: float = 2.0,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """What an mHC sub-layer needs before its branch: ``(layer_input [..., C] in x's dtype,
+    h_post [..., n], h_res [..., n, n])``, i.e. :func:`mhc_coeffs` and
+    ``layer_input = sum_i h_pre[i] * x_i`` in one op (see ``hcext.reference.mhc_pre``).
+    Finish the sub-layer with ``stream_mix_expand(F(layer_input), x, h_post, h_res)``.
+
+    The backward accumulates x's gradient from the projection, the norm and the
+    aggregate in fp32 and rounds it to x's dtype once. Autograd saves the same as
+    :func:`mhc_coeffs` (h_pre is recomputed from proj).
+    """
+    return torch.ops.hcext.mhc_pre.default(x, phi, alpha, bias, sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps, post_mult)
 
 
 def _check_mhc_args(x, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, op):
@@ -170,6 +366,14 @@ def _mhc_coeffs_fwd_fake(x, phi, alpha, bias, sinkhorn_iters=20, norm_eps=1e-6, 
     return new(n), new(n), new(n, n), new(D), new()
 
 
+@torch.library.register_fake("hcext::mhc_pre_fwd")
+def _mhc_pre_fwd_fake(x, phi, alpha, bias, sinkhorn_iters=20, norm_eps=1e-6, sinkhorn_eps=1e-6, pre_eps=1e-6, post_mult=2.0):
+    n, C, D, compute = _check_mhc_args(x, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, "hcext::mhc_coeffs")
+    lead = x.shape[:-2]
+    new = lambda *shape: x.new_empty((*lead, *shape), dtype=compute)  # noqa: E731
+    return x.new_empty((*lead, C)), new(n), new(n, n), new(D), new()
+
+
 @torch.library.register_fake("hcext::mhc_backward")
 def _mhc_backward_fake(
     x, phi, alpha, bias, proj, rstd, grad_layer_input, grad_h_pre, grad_h_post, grad_h_res,
@@ -204,3 +408,15 @@ def _mhc_coeffs_backward(ctx, g_pre, g_post, g_res, _g_proj, _g_rstd):
 torch.library.register_autograd(
     "hcext::mhc_coeffs_fwd", _mhc_coeffs_backward, setup_context=_mhc_coeffs_setup_context
 )
+
+
+def _mhc_pre_backward(ctx, g_layer_input, g_post, g_res, _g_proj, _g_rstd):
+    x, phi, alpha, bias, proj, rstd = ctx.saved_tensors
+    gx, gphi, galpha, gbias = torch.ops.hcext.mhc_backward.default(
+        x, phi, alpha, bias, proj, rstd, g_layer_input, None, g_post, g_res, *ctx.args
+    )
+    return gx, gphi, galpha, gbias, None, None, None, None, None
+
+
+# Same saved tensors as mhc_coeffs_fwd: outputs 3 and 4 are proj and rstd in both.
+torch.library.register_autograd("hcext::mhc_pre_fwd", _mhc_pre_backward, setup_context=_mhc_coeffs_setup_context)

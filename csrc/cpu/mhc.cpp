@@ -191,6 +191,7 @@ struct CpuMhcBackend {
 
 TORCH_LIBRARY_IMPL(hcext, CPU, m) {
   m.impl("mhc_coeffs_fwd", &mhc_coeffs_fwd_impl<CpuMhcBackend>);
+  m.impl("mhc_pre_fwd", &mhc_pre_fwd_impl<CpuMhcBackend>);
   m.impl("mhc_backward", &mhc_backward_impl<CpuMhcBackend>);
 }
 

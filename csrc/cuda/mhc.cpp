@@ -76,6 +76,7 @@ struct CudaMhcBackend {
 
 TORCH_LIBRARY_IMPL(hcext, CUDA, m) {
   m.impl("mhc_coeffs_fwd", &mhc_coeffs_fwd_impl<CudaMhcBackend>);
+  m.impl("mhc_pre_fwd", &mhc_pre_fwd_impl<CudaMhcBackend>);
   m.impl("mhc_backward", &mhc_backward_impl<CudaMhcBackend>);
 }
 
