@@ -358,9 +358,38 @@ def _check_mhc_args(x, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, op):
     return n, C, D, compute
 
 
+def _check_mhc_scalars(pre_eps, post_mult, op, norm_eps=None):
+    # Mirrors check_mhc_norm_eps / check_mhc_scalars in csrc/mhc_args.h.
+    if norm_eps is not None:
+        torch._check(
+            math.isfinite(norm_eps) and norm_eps >= 0, lambda: f"{op}: expected norm_eps finite and >= 0, got {norm_eps}"
+        )
+    torch._check(math.isfinite(pre_eps), lambda: f"{op}: expected pre_eps finite, got {pre_eps}")
+    torch._check(math.isfinite(post_mult), lambda: f"{op}: expected post_mult finite, got {post_mult}")
+
+
+def _check_mhc_backward_tensors(x, n, D, proj, rstd, grads, op):
+    # Mirrors check_mhc_saved / check_mhc_grad in csrc/mhc_args.h.
+    tokens = x.numel() // (n * x.shape[-1])
+    torch._check(
+        proj.numel() == tokens * D and proj.shape[-1] == D,
+        lambda: f"{op}: expected proj of shape [..., {D}] with x's leading dims, got {tuple(proj.shape)}",
+    )
+    torch._check(
+        rstd.numel() == tokens, lambda: f"{op}: expected rstd with one value per token ({tokens}), got {tuple(rstd.shape)}"
+    )
+    for name, g, per_token in grads:
+        if g is not None:
+            torch._check(
+                g.numel() == tokens * per_token,
+                lambda: f"{op}: expected {name} with {tokens * per_token} elements, got shape {tuple(g.shape)}",
+            )
+
+
 @torch.library.register_fake("hcext::mhc_coeffs_fwd")
 def _mhc_coeffs_fwd_fake(x, phi, alpha, bias, sinkhorn_iters=20, norm_eps=1e-6, sinkhorn_eps=1e-6, pre_eps=1e-6, post_mult=2.0):
     n, C, D, compute = _check_mhc_args(x, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, "hcext::mhc_coeffs")
+    _check_mhc_scalars(pre_eps, post_mult, "hcext::mhc_coeffs", norm_eps)
     lead = x.shape[:-2]
     new = lambda *shape: x.new_empty((*lead, *shape), dtype=compute)  # noqa: E731
     return new(n), new(n), new(n, n), new(D), new()
@@ -369,6 +398,7 @@ def _mhc_coeffs_fwd_fake(x, phi, alpha, bias, sinkhorn_iters=20, norm_eps=1e-6, 
 @torch.library.register_fake("hcext::mhc_pre_fwd")
 def _mhc_pre_fwd_fake(x, phi, alpha, bias, sinkhorn_iters=20, norm_eps=1e-6, sinkhorn_eps=1e-6, pre_eps=1e-6, post_mult=2.0):
     n, C, D, compute = _check_mhc_args(x, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, "hcext::mhc_coeffs")
+    _check_mhc_scalars(pre_eps, post_mult, "hcext::mhc_coeffs", norm_eps)
     lead = x.shape[:-2]
     new = lambda *shape: x.new_empty((*lead, *shape), dtype=compute)  # noqa: E731
     return x.new_empty((*lead, C)), new(n), new(n, n), new(D), new()
@@ -379,7 +409,12 @@ def _mhc_backward_fake(
     x, phi, alpha, bias, proj, rstd, grad_layer_input, grad_h_pre, grad_h_post, grad_h_res,
     sinkhorn_iters, sinkhorn_eps, pre_eps, post_mult,
 ):
-    _check_mhc_args(x, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, "hcext::mhc_backward")
+    op = "hcext::mhc_backward"
+    n, C, D, _ = _check_mhc_args(x, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, op)
+    _check_mhc_scalars(pre_eps, post_mult, op)
+    grads = (("grad_layer_input", grad_layer_input, C), ("grad_h_pre", grad_h_pre, n), ("grad_h_post", grad_h_post, n),
+             ("grad_h_res", grad_h_res, n * n))
+    _check_mhc_backward_tensors(x, n, D, proj, rstd, grads, op)
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(phi, memory_format=torch.contiguous_format),

@@ -661,18 +661,7 @@ def test_bad_arguments_raise(device, case, entry):
         fn(x, phi, alpha, bias, **scalars)
 
 
-# The fake kernels (hcext/ops.py) miss checks that the C++ ops make.
-_FAKE_MISSES_SCALAR_CHECKS = pytest.mark.xfail(
-    strict=True,
-    reason="op bug: the fake kernels of hcext::mhc_coeffs_fwd / mhc_backward (hcext/ops.py _check_mhc_args) do "
-    "not check norm_eps, pre_eps and post_mult, which csrc/mhc_args.h rejects in eager",
-)
-_FAKE_UNCHECKED = {"norm_eps<0", "norm_eps=inf", "pre_eps=nan", "pre_eps=-inf", "post_mult=inf", "post_mult=nan"}
-
-
-@pytest.mark.parametrize(
-    "case", [pytest.param(c, marks=_FAKE_MISSES_SCALAR_CHECKS) if c in _FAKE_UNCHECKED else c for c in BAD_CALLS]
-)
+@pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_arguments_raise_in_fake_kernel(case):
     # torch.compile / export see the fake kernel: it must reject the same inputs.
     make, match = BAD_CALLS[case]
@@ -735,11 +724,6 @@ def test_backward_bad_saved_or_grads_raise(device, case):
         BACKWARD_OP(*args)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="op bug: the fake kernel of hcext::mhc_backward (hcext/ops.py) does not check proj, rstd or the "
-    "incoming gradients' sizes (csrc/mhc_args.h check_mhc_saved / check_mhc_grad do), so traced code accepts them",
-)
 @pytest.mark.parametrize("case", ["proj-cols", "rstd-numel", "grad_h_res-numel"])
 def test_backward_bad_saved_or_grads_raise_in_fake_kernel(case):
     index, replacement, match = BAD_BACKWARD[case]
