@@ -13,6 +13,7 @@
 //   dl, dproj, dalpha, drstd = epilogue_backward(...)                           backend.epilogue_backward
 //   grad_phi = xfᵀ @ dproj, dxp = dproj @ phiᵀ                                  at::mm
 //   grad_x = dxp + rstd's share + h_pre ⊗ gy, in fp32, rounded once             backend.grad_x
+//            (dx may alias dxp: the passes read element k before writing element k)
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -129,8 +130,10 @@ Tensor4 mhc_backward_impl(const at::Tensor& x, const at::Tensor& phi, const at::
   Backend backend(x);
   const MhcScalars s{static_cast<int>(iters), 0.0, sinkhorn_eps, pre_eps, post_mult};
   const auto opts = x.options().dtype(d.compute);
-  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (d.tokens == 0) return {grad_x, at::zeros_like(phi), at::zeros_like(alpha), at::zeros_like(bias)};
+  if (d.tokens == 0) {
+    return {at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)), at::zeros_like(phi),
+            at::zeros_like(alpha), at::zeros_like(bias)};
+  }
   const int64_t T_ = d.tokens, n = d.n, D = d.D;
   const at::Tensor xf = rows_in_compute_dtype(x, d);
   const at::Tensor P = proj.reshape({T_, D}).contiguous(), R = rstd.reshape({T_}).contiguous();
@@ -141,7 +144,7 @@ Tensor4 mhc_backward_impl(const at::Tensor& x, const at::Tensor& phi, const at::
   const at::Tensor gres = optional_rows(grad_h_res, T_, n * n, d.compute);
   at::Tensor dl = at::empty({T_, D}, opts), dproj = at::empty({T_, D}, opts);
   at::Tensor dalpha = at::empty({T_, 3}, opts), drstd = at::empty({T_}, opts);
-  at::Tensor grad_phi;
+  at::Tensor grad_phi, grad_x;
   dispatch_compute(d.compute, [&](auto zero) {
     using T = decltype(zero);
     if (gy.defined()) {
@@ -156,11 +159,14 @@ Tensor4 mhc_backward_impl(const at::Tensor& x, const at::Tensor& phi, const at::
                                           drstd.data_ptr<T>(), d, s);
     grad_phi = at::mm(xf.t(), dproj);
     const at::Tensor dxp = at::mm(dproj, phi.t());
+    // When x is already in the compute dtype, grad_x overwrites dxp in place: one fresh
+    // [tokens, n*C] buffer less (on the CPU a fresh buffer costs page faults).
+    grad_x = x.scalar_type() == d.compute ? dxp : at::empty({T_, d.n * d.C}, x.options());
     backend.template grad_x<T>(xf.data_ptr<T>(), dxp.data_ptr<T>(), P.data_ptr<T>(), R.data_ptr<T>(),
                                drstd.data_ptr<T>(), ptr_or_null<T>(gy), a.data_ptr<T>(), b.data_ptr<T>(), pre_eps,
                                grad_x, d);
   });
-  return {grad_x, grad_phi, at::sum(dalpha, {0}), at::sum(dl, {0})};
+  return {grad_x.view(x.sizes()), grad_phi, at::sum(dalpha, {0}), at::sum(dl, {0})};
 }
 
 }  // namespace hcext

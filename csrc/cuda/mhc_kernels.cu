@@ -103,10 +103,10 @@ __global__ void __launch_bounds__(kTokenThreads)
 
 template <typename T, typename X>
 __global__ void __launch_bounds__(kRowThreads)
-    grad_x_kernel(const T* __restrict__ xf, const T* __restrict__ dxp, const T* __restrict__ proj,
-                  const T* __restrict__ rstd, const T* __restrict__ drstd, const T* __restrict__ gy,
-                  const T* __restrict__ alpha, const T* __restrict__ bias, T pre_eps, X* __restrict__ dx, int n,
-                  int64_t C, int64_t D) {
+    grad_x_kernel(const T* __restrict__ xf, const T* dxp, const T* __restrict__ proj, const T* __restrict__ rstd,
+                  const T* __restrict__ drstd, const T* __restrict__ gy, const T* __restrict__ alpha,
+                  const T* __restrict__ bias, T pre_eps, X* dx, int n, int64_t C, int64_t D) {
+  // dx may alias dxp (same element read then written by one thread): no __restrict__ on them.
   __shared__ T h_pre[kMhcMaxN];
   const int64_t t = blockIdx.x;
   const int64_t len = n * C;
