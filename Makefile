@@ -36,7 +36,7 @@ cmake:
 
 test: build cmake
 	py=$(VENV_PY)
-	"$$py" -m pytest tests -q -rs
+	"$$py" -m pytest tests -q
 
 demo: build
 	py=$(VENV_PY)
