@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "cuda_utils.cuh"
 #include "hcext/dispatch.h"
 #include "hcext/mhc.h"
@@ -26,20 +28,21 @@ struct WorkspaceHistory {
   __device__ T load(int t, int k) const { return d[(int64_t(t) * n + k) * tokens + token]; }
 };
 
-template <typename X, typename T>
+// A thread handles VEC consecutive elements of a row: one 128-bit access when the rows
+// allow it (see can_vectorize), else VEC = 1.
+template <typename X, typename T, int VEC>
 __global__ void __launch_bounds__(kRowThreads)
     rows_kernel(const X* __restrict__ x, T* __restrict__ xf, T* __restrict__ rstd, int64_t len, T norm_eps) {
-  __shared__ T smem[kRowThreads / 32];
+  __shared__ T smem[kRowThreads / 32][1];
   const int64_t t = blockIdx.x;
-  const X* row = x + t * len;
-  T acc = 0;
-  for (int64_t k = threadIdx.x; k < len; k += kRowThreads) {
-    const T v = to_compute(row[k]);
-    acc += v * v;
-    if (xf) xf[t * len + k] = v;
+  T acc[1] = {T(0)};
+  for (int64_t k = int64_t(threadIdx.x) * VEC; k < len; k += int64_t(kRowThreads) * VEC) {
+    const Lanes<T, VEC> v = load<X, VEC>(x + t * len + k);
+#pragma unroll
+    for (int l = 0; l < VEC; ++l) acc[0] += v.v[l] * v.v[l];
+    if (xf) store<T, VEC>(xf + t * len + k, v);
   }
-  const T total = block_sum<kRowThreads>(acc, smem);
-  if (threadIdx.x == 0) rstd[t] = mhc_rstd<T>(total, T(len), norm_eps);
+  block_sum<1>(acc, 1, smem, [&](int, T total) { rstd[t] = mhc_rstd<T>(total, T(len), norm_eps); });
 }
 
 template <typename T, int kN, int kMaxN>
@@ -59,19 +62,22 @@ __global__ void __launch_bounds__(kTokenThreads)
   for (int k = 0; k < n * n; ++k) out[k] = hr[k];
 }
 
-template <typename T>
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kRowThreads)
     layer_input_grad_kernel(const T* __restrict__ xf, const T* __restrict__ gy, const T* __restrict__ g_pre,
                             T* __restrict__ g_pre_out, int n, int64_t C) {
-  __shared__ T smem[kRowThreads / 32];
+  __shared__ T smem[kRowThreads / 32][1];
   const int64_t t = blockIdx.x;
   for (int i = 0; i < n; ++i) {
-    const T* xi = xf + (t * n + i) * C;
-    const T* g = gy + t * C;
-    T acc = 0;
-    for (int64_t c = threadIdx.x; c < C; c += kRowThreads) acc += g[c] * xi[c];
-    const T total = block_sum<kRowThreads>(acc, smem);
-    if (threadIdx.x == 0) g_pre_out[t * n + i] = (g_pre ? g_pre[t * n + i] : T(0)) + total;
+    T acc[1] = {T(0)};
+    for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kRowThreads) * VEC) {
+      const Lanes<T, VEC> p = load<T, VEC>(gy + t * C + c) * load<T, VEC>(xf + (t * n + i) * C + c);
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) acc[0] += p.v[l];
+    }
+    block_sum<1>(acc, 1, smem, [&](int, T total) {
+      g_pre_out[t * n + i] = (g_pre ? g_pre[t * n + i] : T(0)) + total;
+    });
   }
 }
 
@@ -101,12 +107,12 @@ __global__ void __launch_bounds__(kTokenThreads)
   drstd[t] = dr;
 }
 
-template <typename T, typename X>
+template <typename T, typename X, int VEC>
 __global__ void __launch_bounds__(kRowThreads)
     grad_x_kernel(const T* __restrict__ xf, const T* dxp, const T* __restrict__ proj, const T* __restrict__ rstd,
                   const T* __restrict__ drstd, const T* __restrict__ gy, const T* __restrict__ alpha,
                   const T* __restrict__ bias, T pre_eps, X* dx, int n, int64_t C, int64_t D) {
-  // dx may alias dxp (same element read then written by one thread): no __restrict__ on them.
+  // dx may alias dxp (each element read, then written, by one thread): no __restrict__ on them.
   __shared__ T h_pre[kMhcMaxN];
   const int64_t t = blockIdx.x;
   const int64_t len = n * C;
@@ -115,22 +121,32 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   __syncthreads();
   const T factor = mhc_rstd_grad_factor<T>(drstd[t], rstd[t], T(len));
-  for (int64_t k = threadIdx.x; k < len; k += kRowThreads) {
-    T v = dxp[t * len + k] + factor * xf[t * len + k];
-    if (gy) v += h_pre[k / C] * gy[t * C + k % C];
-    store_as(dx + t * len + k, v);
+  for (int64_t k = int64_t(threadIdx.x) * VEC; k < len; k += int64_t(kRowThreads) * VEC) {
+    Lanes<T, VEC> v = load<T, VEC>(dxp + t * len + k) + load<T, VEC>(xf + t * len + k) * factor;
+    if (gy) v = v + load<T, VEC>(gy + t * C + k % C) * h_pre[k / C];  // VEC divides C: one stream
+    store<X, VEC>(dx + t * len + k, v);
   }
 }
 
-// Calls fn(X*) with x's pointer cast to its element type.
-template <typename T, typename Fn>
-void with_x_type(MhcXType xtype, const void* x, Fn&& fn) {
-  switch (xtype) {
-    case MhcXType::kFloat: return fn(static_cast<const float*>(x));
-    case MhcXType::kDouble: return fn(static_cast<const double*>(x));
-    case MhcXType::kBFloat16: return fn(static_cast<const __nv_bfloat16*>(x));
-    case MhcXType::kHalf: return fn(static_cast<const __half*>(x));
+// Calls fn(X*) with x's pointer cast to its element type (fp64 compute: fp64 x only).
+template <typename T, typename P, typename Fn>
+void with_x_type(MhcXType xtype, P* x, Fn&& fn) {
+  if constexpr (std::is_same_v<T, double>) {
+    fn(reinterpret_cast<double*>(x));
+  } else {
+    switch (xtype) {
+      case MhcXType::kBFloat16: return fn(reinterpret_cast<__nv_bfloat16*>(x));
+      case MhcXType::kHalf: return fn(reinterpret_cast<__half*>(x));
+      default: return fn(reinterpret_cast<float*>(x));
+    }
   }
+}
+
+// fn.template operator()<VEC>(): 16 bytes of X per access when `vectorize`, else 1 element.
+template <typename X, typename Fn>
+void with_vec(bool vectorize, Fn&& fn) {
+  if (vectorize) return fn.template operator()<int(16 / sizeof(X))>();
+  return fn.template operator()<1>();
 }
 
 }  // namespace
@@ -139,8 +155,14 @@ template <typename T>
 cudaError_t mhc_rows(const void* x, MhcXType xtype, T* xf, T* rstd, int64_t tokens, int64_t len, T norm_eps,
                      cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
-  with_x_type<T>(xtype, x, [&](auto* xp) {
-    rows_kernel<<<static_cast<unsigned int>(tokens), kRowThreads, 0, stream>>>(xp, xf, rstd, len, norm_eps);
+  with_x_type<T>(xtype, const_cast<void*>(x), [&](auto* xp) {
+    using X = std::remove_pointer_t<decltype(xp)>;
+    // The fp32 copy takes the same VEC values (as T) per thread: its rows must allow it too.
+    const bool vectorize = can_vectorize<X>(len, {xp}) && can_vectorize<T>(len, {xf});
+    with_vec<X>(vectorize, [&]<int VEC>() {
+      rows_kernel<X, T, VEC><<<static_cast<unsigned int>(tokens), kRowThreads, 0, stream>>>(xp, xf, rstd, len,
+                                                                                           norm_eps);
+    });
   });
   return cudaGetLastError();
 }
@@ -160,8 +182,10 @@ template <typename T>
 cudaError_t mhc_layer_input_grad(const T* xf, const T* gy, const T* g_pre, T* g_pre_out, int64_t tokens, int n,
                                  int64_t C, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
-  layer_input_grad_kernel<T><<<static_cast<unsigned int>(tokens), kRowThreads, 0, stream>>>(xf, gy, g_pre, g_pre_out,
-                                                                                           n, C);
+  with_vec<T>(can_vectorize<T>(C, {xf, gy}), [&]<int VEC>() {
+    layer_input_grad_kernel<T, VEC><<<static_cast<unsigned int>(tokens), kRowThreads, 0, stream>>>(xf, gy, g_pre,
+                                                                                                  g_pre_out, n, C);
+  });
   return cudaGetLastError();
 }
 
@@ -184,10 +208,14 @@ cudaError_t mhc_grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, 
                        const T* alpha, const T* bias, T pre_eps, void* dx, MhcXType xtype, int64_t tokens, int n,
                        int64_t C, int64_t D, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
-  with_x_type<T>(xtype, dx, [&](auto* xp) {
-    using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-    grad_x_kernel<T, X><<<static_cast<unsigned int>(tokens), kRowThreads, 0, stream>>>(
-        xf, dxp, proj, rstd, drstd, gy, alpha, bias, pre_eps, const_cast<X*>(xp), n, C, D);
+  with_x_type<T>(xtype, dx, [&](auto* dxp_out) {
+    using X = std::remove_pointer_t<decltype(dxp_out)>;
+    // VEC = 16 bytes of X, read as VEC values of T too: C must allow both (then VEC divides C).
+    const bool vectorize = can_vectorize<X>(C, {dxp_out}) && can_vectorize<T>(C, {xf, dxp, gy});
+    with_vec<X>(vectorize, [&]<int VEC>() {
+      grad_x_kernel<T, X, VEC><<<static_cast<unsigned int>(tokens), kRowThreads, 0, stream>>>(
+          xf, dxp, proj, rstd, drstd, gy, alpha, bias, pre_eps, dxp_out, n, C, D);
+    });
   });
   return cudaGetLastError();
 }

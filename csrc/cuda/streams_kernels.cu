@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "cuda_utils.cuh"
 #include "hcext/lanes.h"
 #include "hcext/streams.h"
 #include "launchers.h"
@@ -38,60 +39,6 @@ constexpr int kTokenThreads = 256;      // most threads per block of a per-token
 constexpr int kMaxWarps = kTokenThreads / 32;
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid cap; kernels loop over the rest
 
-// Explicit conversions between storage T and compute S.
-template <typename T>
-struct Convert;
-template <>
-struct Convert<float> {
-  using S = float;
-  static __device__ __forceinline__ float in(float v) { return v; }
-  static __device__ __forceinline__ float out(float v) { return v; }
-};
-template <>
-struct Convert<double> {
-  using S = double;
-  static __device__ __forceinline__ double in(double v) { return v; }
-  static __device__ __forceinline__ double out(double v) { return v; }
-};
-template <>
-struct Convert<__nv_bfloat16> {
-  using S = float;
-  static __device__ __forceinline__ float in(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 out(float v) { return __float2bfloat16_rn(v); }
-};
-template <>
-struct Convert<__half> {
-  using S = float;
-  static __device__ __forceinline__ float in(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half out(float v) { return __float2half_rn(v); }
-};
-
-template <typename T>
-using ComputeOf = typename Convert<T>::S;
-
-// VEC consecutive elements, aligned to their size: one 128-bit access when 16 bytes.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <typename T, int VEC>
-__device__ __forceinline__ Lanes<ComputeOf<T>, VEC> load(const T* p) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-  Lanes<ComputeOf<T>, VEC> r;
-#pragma unroll
-  for (int l = 0; l < VEC; ++l) r.v[l] = Convert<T>::in(pk.v[l]);
-  return r;
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store(T* p, const Lanes<ComputeOf<T>, VEC>& r) {
-  Pack<T, VEC> pk;
-#pragma unroll
-  for (int l = 0; l < VEC; ++l) pk.v[l] = Convert<T>::out(r.v[l]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
-}
-
 // One thread's part of a coefficient gradient: the channel terms of its group, summed
 // in lane order.
 template <typename S, int VEC>
@@ -101,32 +48,6 @@ __device__ __forceinline__ S group_sum(const Lanes<S, VEC>& a, const Lanes<S, VE
 #pragma unroll
   for (int l = 1; l < VEC; ++l) s += term.v[l];
   return s;
-}
-
-// Sums vals[k] for k < count (count <= K) over the block, in a fixed order, and calls
-// store(k, sum) once per k. All threads of the block must call it (it synchronises).
-// blockDim.x must be a multiple of 32, at most kTokenThreads.
-template <int K, typename S, typename Store>
-__device__ __forceinline__ void block_sum(const S (&vals)[K], int count, S (*smem)[K], Store&& store_fn) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int warps = blockDim.x >> 5;
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    if (k < count) {
-      S v = vals[k];
-#pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-      if (lane == 0) smem[warp][k] = v;  // lane 0's sum: one fixed order
-    }
-  }
-  __syncthreads();
-  for (int k = threadIdx.x; k < count; k += blockDim.x) {
-    S s = smem[0][k];
-    for (int w = 1; w < warps; ++w) s += smem[w][k];
-    store_fn(k, s);
-  }
-  __syncthreads();  // smem is reused by the block's next token
 }
 
 // ---------------------------------------------------------------------------------------
@@ -361,17 +282,6 @@ inline unsigned int token_blocks(int64_t tokens) {
 inline unsigned int token_threads(int64_t groups) {
   const int64_t warps = (groups + 31) / 32;
   return static_cast<unsigned int>(32 * (warps < 1 ? 1 : (warps > kMaxWarps ? kMaxWarps : warps)));
-}
-
-// 128-bit accesses need every row 16-byte aligned: C * sizeof(T) a multiple of 16 and
-// 16-byte aligned base pointers (null pointers are not accessed).
-template <typename T>
-bool can_vectorize(int64_t C, std::initializer_list<const void*> ptrs) {
-  if ((C * int64_t(sizeof(T))) % 16 != 0) return false;
-  for (const void* p : ptrs) {
-    if (p != nullptr && reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return false;
-  }
-  return true;
 }
 
 // Calls fn.template operator()<kN, VEC>(): n = 4 fast path or run-time n; 128-bit or
