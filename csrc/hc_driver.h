@@ -11,10 +11,10 @@
 //   dynamic: W = [dynamic_alpha | dynamic_beta], Wtᵀ = (w ⊙ W)ᵀ [K, C], col_bias, col_sum
 //     one pass over x per stream: stats (mean, rstd), proj q [n, K], coefficients   backend.forward
 // Backward (dynamic only; static HC's gradient is the incoming gradient itself, see hcext/ops.py):
-//   e, ab, per-token partial rows                                    backend.epilogue_backward
+//   e, xcoef, per-token partial rows                                 backend.epilogue_backward
 //   small sums = at::sum(partial rows over tokens)                   (fixed order: deterministic)
 //   Ĝ = Σ_tokens (x - mean) ⊗ e   [C, K], fixed order                backend.centered_grad
-//   grad_x = Wt e + a + b (x - mean), in x's dtype                  backend.grad_x
+//   grad_x = Wc e + xcoef (x - mean), in x's dtype                   backend.grad_x
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
@@ -157,7 +157,7 @@ HcTensor9 hc_coeffs_backward_impl(const at::Tensor& x, const at::Tensor& static_
   check_hc_grad(grad_h_res, T_ * n * n, x, op, "grad_h_res");
 
   const auto opts = x.options().dtype(d.compute);
-  const at::Tensor absent = at::empty({0}, opts);
+  auto absent = [&]() { return at::empty({0}, opts); };  // one per output: outputs never alias
   const std::array<bool, 9> present = {true,          true,          true,         d.shape.has_alpha,
                                        d.shape.has_beta, given(alpha_scale), given(beta_scale), given(norm_weight),
                                        given(norm_bias)};
@@ -165,7 +165,7 @@ HcTensor9 hc_coeffs_backward_impl(const at::Tensor& x, const at::Tensor& static_
 
   const HcWeights w = hc_prepare_weights(d, static_alpha, static_beta, o);
   const int P = d.shape.partial_width();
-  at::Tensor e = at::empty({T_, n, K}, opts), ab = at::empty({T_, n, 2}, opts), partial = at::empty({T_, P}, opts);
+  at::Tensor e = at::empty({T_, n, K}, opts), xcoef = at::empty({T_, n}, opts), partial = at::empty({T_, P}, opts);
   const at::Tensor q = proj.reshape({T_, n, K}).contiguous(), st = stats.reshape({T_, n, 2}).contiguous();
   const at::Tensor gp = hc_optional_rows(grad_h_pre, T_, n, d.compute);
   const at::Tensor gq = hc_optional_rows(grad_h_post, T_, n, d.compute);
@@ -176,7 +176,7 @@ HcTensor9 hc_coeffs_backward_impl(const at::Tensor& x, const at::Tensor& static_
     hc_dispatch_compute(d.compute, [&](auto zero) {
       using T = decltype(zero);
       backend.template epilogue_backward<T>(d, w.params<T>(), q.data_ptr<T>(), st.data_ptr<T>(), hc_ptr<T>(gp),
-                                            hc_ptr<T>(gq), hc_ptr<T>(gr), e.data_ptr<T>(), ab.data_ptr<T>(),
+                                            hc_ptr<T>(gq), hc_ptr<T>(gr), e.data_ptr<T>(), xcoef.data_ptr<T>(),
                                             partial.data_ptr<T>());
     });
   }
@@ -184,14 +184,17 @@ HcTensor9 hc_coeffs_backward_impl(const at::Tensor& x, const at::Tensor& static_
   const at::Tensor sums = at::sum(partial, {0});
   const at::Tensor S = sums.slice(0, d.shape.partial_s(), P);  // [K] Σ dz
 
-  at::Tensor grad_x = absent, grad_sa = absent, grad_sb = absent, grad_da = absent, grad_db = absent;
-  at::Tensor grad_as = absent, grad_bs = absent, grad_nw = absent, grad_nb = absent;
+  at::Tensor grad_x = absent(), grad_sa = absent(), grad_sb = absent(), grad_da = absent(), grad_db = absent();
+  at::Tensor grad_as = absent(), grad_bs = absent(), grad_nw = absent(), grad_nb = absent();
   if (wanted(0)) {
     grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
     if (T_ > 0) {
+      // Wc: LayerNorm's centring of dL/dx̂ over c applied to the weights (see hcext/hc.h).
+      const at::Tensor wc = d.shape.layer_norm ? w.wt_t.sub(w.col_sum.unsqueeze(1).div(double(C))).contiguous()
+                                               : w.wt_t;
       hc_dispatch_compute(d.compute, [&](auto zero) {
         using T = decltype(zero);
-        backend.template grad_x<T>(xc, w.wt_t.data_ptr<T>(), e.data_ptr<T>(), ab.data_ptr<T>(), st.data_ptr<T>(),
+        backend.template grad_x<T>(xc, wc.data_ptr<T>(), e.data_ptr<T>(), xcoef.data_ptr<T>(), st.data_ptr<T>(),
                                    grad_x, d);
       });
     }

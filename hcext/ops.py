@@ -644,7 +644,9 @@ def _hc_coeffs_backward(ctx, g_pre, g_post, g_res, _g_proj, _g_stats):
     x, static_alpha, static_beta = saved[:3]
     optional = [saved.pop(3) if present else None for present in ctx.present]
     proj, stats = saved[3:]
-    mask = [bool(m) for m in ctx.needs_input_grad[:9]]
+    # needs_input_grad covers the arguments actually passed (the dispatcher drops trailing
+    # arguments equal to their defaults): the rest need no gradient.
+    mask = [bool(m) for m in (*ctx.needs_input_grad, *([False] * 9))[:9]]
     grads = torch.ops.hcext.hc_coeffs_backward.default(
         x, static_alpha, static_beta, *optional, proj, stats, g_pre, g_post, g_res, *ctx.args, mask
     )

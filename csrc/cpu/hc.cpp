@@ -104,14 +104,14 @@ void forward_pass(const X* x, const T* wt_t, const HcDims& d, const HcParams<T>&
 
 template <typename T>
 void epilogue_backward_pass(const HcDims& d, const HcParams<T>& p, const T* q, const T* stats, const T* g_pre,
-                            const T* g_post, const T* g_res, T* e, T* ab, T* partial) {
+                            const T* g_post, const T* g_res, T* e, T* xcoef, T* partial) {
   const HcShape s = d.shape;
   const int n = d.n, K = s.K, P = s.partial_width();
   at::parallel_for(0, d.tokens, token_grain(n * (K + 8)), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       hc_token_backward(s, p, T(d.C), q + t * n * K, stats + t * n * 2, g_pre ? g_pre + t * n : nullptr,
                         g_post ? g_post + t * n : nullptr, g_res ? g_res + t * n * n : nullptr, e + t * n * K,
-                        ab + t * n * 2, partial + t * P);
+                        xcoef + t * n, partial + t * P);
     }
   });
 }
@@ -167,9 +167,9 @@ void centered_grad_pass(const X* x, const T* e, const T* stats, const HcDims& d,
   }
 }
 
-// dx = Wt e + a + b (x - mean), accumulated in T and rounded to x's dtype once.
+// dx = Wc e + xcoef (x - mean), accumulated in T and rounded to x's dtype once.
 template <typename T, typename X>
-void grad_x_pass(const X* x, const T* wt_t, const T* e, const T* ab, const T* stats, X* dx, const HcDims& d) {
+void grad_x_pass(const X* x, const T* wc_t, const T* e, const T* xcoef, const T* stats, X* dx, const HcDims& d) {
   const int n = d.n, K = d.shape.K;
   const int64_t C = d.C;
   at::parallel_for(0, d.tokens, token_grain(n * C * (K + 2)), [&](int64_t begin, int64_t end) {
@@ -177,12 +177,12 @@ void grad_x_pass(const X* x, const T* wt_t, const T* e, const T* ab, const T* st
     for (int64_t t = begin; t < end; ++t) {
       for (int i = 0; i < n; ++i) {
         const int64_t r = t * n + i;
-        const T a = ab[2 * r], b = ab[2 * r + 1], mean = stats[2 * r];
+        const T b = xcoef[r], mean = stats[2 * r];
         const X* row = x + r * C;
-        for (int64_t c = 0; c < C; ++c) buf[c] = a + b * (static_cast<T>(row[c]) - mean);
+        for (int64_t c = 0; c < C; ++c) buf[c] = b * (static_cast<T>(row[c]) - mean);
         for (int k = 0; k < K; ++k) {
           const T ek = e[r * K + k];
-          const T* wk = wt_t + k * C;
+          const T* wk = wc_t + k * C;
           for (int64_t c = 0; c < C; ++c) buf[c] += wk[c] * ek;
         }
         X* out = dx + r * C;
@@ -208,8 +208,8 @@ struct CpuHcBackend {
   }
   template <typename T>
   void epilogue_backward(const HcDims& d, const HcParams<T>& p, const T* q, const T* stats, const T* g_pre,
-                         const T* g_post, const T* g_res, T* e, T* ab, T* partial) {
-    epilogue_backward_pass<T>(d, p, q, stats, g_pre, g_post, g_res, e, ab, partial);
+                         const T* g_post, const T* g_res, T* e, T* xcoef, T* partial) {
+    epilogue_backward_pass<T>(d, p, q, stats, g_pre, g_post, g_res, e, xcoef, partial);
   }
   template <typename T>
   void centered_grad(const at::Tensor& x, const T* e, const T* stats, at::Tensor& G, const HcDims& d) {
@@ -221,12 +221,12 @@ struct CpuHcBackend {
     });
   }
   template <typename T>
-  void grad_x(const at::Tensor& x, const T* wt_t, const T* e, const T* ab, const T* stats, at::Tensor& dx,
+  void grad_x(const at::Tensor& x, const T* wc_t, const T* e, const T* xcoef, const T* stats, at::Tensor& dx,
               const HcDims& d) {
     with_x(x, [&](const auto* xp) {
       using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
       if constexpr (std::is_same_v<T, double> == std::is_same_v<X, double>) {
-        grad_x_pass<T, X>(xp, wt_t, e, ab, stats, dx.data_ptr<X>(), d);
+        grad_x_pass<T, X>(xp, wc_t, e, xcoef, stats, dx.data_ptr<X>(), d);
       }
     });
   }

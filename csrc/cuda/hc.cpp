@@ -39,8 +39,8 @@ struct CudaHcBackend {
   }
   template <typename T>
   void epilogue_backward(const HcDims& d, const HcParams<T>& p, const T* q, const T* stats, const T* g_pre,
-                         const T* g_post, const T* g_res, T* e, T* ab, T* partial) {
-    C10_CUDA_CHECK(cuda::hc_epilogue_backward<T>(d.shape, p, d.tokens, d.C, q, stats, g_pre, g_post, g_res, e, ab,
+                         const T* g_post, const T* g_res, T* e, T* xcoef, T* partial) {
+    C10_CUDA_CHECK(cuda::hc_epilogue_backward<T>(d.shape, p, d.tokens, d.C, q, stats, g_pre, g_post, g_res, e, xcoef,
                                                  partial, stream));
   }
   template <typename T>
@@ -53,9 +53,9 @@ struct CudaHcBackend {
                                              G.data_ptr<T>(), stream));
   }
   template <typename T>
-  void grad_x(const at::Tensor& x, const T* wt_t, const T* e, const T* ab, const T* stats, at::Tensor& dx,
+  void grad_x(const at::Tensor& x, const T* wc_t, const T* e, const T* xcoef, const T* stats, at::Tensor& dx,
               const HcDims& d) {
-    C10_CUDA_CHECK(cuda::hc_grad_x<T>(x.data_ptr(), hc_x_type(x.scalar_type()), wt_t, e, ab, stats, dx.data_ptr(), d.n,
+    C10_CUDA_CHECK(cuda::hc_grad_x<T>(x.data_ptr(), hc_x_type(x.scalar_type()), wc_t, e, xcoef, stats, dx.data_ptr(), d.n,
                                       d.shape.K, d.tokens, d.C, stream));
   }
 };

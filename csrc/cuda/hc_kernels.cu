@@ -72,13 +72,13 @@ template <typename T>
 __global__ void epilogue_backward_kernel(HcShape s, HcParams<T> p, int64_t tokens, int64_t C,
                                          const T* __restrict__ proj, const T* __restrict__ stats,
                                          const T* __restrict__ g_pre, const T* __restrict__ g_post,
-                                         const T* __restrict__ g_res, T* __restrict__ e, T* __restrict__ ab,
+                                         const T* __restrict__ g_res, T* __restrict__ e, T* __restrict__ xcoef,
                                          T* __restrict__ partial) {
   const int n = s.n, K = s.K, P = s.partial_width();
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < tokens; t += int64_t(gridDim.x) * blockDim.x) {
     hc_token_backward(s, p, T(C), proj + t * n * K, stats + t * n * 2, g_pre ? g_pre + t * n : nullptr,
                       g_post ? g_post + t * n : nullptr, g_res ? g_res + t * n * n : nullptr, e + t * n * K,
-                      ab + t * n * 2, partial + t * P);
+                      xcoef + t * n, partial + t * P);
   }
 }
 
@@ -112,17 +112,17 @@ __global__ void centered_grad_kernel(const X* __restrict__ x, const T* __restric
 }
 
 template <typename T, typename X>
-__global__ void grad_x_kernel(const X* __restrict__ x, const T* __restrict__ wt_t, const T* __restrict__ e,
-                              const T* __restrict__ ab, const T* __restrict__ stats, X* __restrict__ dx, int n, int K,
-                              int64_t tokens, int64_t C) {
+__global__ void grad_x_kernel(const X* __restrict__ x, const T* __restrict__ wc_t, const T* __restrict__ e,
+                              const T* __restrict__ xcoef, const T* __restrict__ stats, X* __restrict__ dx, int n,
+                              int K, int64_t tokens, int64_t C) {
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
     for (int i = 0; i < n; ++i) {
       const int64_t r = t * n + i;
-      const T a = ab[2 * r], b = ab[2 * r + 1], mean = stats[2 * r];
+      const T b = xcoef[r], mean = stats[2 * r];
       const T* er = e + r * K;
       for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-        T v = a + b * (T(to_compute(x[r * C + c])) - mean);
-        for (int k = 0; k < K; ++k) v += wt_t[k * C + c] * er[k];
+        T v = b * (T(to_compute(x[r * C + c])) - mean);
+        for (int k = 0; k < K; ++k) v += wc_t[k * C + c] * er[k];
         store_as(dx + r * C + c, v);
       }
     }
@@ -173,11 +173,11 @@ cudaError_t hc_forward(const void* x, MhcXType xtype, const T* wt_t, HcShape sha
 
 template <typename T>
 cudaError_t hc_epilogue_backward(HcShape shape, HcParams<T> params, int64_t tokens, int64_t C, const T* proj,
-                                 const T* stats, const T* g_pre, const T* g_post, const T* g_res, T* e, T* ab,
+                                 const T* stats, const T* g_pre, const T* g_post, const T* g_res, T* e, T* xcoef,
                                  T* partial, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
   epilogue_backward_kernel<T><<<capped_blocks(ceil_div(tokens, kTokenThreads)), kTokenThreads, 0, stream>>>(
-      shape, params, tokens, C, proj, stats, g_pre, g_post, g_res, e, ab, partial);
+      shape, params, tokens, C, proj, stats, g_pre, g_post, g_res, e, xcoef, partial);
   return cudaGetLastError();
 }
 
@@ -212,12 +212,12 @@ cudaError_t hc_centered_grad(const void* x, MhcXType xtype, const T* e, const T*
 }
 
 template <typename T>
-cudaError_t hc_grad_x(const void* x, MhcXType xtype, const T* wt_t, const T* e, const T* ab, const T* stats, void* dx,
+cudaError_t hc_grad_x(const void* x, MhcXType xtype, const T* wc_t, const T* e, const T* xcoef, const T* stats, void* dx,
                       int n, int K, int64_t tokens, int64_t C, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
   with_x<T>(xtype, x, [&](const auto* xp) {
     using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-    grad_x_kernel<T, X><<<capped_blocks(tokens), kRowThreads, 0, stream>>>(xp, wt_t, e, ab, stats, static_cast<X*>(dx),
+    grad_x_kernel<T, X><<<capped_blocks(tokens), kRowThreads, 0, stream>>>(xp, wc_t, e, xcoef, stats, static_cast<X*>(dx),
                                                                            n, K, tokens, C);
   });
   return cudaGetLastError();

@@ -106,10 +106,10 @@ cudaError_t hc_forward(const void* x, MhcXType xtype, const T* wt_t, HcShape sha
                        int64_t C, T norm_eps, T* proj, T* stats, T* h_pre, T* h_post, T* h_res, cudaStream_t stream);
 
 // One thread per token: hc_token_backward. g_* may be null (zero).
-// -> e [tokens, n, K], ab [tokens, n, 2], partial [tokens, shape.partial_width()].
+// -> e [tokens, n, K], xcoef [tokens, n], partial [tokens, shape.partial_width()].
 template <typename T>
 cudaError_t hc_epilogue_backward(HcShape shape, HcParams<T> params, int64_t tokens, int64_t C, const T* proj,
-                                 const T* stats, const T* g_pre, const T* g_post, const T* g_res, T* e, T* ab,
+                                 const T* stats, const T* g_pre, const T* g_post, const T* g_res, T* e, T* xcoef,
                                  T* partial, cudaStream_t stream);
 
 // Token chunks of the Ĝ reduction: a function of the problem size only.
@@ -121,9 +121,9 @@ template <typename T>
 cudaError_t hc_centered_grad(const void* x, MhcXType xtype, const T* e, const T* stats, int n, int K, int64_t tokens,
                              int64_t C, T* workspace, T* G, cudaStream_t stream);
 
-// dx = Wt e + a + b (x - mean), written in x's dtype.
+// dx = Wc e + xcoef (x - mean), written in x's dtype; wc_t [K, C] (see hcext/hc.h).
 template <typename T>
-cudaError_t hc_grad_x(const void* x, MhcXType xtype, const T* wt_t, const T* e, const T* ab, const T* stats, void* dx,
+cudaError_t hc_grad_x(const void* x, MhcXType xtype, const T* wc_t, const T* e, const T* xcoef, const T* stats, void* dx,
                       int n, int K, int64_t tokens, int64_t C, cudaStream_t stream);
 
 }  // namespace hcext::cuda

@@ -22,13 +22,16 @@
 //
 // Backward, per stream, from the saved q and (mean, rstd) and the incoming gradients:
 //   dz_ik = g_ik s act'(z_ik),  e_ik = rstd_i dz_ik
-//   dx_ic = Σ_k Wt_ck e_ik + a_i + b_i (x_ic - mean_i)
-//     b_i = -(rstd_i² / C) Σ_k e_ik q_ik,   a_i = -(1 / C) Σ_k col_sum_k e_ik (LayerNorm; 0 for RMSNorm)
+//   dx_ic = Σ_k Wc_ck e_ik + b_i (x_ic - mean_i),   b_i = -(rstd_i² / C) Σ_k e_ik q_ik
+// with Wc = Wt for RMSNorm and Wc_ck = Wt_ck - col_sum_k / C for LayerNorm: its subtraction of
+// the mean of dL/dx̂ over c, moved onto the (parameter-sized) weights. This keeps the
+// cancellation out of the per-token sums: for a constant stream (var = 0, rstd = 1/sqrt(eps),
+// e large) the terms cancel exactly instead of leaving rounding noise of size e.
 // and, summed over tokens and streams (by the caller, in a fixed order):
 //   Ĝ_ck = Σ (x_ic - mean_i) e_ik,  S_k = Σ dz_ik
 //   dW = w ⊙ Ĝ + b ⊗ S,  dw_c = Σ_k W_ck Ĝ_ck,  db_c = Σ_k W_ck S_k
 //   d static_alpha = Σ g_α,  d static_beta = Σ g_β,  d s_α = Σ g_α act(z),  d s_β = Σ g_β act(z)
-// This file produces e, (a, b) and each token's share of the small sums (a "partial row").
+// This file produces e, b and each token's share of the small sums (a "partial row").
 
 #include "hcext/macros.h"
 
@@ -138,11 +141,11 @@ HCEXT_HD S hc_column_backward(const HcShape& s, const HcParams<S>& p, const S* q
 // Backward of one stream.
 //   in:  q [K] and stats = (mean, rstd) of the stream (saved by the forward); the token's
 //        incoming gradients g_pre [n], g_post [n], g_res [n*n] (null: zero)
-//   out: e [K], ab = (a, b) (see the top of the file); the stream's share of the token's
+//   out: e [K], xcoef = b_i (see the top of the file); the stream's share of the token's
 //        partial row (which the caller zeroes before the first stream)
 template <typename S>
 HCEXT_HD void hc_stream_backward(const HcShape& s, const HcParams<S>& p, int i, S C, const S* q, const S* stats,
-                                 const S* g_pre, const S* g_post, const S* g_res, S* e, S* ab, S* partial) {
+                                 const S* g_pre, const S* g_post, const S* g_res, S* e, S* xcoef, S* partial) {
   const int n = s.n;
   const S rstd = stats[1];
   S* gA = partial;
@@ -165,24 +168,20 @@ HCEXT_HD void hc_stream_backward(const HcShape& s, const HcParams<S>& p, int i, 
     const int k = s.beta_col();
     e[k] = hc_column_backward(s, p, q, rstd, k, g, sb, g_sb, S_sum);
   }
-  S sum_eq = S(0), sum_ce = S(0);
-  for (int k = 0; k < s.K; ++k) {
-    sum_eq = sum_eq + e[k] * q[k];
-    if (s.layer_norm) sum_ce = sum_ce + p.col_sum[k] * e[k];
-  }
-  ab[0] = s.layer_norm ? -sum_ce / C : S(0);
-  ab[1] = -rstd * rstd * sum_eq / C;
+  S sum_eq = S(0);
+  for (int k = 0; k < s.K; ++k) sum_eq = sum_eq + e[k] * q[k];
+  *xcoef = -rstd * rstd * sum_eq / C;
 }
 
 // Backward of one token: every stream in order, into the token's rows
-// q [n*K], stats [n*2], e [n*K], ab [n*2], partial [partial_width()].
+// q [n*K], stats [n*2], e [n*K], xcoef [n], partial [partial_width()].
 template <typename S>
 HCEXT_HD void hc_token_backward(const HcShape& s, const HcParams<S>& p, S C, const S* q, const S* stats,
-                                const S* g_pre, const S* g_post, const S* g_res, S* e, S* ab, S* partial) {
+                                const S* g_pre, const S* g_post, const S* g_res, S* e, S* xcoef, S* partial) {
   const int width = s.partial_width();
   for (int k = 0; k < width; ++k) partial[k] = S(0);
   for (int i = 0; i < s.n; ++i) {
-    hc_stream_backward(s, p, i, C, q + i * s.K, stats + 2 * i, g_pre, g_post, g_res, e + i * s.K, ab + 2 * i,
+    hc_stream_backward(s, p, i, C, q + i * s.K, stats + 2 * i, g_pre, g_post, g_res, e + i * s.K, xcoef + i,
                        partial);
   }
 }
