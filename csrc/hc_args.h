@@ -68,7 +68,9 @@ inline HcDims check_hc_args(const at::Tensor& x, const at::Tensor& static_alpha,
   const int64_t n = d.n, C = d.C;
   check_hc_param(static_alpha, {n, n + 1}, "[n, n+1]", x, d.compute, op, "static_alpha");
   check_hc_param(static_beta, {n}, "[n]", x, d.compute, op, "static_beta");
-  if (given(o.dynamic_alpha)) check_hc_param(*o.dynamic_alpha, {C, n + 1}, "[C, n+1]", x, d.compute, op, "dynamic_alpha");
+  if (given(o.dynamic_alpha)) {
+    check_hc_param(*o.dynamic_alpha, {C, n + 1}, "[C, n+1]", x, d.compute, op, "dynamic_alpha");
+  }
   if (given(o.dynamic_beta)) check_hc_param(*o.dynamic_beta, {C}, "[C]", x, d.compute, op, "dynamic_beta");
   if (given(o.alpha_scale)) check_hc_param(*o.alpha_scale, {}, "[] (0-dim)", x, d.compute, op, "alpha_scale");
   if (given(o.beta_scale)) check_hc_param(*o.beta_scale, {}, "[] (0-dim)", x, d.compute, op, "beta_scale");

@@ -614,16 +614,18 @@ def _hc_coeffs_backward_fake(
 
 
 def _hc_coeffs_setup_context(ctx, inputs, output):
-    x, static_alpha, static_beta, dynamic_alpha, dynamic_beta, alpha_scale, beta_scale, norm_weight, norm_bias = inputs[:9]
+    x, static_alpha, static_beta = inputs[:3]
+    optional = inputs[3:9]  # dynamic_alpha, dynamic_beta, alpha_scale, beta_scale, norm_weight, norm_bias
     norm, _norm_eps, use_tanh = inputs[9:]
-    ctx.static = dynamic_alpha is None and dynamic_beta is None
+    ctx.static = optional[0] is None and optional[1] is None
     ctx.args = (norm, use_tanh)
-    ctx.present = [t is not None for t in inputs[3:9]]
+    ctx.present = [t is not None for t in optional]
     ctx.mark_non_differentiable(output[3], output[4])
     if ctx.static:
         return  # the gradient is the incoming one, rearranged: nothing to save
     # Saved: the inputs (alive anyway), proj (n*K per token) and stats (2n per token).
-    ctx.save_for_backward(x, static_alpha, static_beta, *[t for t in inputs[3:9] if t is not None], output[3], output[4])
+    given = [t for t in optional if t is not None]
+    ctx.save_for_backward(x, static_alpha, static_beta, *given, output[3], output[4])
 
 
 def _hc_coeffs_backward(ctx, g_pre, g_post, g_res, _g_proj, _g_stats):

@@ -310,7 +310,9 @@ def _assert_within_twice_reference_error(name, actual, ref64, ref_lowp):
     err = (actual.double() - ref64).abs().max().item()
     ref_err = (ref_lowp.double() - ref64).abs().max().item()
     scale = max(1.0, ref64.abs().max().item())
-    assert err <= 2 * ref_err + LOWP_ATOL * scale, f"{name}: error {err:.3e} vs the low-precision reference's {ref_err:.3e}"
+    assert err <= 2 * ref_err + LOWP_ATOL * scale, (
+        f"{name}: error {err:.3e} vs the low-precision reference's {ref_err:.3e}"
+    )
 
 
 @pytest.mark.parametrize("parts", ["both", "beta-only"])

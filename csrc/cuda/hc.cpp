@@ -55,8 +55,8 @@ struct CudaHcBackend {
   template <typename T>
   void grad_x(const at::Tensor& x, const T* wc_t, const T* e, const T* xcoef, const T* stats, at::Tensor& dx,
               const HcDims& d) {
-    C10_CUDA_CHECK(cuda::hc_grad_x<T>(x.data_ptr(), hc_x_type(x.scalar_type()), wc_t, e, xcoef, stats, dx.data_ptr(), d.n,
-                                      d.shape.K, d.tokens, d.C, stream));
+    C10_CUDA_CHECK(cuda::hc_grad_x<T>(x.data_ptr(), hc_x_type(x.scalar_type()), wc_t, e, xcoef, stats, dx.data_ptr(),
+                                      d.n, d.shape.K, d.tokens, d.C, stream));
   }
 };
 

@@ -212,13 +212,13 @@ cudaError_t hc_centered_grad(const void* x, MhcXType xtype, const T* e, const T*
 }
 
 template <typename T>
-cudaError_t hc_grad_x(const void* x, MhcXType xtype, const T* wc_t, const T* e, const T* xcoef, const T* stats, void* dx,
-                      int n, int K, int64_t tokens, int64_t C, cudaStream_t stream) {
+cudaError_t hc_grad_x(const void* x, MhcXType xtype, const T* wc_t, const T* e, const T* xcoef, const T* stats,
+                      void* dx, int n, int K, int64_t tokens, int64_t C, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
   with_x<T>(xtype, x, [&](const auto* xp) {
     using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-    grad_x_kernel<T, X><<<capped_blocks(tokens), kRowThreads, 0, stream>>>(xp, wc_t, e, xcoef, stats, static_cast<X*>(dx),
-                                                                           n, K, tokens, C);
+    grad_x_kernel<T, X><<<capped_blocks(tokens), kRowThreads, 0, stream>>>(xp, wc_t, e, xcoef, stats,
+                                                                           static_cast<X*>(dx), n, K, tokens, C);
   });
   return cudaGetLastError();
 }

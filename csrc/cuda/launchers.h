@@ -123,7 +123,7 @@ cudaError_t hc_centered_grad(const void* x, MhcXType xtype, const T* e, const T*
 
 // dx = Wc e + xcoef (x - mean), written in x's dtype; wc_t [K, C] (see hcext/hc.h).
 template <typename T>
-cudaError_t hc_grad_x(const void* x, MhcXType xtype, const T* wc_t, const T* e, const T* xcoef, const T* stats, void* dx,
-                      int n, int K, int64_t tokens, int64_t C, cudaStream_t stream);
+cudaError_t hc_grad_x(const void* x, MhcXType xtype, const T* wc_t, const T* e, const T* xcoef, const T* stats,
+                      void* dx, int n, int K, int64_t tokens, int64_t C, cudaStream_t stream);
 
 }  // namespace hcext::cuda

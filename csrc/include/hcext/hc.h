@@ -12,7 +12,8 @@
 //                                                      col_bias_k = Σ_c b_c W_ck
 // so one pass over x_i (its sums and the K dot products with Wt) gives every z without
 // materialising H̄. The kernels accumulate around a shift (x_i0 for LayerNorm, which keeps
-// the variance and the centring free of cancellation; 0 for RMSNorm):
+// E[x²] - E[x]² and the centring of the projections from cancelling when |mean| >> std;
+// 0 for RMSNorm):
 //   s1 = Σ (x - shift), s2 = Σ (x - shift)², p_k = Σ (x - shift) Wt_k
 //   dmean = s1 / C, mean = shift + dmean, var = s2 / C - dmean², q_k = p_k - dmean * col_sum_k
 // with col_sum_k = Σ_c Wt_ck. Then (act = tanh, or the identity without use_tanh):
@@ -27,7 +28,7 @@
 // the mean of dL/dx̂ over c, moved onto the (parameter-sized) weights. This keeps the
 // cancellation out of the per-token sums: for a constant stream (var = 0, rstd = 1/sqrt(eps),
 // e large) the terms cancel exactly instead of leaving rounding noise of size e.
-// and, summed over tokens and streams (by the caller, in a fixed order):
+// Summed over tokens and streams (by the caller, in a fixed order):
 //   Ĝ_ck = Σ (x_ic - mean_i) e_ik,  S_k = Σ dz_ik
 //   dW = w ⊙ Ĝ + b ⊗ S,  dw_c = Σ_k W_ck Ĝ_ck,  db_c = Σ_k W_ck S_k
 //   d static_alpha = Σ g_α,  d static_beta = Σ g_β,  d s_α = Σ g_α act(z),  d s_β = Σ g_β act(z)
