@@ -11,8 +11,10 @@ from . import _C  # noqa: F401  (registers the ops)
 from . import ops, reference  # noqa: F401
 from .ops import sinkhorn
 from .ops import stream_aggregate, stream_mix_expand
+from . import init  # noqa: F401  (Hyper-Connections initial values)
+from .ops import hc_coeffs
 
-__all__ = ["build_info", "has_cuda", "ops", "reference", "sinkhorn", "stream_aggregate", "stream_mix_expand"]
+__all__ = ["build_info", "has_cuda", "ops", "reference", "sinkhorn", "stream_aggregate", "stream_mix_expand", "init", "hc_coeffs"]
 __version__ = "0.1.0"
 
 
