@@ -161,6 +161,13 @@ HC_PARAMS = ("static_alpha", "static_beta", "dynamic_alpha", "dynamic_beta", "al
              "norm_weight", "norm_bias")
 
 
+def hc_coeffs_fn():
+    """``hcext.ops.hc_coeffs`` when this build of the native library has it, else the spec."""
+    if hasattr(ops, "hc_coeffs") and hasattr(torch.ops.hcext, "hc_coeffs"):
+        return ops.hc_coeffs
+    return hcext.reference.hc_coeffs
+
+
 class DemoDynamicHC(nn.Module):
     """Dynamic Hyper-Connections (HC Eq. 5-7, tanh) for one sub-layer, built from hcext's
     public ops. Used only while ``hcext.nn.HyperConnection`` has no ``kind="hc"``: the
@@ -179,19 +186,22 @@ class DemoDynamicHC(nn.Module):
         n = num_streams
         self.dim, self.num_streams, self.layer_index, self.norm_eps = dim, n, layer_index, norm_eps
         self.branch = branch
-        static_alpha = torch.zeros(n, n + 1)
-        static_alpha[layer_index % n, 0] = 1.0  # A_m = e_{k mod n}
-        static_alpha[:, 1:] = torch.eye(n)  # A_r = I
-        self.static_alpha = nn.Parameter(static_alpha)
-        self.static_beta = nn.Parameter(torch.ones(n))  # B = 1
-        self.dynamic_alpha = nn.Parameter(torch.zeros(dim, n + 1))  # W_m | W_r
-        self.dynamic_beta = nn.Parameter(torch.zeros(dim))  # W_β
-        self.alpha_scale = nn.Parameter(torch.full((), 0.01))
-        self.beta_scale = nn.Parameter(torch.full((), 0.01))
-        self.norm_weight = nn.Parameter(torch.ones(dim))
+        try:  # the library's initial values (hcext.init), where this hcext has them
+            from hcext.init import hc_dynamic
+
+            init = hc_dynamic(n, dim, layer_index)
+        except ImportError:
+            static_alpha = torch.zeros(n, n + 1)
+            static_alpha[layer_index % n, 0] = 1.0  # A_m = e_{k mod n}
+            static_alpha[:, 1:] = torch.eye(n)  # A_r = I
+            init = dict(static_alpha=static_alpha, static_beta=torch.ones(n),  # B = 1
+                        dynamic_alpha=torch.zeros(dim, n + 1), dynamic_beta=torch.zeros(dim),  # W_m | W_r, W_β
+                        alpha_scale=torch.full((), 0.01), beta_scale=torch.full((), 0.01), norm_weight=torch.ones(dim))
+        for name, value in init.items():
+            self.register_parameter(name, nn.Parameter(value))
 
     def coeffs(self, x: Tensor):
-        fn = getattr(ops, "hc_coeffs", None) or hcext.reference.hc_coeffs
+        fn = hc_coeffs_fn()
         params = {name: getattr(self, name).float() for name in HC_PARAMS if hasattr(self, name)}
         return fn(x, **params, norm="rms", norm_eps=self.norm_eps, use_tanh=True)
 
@@ -217,7 +227,8 @@ def make_connection(variant: str, dim: int, num_streams: int, branch: nn.Module,
 def hc_implementation(model: nn.Module) -> Optional[str]:
     for m in model.modules():
         if isinstance(m, DemoDynamicHC):
-            coeffs = "hcext.ops.hc_coeffs" if hasattr(ops, "hc_coeffs") else "hcext.reference.hc_coeffs"
+            fn = hc_coeffs_fn()
+            coeffs = "hcext.reference.hc_coeffs" if fn is hcext.reference.hc_coeffs else "hcext.ops.hc_coeffs"
             return f"hcext.demo.DemoDynamicHC ({coeffs} + hcext.ops.stream_aggregate/stream_mix_expand)"
         if isinstance(m, HyperConnection):
             return f"hcext.nn.HyperConnection(kind={m.kind!r})"
@@ -289,7 +300,7 @@ def connection_h_res(conn: nn.Module, x: Tensor) -> Tensor:
     if hasattr(conn, "coeffs"):
         return conn.coeffs(x)[2]
     # hcext.nn.HyperConnection(kind="hc") without a coeffs method: its parameters by name.
-    fn = getattr(ops, "hc_coeffs", None) or hcext.reference.hc_coeffs
+    fn = hc_coeffs_fn()
     params = {name: getattr(conn, name).float() for name in HC_PARAMS if getattr(conn, name, None) is not None}
     extra = {k: getattr(conn, k) for k in ("norm", "norm_eps", "use_tanh") if hasattr(conn, k)}
     return fn(x, **params, **extra)[2]
@@ -427,8 +438,8 @@ class Progress:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            self.bar.update(1)  # redraws, with this step's postfix
             return
         now = time.perf_counter()
         if now - self.last < 0.25 and step < self.total:
@@ -651,7 +662,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--data", type=Path, default=None, help="a text file to train on (default: the bundled corpus)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--layers", type=int, default=4, help="transformer layers (each has an attention and an MLP sub-layer)")
     p.add_argument("--dim", type=int, default=96)
     p.add_argument("--heads", type=int, default=None, help="attention heads (default: dim // 32, at least 1)")
