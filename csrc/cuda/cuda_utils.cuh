@@ -45,6 +45,16 @@ struct Convert<__half> {
 template <typename T>
 using ComputeOf = typename Convert<T>::S;
 
+// Scalar forms of Convert, deducing the storage type.
+template <typename X>
+__device__ __forceinline__ ComputeOf<X> to_compute(X v) {
+  return Convert<X>::in(v);
+}
+template <typename X, typename S>
+__device__ __forceinline__ void store_as(X* p, S v) {
+  *p = Convert<X>::out(static_cast<ComputeOf<X>>(v));
+}
+
 // VEC consecutive elements, aligned to their size up to 16 bytes: one 128-bit access when
 // 16 bytes, several when more (e.g. 8 floats read alongside 8 bf16).
 template <typename T, int VEC>
