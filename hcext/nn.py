@@ -20,6 +20,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import init as hc_init
 from . import ops
 
 __all__ = ["HyperConnection", "StreamHead", "expand_streams", "reduce_streams"]
@@ -60,18 +61,25 @@ class HyperConnection(nn.Module):
     Args:
         dim: C, the width of each stream.
         num_streams: n (the papers' expansion rate; 4 is their default).
-        kind: ``"mhc"`` (DeepSeek's manifold-constrained HC, dynamic coefficients from the
-            flattened normed streams, Sinkhorn-projected H_res).
+        kind: ``"mhc"`` (DeepSeek's manifold-constrained HC: dynamic coefficients from the
+            flattened normed streams, Sinkhorn-projected H_res), ``"hc"`` (the original
+            dynamic Hyper-Connections, tanh) or ``"hc_static"`` (static HC: learned
+            coefficients shared by every token).
         branch: the wrapped sub-layer ``[..., C] -> [..., C]`` (it should contain its own
             Pre-Norm). Without it, ``forward`` returns ``(branch_input, add_branch_output)``.
         layer_index: the sub-layer's index (used by the HC initialisation).
-        sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps, post_mult: see
+        sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps, post_mult: mHC, see
             :func:`hcext.ops.mhc_coeffs` (paper defaults: 20 iterations, 2σ).
+        norm, use_tanh, norm_eps: HC, see :func:`hcext.ops.hc_coeffs` (paper default: tanh;
+            ``use_tanh=False`` is the paper's best-scoring "w/o tanh" ablation).
 
-    Initialisation (mHC): ``phi = 0``, ``alpha = 0.01`` (the paper's), bias from
-    :func:`mhc_bias_init`: at init the network equals a Pre-Norm network exactly (up to
-    the 1e-6 epsilons). The coefficient parameters are kept in fp32 whatever the module's
-    dtype (they are cast to fp32 in ``forward`` if a user casts the model).
+    Initialisation: at init the network equals a Pre-Norm network (up to the 1e-6
+    epsilons). mHC: ``phi = 0``, ``alpha = 0.01`` (the paper's), bias from
+    :func:`mhc_bias_init`. HC (paper Alg. 2, :mod:`hcext.init`): ``B = 1``,
+    ``A_m = e_{layer_index mod n}``, ``A_r = I``, dynamic weights 0, scales 0.01. The
+    coefficient parameters are kept in fp32 whatever the module's dtype (they are cast to
+    fp32 in ``forward`` if a user casts the model). Static HC parameters should get no
+    weight decay (HC §3); dynamic ones do.
     """
 
     def __init__(
@@ -88,20 +96,30 @@ class HyperConnection(nn.Module):
         pre_eps: float = 1e-6,
         post_mult: float = 2.0,
         alpha_init: float = 0.01,
+        norm: str = "rms",
+        use_tanh: bool = True,
     ):
         super().__init__()
-        if kind != "mhc":
-            raise ValueError(f"HyperConnection: kind must be 'mhc', got {kind!r}")
+        if kind not in ("mhc", "hc", "hc_static"):
+            raise ValueError(f"HyperConnection: kind must be 'mhc', 'hc' or 'hc_static', got {kind!r}")
+        if norm not in ("rms", "layer"):
+            raise ValueError(f"HyperConnection: norm must be 'rms' or 'layer', got {norm!r}")
         if not 1 <= num_streams <= 32:
             raise ValueError(f"HyperConnection: num_streams must be in [1, 32], got {num_streams}")
         self.dim, self.num_streams, self.kind, self.layer_index = dim, num_streams, kind, layer_index
         self.branch = branch
         self.sinkhorn_iters, self.norm_eps, self.sinkhorn_eps = sinkhorn_iters, norm_eps, sinkhorn_eps
         self.pre_eps, self.post_mult = pre_eps, post_mult
+        self.norm, self.use_tanh = norm, use_tanh
         n = num_streams
-        self.phi = nn.Parameter(torch.zeros(n * dim, n * n + 2 * n))
-        self.alpha = nn.Parameter(torch.full((3,), float(alpha_init)))
-        self.bias = nn.Parameter(mhc_bias_init(n, pre_eps))
+        if kind == "mhc":
+            self.phi = nn.Parameter(torch.zeros(n * dim, n * n + 2 * n))
+            self.alpha = nn.Parameter(torch.full((3,), float(alpha_init)))
+            self.bias = nn.Parameter(mhc_bias_init(n, pre_eps))
+        else:
+            params = hc_init.hc_dynamic(n, dim, layer_index) if kind == "hc" else hc_init.hc_static(n, layer_index)
+            for name, value in params.items():
+                setattr(self, name, nn.Parameter(value))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_streams={self.num_streams}, kind={self.kind!r}, sinkhorn_iters={self.sinkhorn_iters}"
@@ -112,15 +130,32 @@ class HyperConnection(nn.Module):
             raise ValueError(
                 f"HyperConnection: expected streams of shape [..., {self.num_streams}, {self.dim}], got {tuple(x.shape)}"
             )
-        branch_input, h_post, h_res = ops.mhc_pre(
-            x, self.phi.float(), self.alpha.float(), self.bias.float(), self.sinkhorn_iters,
-            self.norm_eps, self.sinkhorn_eps, self.pre_eps, self.post_mult,
-        )
+        if self.kind == "mhc":
+            branch_input, h_post, h_res = ops.mhc_pre(
+                x, self.phi.float(), self.alpha.float(), self.bias.float(), self.sinkhorn_iters,
+                self.norm_eps, self.sinkhorn_eps, self.pre_eps, self.post_mult,
+            )
+        else:
+            h_pre, h_post, h_res = self.coefficients(x)
+            branch_input = ops.stream_aggregate(x, h_pre)
 
         def add_branch_output(f: Tensor) -> Tensor:
             return ops.stream_mix_expand(f.to(x.dtype), x, h_post, h_res)
 
         return branch_input, add_branch_output
+
+    def coefficients(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(h_pre, h_post, h_res)`` for streams x (fp32), e.g. to inspect the mixing matrices."""
+        if self.kind == "mhc":
+            return ops.mhc_coeffs(
+                x, self.phi.float(), self.alpha.float(), self.bias.float(), self.sinkhorn_iters,
+                self.norm_eps, self.sinkhorn_eps, self.pre_eps, self.post_mult,
+            )
+        f32 = lambda name: None if getattr(self, name, None) is None else getattr(self, name).float()  # noqa: E731
+        return ops.hc_coeffs(
+            x, f32("static_alpha"), f32("static_beta"), f32("dynamic_alpha"), f32("dynamic_beta"),
+            f32("alpha_scale"), f32("beta_scale"), f32("norm_weight"), None, self.norm, self.norm_eps, self.use_tanh,
+        )
 
     def forward(self, x: Tensor, *args, **kwargs):
         branch_input, add = self.prepare(x)
