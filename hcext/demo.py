@@ -708,6 +708,16 @@ def _write_plots(metrics: dict, out_dir: Path) -> None:
     print("plots:", ", ".join(str(p) for p in written))
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = parse_args(argv)
     if cfg.plot_from is not None:
@@ -747,7 +757,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   val_bytes=len(val), val_fraction=VAL_FRACTION, sha256=hashlib.sha256(path.read_bytes()).hexdigest()),
         env=dict(date=datetime.datetime.now().isoformat(timespec="seconds"), python=platform.python_version(),
                  torch=torch.__version__, hcext=hcext.__version__, platform=platform.platform(),
-                 processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+                 processor=_cpu_model(), cpu_count=os.cpu_count(),
                  threads=torch.get_num_threads(),
                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         total_time_s=total,
