@@ -349,6 +349,11 @@ def test_static_methods_and_aliases():
     for name in ("HyperConnections", "mHC", "Residual", "StreamEmbed", "get_init_and_expand_reduce_stream_functions",
                  "mc_get_init_and_expand_reduce_stream_functions", "mc_get_expand_reduce_stream_functions"):
         assert getattr(package, name) is getattr(compat, name)
+    from hcext.compat import manifold_constrained_hyper_connections as mc
+
+    assert mc.get_init_and_expand_reduce_stream_functions is compat.mc_get_init_and_expand_reduce_stream_functions
+    assert mc.get_expand_reduce_stream_functions is compat.mc_get_expand_reduce_stream_functions
+    assert mc.ManifoldConstrainedHyperConnections is compat.mHC
 
 
 # ---------------------------------------------------------------------------------------
