@@ -385,3 +385,13 @@ def test_original_add_is_accepted():
     from hyper_connections.hyper_connections import add as their_add
 
     compat.HyperConnections(4, dim=8, depth_residual_fn=their_add)
+
+
+@pytest.mark.parametrize("cls", [compat.HyperConnections, compat.mHC])
+def test_compiles_without_graph_breaks(cls):
+    """The compat modules trace in one graph (hcext's ops have fake kernels); aot_eager keeps it quick."""
+    module = cls(4, dim=16, layer_index=0, branch=nn.Linear(16, 16))
+    perturb(module)
+    x = torch.randn(8, 5, 16)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), module(x), **TOL)
