@@ -1,0 +1,397 @@
+"""hcext.compat.hyper_connections against the original ``hyper-connections`` package.
+
+Every comparison builds the original module, perturbs its parameters away from their
+initial values (so that every coefficient path is live), loads its ``state_dict`` into the
+compat module with ``strict=True``, runs both on the same input and compares the output and
+the gradients of the input and of every parameter (fp32, within 1e-5).
+
+Nothing is installed here: without the package the comparisons skip (CI installs it from
+requirements-dev.txt).
+"""
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from hcext.compat import hyper_connections as compat
+
+H = pytest.importorskip("hyper_connections", reason="the original hyper-connections package is not installed")
+from hyper_connections import manifold_constrained_hyper_connections as H_mc  # noqa: E402
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def perturb(module, scale=0.3):
+    """Random, non-initial parameter values (the init zeros hide the dynamic paths)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def twin(orig_cls, new_cls, *args, device="cpu", **kwargs):
+    """(original, compat) built with the same Python RNG state, compat loaded strictly from the original."""
+    state = random.getstate()
+    orig = orig_cls(*args, **kwargs).to(device)
+    random.setstate(state)
+    new = new_cls(*args, **kwargs).to(device)
+    perturb(orig)
+    assert set(orig.state_dict()) == set(new.state_dict())
+    new.load_state_dict(orig.state_dict(), strict=True)
+    return orig, new
+
+
+def run(module, x, extra=(), call=None):
+    """Forward + backward with a fixed non-uniform cotangent; returns output and all gradients."""
+    x = x.clone().requires_grad_()
+    out = call(module, x) if call is not None else module(x)
+    y = out[0] if isinstance(out, tuple) else out
+    weight = torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape).sin()
+    (y * weight).sum().backward()
+    grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    for e in extra:
+        grads.update({f"extra.{name}": p.grad.clone() for name, p in e.named_parameters()})
+    module.zero_grad()
+    for e in extra:
+        e.zero_grad()
+    return y.detach(), x.grad, grads
+
+
+def close(actual, expected, what):
+    """Within 1e-5, relative to the tensor's scale: gradients summed over tokens reach ~100,
+    where one fp32 ulp is ~1e-5 (and both implementations are equally far from fp64)."""
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, atol=TOL["atol"] * scale, rtol=TOL["rtol"],
+                               msg=lambda m: f"{what}: {m}")
+
+
+def assert_same(a, b):
+    ya, gxa, gpa = a
+    yb, gxb, gpb = b
+    close(yb, ya, "forward output")
+    close(gxb, gxa, "input gradient")
+    assert set(gpa) == set(gpb), (sorted(gpa), sorted(gpb))
+    for name in gpa:
+        close(gpb[name], gpa[name], f"gradient of {name}")
+
+
+def branch_mode(lin):
+    """The (branch_input, add_residual) calling convention around a shared linear branch."""
+
+    def call(module, x):
+        branch_input, add_residual = module(x)
+        return add_residual(torch.tanh(lin(branch_input)))
+
+    return call
+
+
+def streams_input(n, dim, device, lead=(5,), batch=2):
+    return torch.randn(batch * n, *lead, dim, device=device)
+
+
+# ---------------------------------------------------------------------------------------
+# Hyper-Connections
+
+
+@pytest.mark.parametrize("tanh", [True, False])
+@pytest.mark.parametrize("layer_index", [None, 2, 7])
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3)])
+def test_hc_add_residual_mode(device, tanh, layer_index, lead):
+    n, dim = 4, 16
+    orig, new = twin(H.HyperConnections, compat.HyperConnections, n, dim=dim, tanh=tanh, layer_index=layer_index,
+                     device=device)
+    lin = nn.Linear(dim, dim, device=device)
+    x = streams_input(n, dim, device, lead)
+    assert_same(run(orig, x, [lin], branch_mode(lin)), run(new, x, [lin], branch_mode(lin)))
+
+
+@pytest.mark.parametrize("tanh", [True, False])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_hc_branch_wrapping_mode(device, tanh, n):
+    dim = 8
+    branch = nn.Sequential(nn.Linear(dim, dim), nn.GELU()).to(device)
+    orig, new = twin(H.HyperConnections, compat.HyperConnections, n, dim=dim, tanh=tanh, layer_index=1,
+                     branch=branch, device=device)
+    assert new.branch is branch and orig.branch is branch
+    x = streams_input(n, dim, device)
+    assert_same(run(orig, x), run(new, x))
+
+
+def test_hc_decorate_branch_and_extra_outputs(device):
+    """decorate_branch, extra branch arguments, and a branch returning (output, aux)."""
+    n, dim = 4, 8
+    orig, new = twin(H.HyperConnections, compat.HyperConnections, n, dim=dim, layer_index=3, device=device)
+    lin = nn.Linear(dim, dim, device=device)
+
+    def moe_like(x, scale, *, shift):
+        out = lin(x) * scale + shift
+        return out, out.pow(2).mean()  # an auxiliary loss rides along unchanged
+
+    def call(module, x):
+        out, aux = module.decorate_branch(moe_like)(x, 0.5, shift=0.1)
+        return out + aux
+
+    x = streams_input(n, dim, device)
+    assert_same(run(orig, x, [lin], call), run(new, x, [lin], call))
+
+
+def test_hc_without_branch_output_added(device):
+    """add_branch_out_to_residual=False: no beta parameters, add_residual returns the branch output."""
+    n, dim = 4, 8
+    orig, new = twin(H.HyperConnections, compat.HyperConnections, n, dim=dim, layer_index=0,
+                     add_branch_out_to_residual=False, device=device)
+    assert not hasattr(new, "static_beta")
+    lin = nn.Linear(dim, dim, device=device)
+    x = streams_input(n, dim, device)
+    assert_same(run(orig, x, [lin], branch_mode(lin)), run(new, x, [lin], branch_mode(lin)))
+
+
+def test_hc_dropout_eval_and_fp64(device):
+    n, dim = 4, 8
+    orig, new = twin(H.HyperConnections, compat.HyperConnections, n, dim=dim, layer_index=0, dropout=0.5,
+                     device=device)
+    orig.eval(), new.eval()
+    lin = nn.Linear(dim, dim, device=device)
+    x = streams_input(n, dim, device)
+    assert_same(run(orig, x, [lin], branch_mode(lin)), run(new, x, [lin], branch_mode(lin)))
+    new.double(), orig.double(), lin.double()
+    ya, yb = (branch_mode(lin)(m, x.double()) for m in (orig, new))
+    torch.testing.assert_close(yb, ya, atol=1e-12, rtol=1e-10)
+
+
+def test_hc_zero_stream_is_finite(device):
+    """Their F.normalize clamps the norm: an all-zero token gives finite values, as here."""
+    n, dim = 4, 8
+    orig, new = twin(H.HyperConnections, compat.HyperConnections, n, dim=dim, layer_index=0, device=device)
+    lin = nn.Linear(dim, dim, device=device)
+    x = streams_input(n, dim, device)
+    x[:, 1] = 0
+    a, b = run(orig, x, [lin], branch_mode(lin)), run(new, x, [lin], branch_mode(lin))
+    assert torch.isfinite(b[0]).all() and torch.isfinite(b[1]).all()
+    assert_same(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# mHC (the package's variant)
+
+MHC_CASES = {
+    "default": dict(),
+    "iters5": dict(sinkhorn_iters=5),
+    "log_domain": dict(log_domain_sinkhorn=True),
+    "proposals3": dict(num_dynamic_alpha_proposals=3),
+    "no_branch_out": dict(add_branch_out_to_residual=False),
+}
+
+
+@pytest.mark.parametrize("case", list(MHC_CASES))
+@pytest.mark.parametrize("layer_index", [None, 1])
+def test_mhc_add_residual_mode(device, case, layer_index):
+    n, dim = 4, 16
+    orig, new = twin(H.mHC, compat.mHC, n, dim=dim, layer_index=layer_index, device=device, **MHC_CASES[case])
+    lin = nn.Linear(dim, dim, device=device)
+    x = streams_input(n, dim, device, (3,))
+    assert_same(run(orig, x, [lin], branch_mode(lin)), run(new, x, [lin], branch_mode(lin)))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 6])
+def test_mhc_branch_wrapping_mode(device, n):
+    dim = 8
+    branch = nn.Sequential(nn.Linear(dim, dim), nn.SiLU()).to(device)
+    orig, new = twin(H.mHC, compat.mHC, n, dim=dim, layer_index=0, branch=branch, device=device)
+    x = streams_input(n, dim, device, (2, 3))
+    assert_same(run(orig, x), run(new, x))
+
+
+def test_mhc_residual_transform_and_custom_constraint(device):
+    """residual_transform (a module with parameters) and a user residual_mix_constraint_fn."""
+    n, dim = 4, 8
+
+    def constraint(logits):  # softmax over destinations: row-stochastic in their [src, dst] layout
+        return logits.softmax(dim=-1)
+
+    torch.manual_seed(1)
+    transform = nn.Linear(dim, dim).to(device)
+    orig, new = twin(H.mHC, compat.mHC, n, dim=dim, layer_index=2, residual_transform=transform,
+                     residual_mix_constraint_fn=constraint, device=device)
+    assert "residual_transform.weight" in new.state_dict()
+    lin = nn.Linear(dim, dim, device=device)
+    x = streams_input(n, dim, device)
+    assert_same(run(orig, x, [lin], branch_mode(lin)), run(new, x, [lin], branch_mode(lin)))
+
+
+def test_mhc_forward_method_names(device):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin(x)
+
+        def describe(self):
+            return "block"
+
+    new = compat.mHC(4, dim=8, branch=Block(), forward_method_names=("describe",))
+    assert new.describe() == "block"
+
+
+def test_mhc_h_res_is_their_sinkhorn(device):
+    """The [src, dst] transpose: hcext's h_res[dst, src] equals their sinkhorn matrix transposed."""
+    logits = torch.randn(7, 4, 4, device=device) * 3
+    theirs = H_mc.sinkhorn_knopps(logits, iters=20)  # [src, dst]
+    new = compat.mHC(4, dim=8, sinkhorn_iters=20)
+    torch.testing.assert_close(new._constrain_residual(logits), theirs.mT, **TOL)
+    # their last step normalises each source's outgoing weights: hcext's columns sum to 1
+    torch.testing.assert_close(new._constrain_residual(logits).sum(-2), torch.ones(7, 4, device=device), **TOL)
+
+
+def test_mhc_bf16_close(device):
+    """bf16 streams: same numbers up to bf16 rounding (the fused kernel rounds once)."""
+    n, dim = 4, 16
+    orig, new = twin(H.mHC, compat.mHC, n, dim=dim, layer_index=0, device=device)
+    lin = nn.Linear(dim, dim, device=device).to(torch.bfloat16)
+    x = streams_input(n, dim, device).to(torch.bfloat16)
+    ya, yb = (branch_mode(lin)(m, x) for m in (orig, new))
+    assert yb.dtype == ya.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), ya.float(), atol=3e-2, rtol=3e-2)
+
+
+# ---------------------------------------------------------------------------------------
+# expand / reduce, init functions, Residual, StreamEmbed, whole networks
+
+
+@pytest.mark.parametrize("add_stream_embed", [False, True])
+@pytest.mark.parametrize("pair", ["hc", "mc"])
+def test_expand_reduce(device, add_stream_embed, pair):
+    n, dim = 3, 8
+    fn_orig = H.get_expand_reduce_stream_functions if pair == "hc" else H.mc_get_expand_reduce_stream_functions
+    fn_new = compat.get_expand_reduce_stream_functions if pair == "hc" else compat.mc_get_expand_reduce_stream_functions
+    torch.manual_seed(0)
+    (eo, ro), (en, rn) = (f(n, add_stream_embed=add_stream_embed, dim=dim) for f in (fn_orig, fn_new))
+    eo, ro, en, rn = (m.to(device) for m in (eo, ro, en, rn))
+    if add_stream_embed:
+        perturb(eo)
+        en.load_state_dict(eo.state_dict(), strict=True)
+    x = torch.randn(2, 5, dim, device=device)
+    torch.testing.assert_close(en(x), eo(x))
+    assert en(x).shape == (2 * n, 5, dim)
+    y = torch.randn(2 * n, 5, dim, device=device)
+    torch.testing.assert_close(rn(y), ro(y))
+    # disabled: identities
+    for m in fn_new(n, disable=True):
+        assert isinstance(m, nn.Identity)
+
+
+def test_stream_embed_and_attention_pool(device):
+    n, dim = 4, 8
+    for orig_cls, new_cls in ((H.StreamEmbed, compat.StreamEmbed), (H.AttentionPoolReduceStream, compat.AttentionPoolReduceStream)):
+        for channel_first in (False, True):
+            orig, new = twin(orig_cls, new_cls, n, dim, channel_first=channel_first, device=device)
+            x = torch.randn(2 * n, dim, 3, device=device) if channel_first else torch.randn(2 * n, 3, dim, device=device)
+            assert_same(run(orig, x), run(new, x))
+
+
+def test_disable_gives_residual(device):
+    for get_orig, get_new in ((H.get_init_and_expand_reduce_stream_functions, compat.get_init_and_expand_reduce_stream_functions),
+                              (H.mc_get_init_and_expand_reduce_stream_functions, compat.mc_get_init_and_expand_reduce_stream_functions)):
+        for kwargs in (dict(num_streams=1), dict(num_streams=4, disable=True)):
+            init_o, expand_o, reduce_o = get_orig(dim=8, **kwargs)
+            init_n, expand_n, reduce_n = get_new(dim=8, **kwargs)
+            lin = nn.Linear(8, 8).to(device)
+            new = init_n(branch=lin)
+            assert isinstance(new, compat.Residual) and isinstance(expand_n, nn.Identity)
+            orig = init_o(branch=lin)
+            x = torch.randn(3, 8, device=device)
+            assert_same(run(orig, x), run(new, x))
+            bi, add = init_n()(x)
+            assert bi is x
+            torch.testing.assert_close(add(lin(x)), lin(x) + x)
+
+
+@pytest.mark.parametrize("kind", ["hc", "mc"])
+def test_whole_network(device, kind):
+    """A small residual network built through the init functions, loss and all gradients equal."""
+    n, dim, depth = 4, 16, 3
+    get = {"hc": (H.get_init_and_expand_reduce_stream_functions, compat.get_init_and_expand_reduce_stream_functions),
+           "mc": (H.mc_get_init_and_expand_reduce_stream_functions, compat.mc_get_init_and_expand_reduce_stream_functions)}[kind]
+
+    def build(get_fns):
+        init, expand, reduce = get_fns(n, dim=dim, add_stream_embed=True)
+        torch.manual_seed(3)
+        blocks = nn.ModuleList(
+            init(branch=nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU()), layer_index=i)
+            for i in range(depth)
+        )
+        return nn.ModuleDict(dict(expand=expand, blocks=blocks, reduce=reduce)).to(device)
+
+    orig, new = build(get[0]), build(get[1])
+    perturb(orig, 0.1)  # smaller than for one module: values (and fp32 rounding) grow with depth
+    new.load_state_dict(orig.state_dict(), strict=True)
+    orig.load_state_dict(new.state_dict(), strict=True)  # and back
+
+    def call(net, x):
+        h = net["expand"](x)
+        for block in net["blocks"]:
+            h = block(h)
+        return net["reduce"](h)
+
+    x = torch.randn(2, 6, dim, device=device)
+    assert_same(run(orig, x, call=call), run(new, x, call=call))
+
+
+def test_static_methods_and_aliases():
+    assert compat.mHC is compat.ManifoldConstrainedHyperConnections
+    assert compat.HyperConnections.get_init_and_expand_reduce_stream_functions is compat.get_init_and_expand_reduce_stream_functions
+    assert compat.mHC.get_init_and_expand_reduce_stream_functions is compat.mc_get_init_and_expand_reduce_stream_functions
+    import hcext.compat as package
+
+    for name in ("HyperConnections", "mHC", "Residual", "StreamEmbed", "get_init_and_expand_reduce_stream_functions",
+                 "mc_get_init_and_expand_reduce_stream_functions", "mc_get_expand_reduce_stream_functions"):
+        assert getattr(package, name) is getattr(compat, name)
+    from hcext.compat import manifold_constrained_hyper_connections as mc
+
+    assert mc.get_init_and_expand_reduce_stream_functions is compat.mc_get_init_and_expand_reduce_stream_functions
+    assert mc.get_expand_reduce_stream_functions is compat.mc_get_expand_reduce_stream_functions
+    assert mc.ManifoldConstrainedHyperConnections is compat.mHC
+
+
+# ---------------------------------------------------------------------------------------
+# unsupported arguments
+
+
+@pytest.mark.parametrize("cls", [compat.HyperConnections, compat.mHC])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_fracs=2), "num_fracs"),
+        (dict(channel_first=True), "channel_first"),
+        (dict(num_input_views=2), "num_input_views"),
+        (dict(depth_residual_fn=lambda out, res: out * res), "depth_residual_fn"),
+    ],
+)
+def test_unsupported_arguments_raise(cls, kwargs, name):
+    with pytest.raises(NotImplementedError, match=name):
+        cls(4, dim=8, **kwargs)
+
+
+def test_unsupported_through_init_function():
+    init, _, _ = compat.get_init_and_expand_reduce_stream_functions(4, num_fracs=2, dim=8)
+    with pytest.raises(NotImplementedError, match="num_fracs"):
+        init()
+
+
+def test_original_add_is_accepted():
+    from hyper_connections.hyper_connections import add as their_add
+
+    compat.HyperConnections(4, dim=8, depth_residual_fn=their_add)
+
+
+@pytest.mark.parametrize("cls", [compat.HyperConnections, compat.mHC])
+def test_compiles_without_graph_breaks(cls):
+    """The compat modules trace in one graph (hcext's ops have fake kernels); aot_eager keeps it quick."""
+    module = cls(4, dim=16, layer_index=0, branch=nn.Linear(16, 16))
+    perturb(module)
+    x = torch.randn(8, 5, 16)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), module(x), **TOL)
