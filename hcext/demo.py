@@ -1,6 +1,6 @@
 """Training demo: a small byte-level transformer LM with a plain residual, HC and mHC.
 
-    python -m hcext.demo                      # 3-5 minutes on a 2-core CPU, writes ./demo_out
+    python -m hcext.demo                      # 3-6 minutes on a 2-core CPU, writes ./demo_out
     python -m hcext.demo --device cuda --steps 2000 --dim 256 --layers 8
     python -m hcext.demo --data my_text.txt --variants residual,mhc
 
@@ -17,11 +17,6 @@ embedding into n streams, one ``HyperConnection`` wraps every attention / MLP br
 ``reduce_streams`` sums the streams before the final norm. Both connections start out
 equal to the Pre-Norm network and consume no random numbers, so the three variants start
 from the same weights and the same function.
-
-HC: ``hcext.nn.HyperConnection(kind="hc")`` when the installed hcext has it; until then
-:class:`DemoDynamicHC`, the same module written here on the public ops (coefficients from
-``hcext.ops.hc_coeffs`` when compiled, else ``hcext.reference.hc_coeffs``, then
-``hcext.ops.stream_aggregate`` / ``stream_mix_expand``). metrics.json records which ran.
 
 Data: by default ``hcext/data/corpus.txt``, a frozen ~330 KB snapshot of this project's own
 docs and sources, shipped inside the package, so every install of one hcext version trains
@@ -156,83 +151,12 @@ class Residual(nn.Module):
         return x + self.branch(x)
 
 
-# Parameter names of hcext.ops.hc_coeffs / hcext.reference.hc_coeffs (and hcext.init.hc_dynamic).
-HC_PARAMS = ("static_alpha", "static_beta", "dynamic_alpha", "dynamic_beta", "alpha_scale", "beta_scale",
-             "norm_weight", "norm_bias")
-
-
-def hc_coeffs_fn():
-    """``hcext.ops.hc_coeffs`` when this build of the native library has it, else the spec."""
-    if hasattr(ops, "hc_coeffs") and hasattr(torch.ops.hcext, "hc_coeffs"):
-        return ops.hc_coeffs
-    return hcext.reference.hc_coeffs
-
-
-class DemoDynamicHC(nn.Module):
-    """Dynamic Hyper-Connections (HC Eq. 5-7, tanh) for one sub-layer, built from hcext's
-    public ops. Used only while ``hcext.nn.HyperConnection`` has no ``kind="hc"``: the
-    demo switches to the module automatically once it exists (see :func:`make_connection`).
-
-    Coefficients: ``hcext.ops.hc_coeffs`` when compiled, else ``hcext.reference.hc_coeffs``
-    (the pure-PyTorch spec); then ``stream_aggregate`` / ``stream_mix_expand``. Init (HC
-    Alg. 2, Pre-Norm-equivalent): ``B = 1``, ``A_m = e_{layer mod n}``, ``A_r = I``, dynamic
-    weights 0, ``s_α = s_β = 0.01``, per-stream RMSNorm weight 1.
-    """
-
-    kind = "hc"
-
-    def __init__(self, dim: int, num_streams: int, branch: nn.Module, layer_index: int, norm_eps: float = 1e-6):
-        super().__init__()
-        n = num_streams
-        self.dim, self.num_streams, self.layer_index, self.norm_eps = dim, n, layer_index, norm_eps
-        self.branch = branch
-        try:  # the library's initial values (hcext.init), where this hcext has them
-            from hcext.init import hc_dynamic
-
-            init = hc_dynamic(n, dim, layer_index)
-        except ImportError:
-            static_alpha = torch.zeros(n, n + 1)
-            static_alpha[layer_index % n, 0] = 1.0  # A_m = e_{k mod n}
-            static_alpha[:, 1:] = torch.eye(n)  # A_r = I
-            init = dict(static_alpha=static_alpha, static_beta=torch.ones(n),  # B = 1
-                        dynamic_alpha=torch.zeros(dim, n + 1), dynamic_beta=torch.zeros(dim),  # W_m | W_r, W_β
-                        alpha_scale=torch.full((), 0.01), beta_scale=torch.full((), 0.01), norm_weight=torch.ones(dim))
-        for name, value in init.items():
-            self.register_parameter(name, nn.Parameter(value))
-
-    def coeffs(self, x: Tensor):
-        fn = hc_coeffs_fn()
-        params = {name: getattr(self, name).float() for name in HC_PARAMS if hasattr(self, name)}
-        return fn(x, **params, norm="rms", norm_eps=self.norm_eps, use_tanh=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h_pre, h_post, h_res = self.coeffs(x)
-        f = self.branch(ops.stream_aggregate(x, h_pre))
-        return ops.stream_mix_expand(f.to(x.dtype), x, h_post, h_res)
-
-
 def make_connection(variant: str, dim: int, num_streams: int, branch: nn.Module, layer_index: int) -> nn.Module:
     if variant == "residual":
         return Residual(branch)
-    if variant == "mhc":
-        return HyperConnection(dim, num_streams, kind="mhc", branch=branch, layer_index=layer_index)
-    if variant == "hc":
-        try:  # the library's module, once it supports kind="hc"
-            return HyperConnection(dim, num_streams, kind="hc", branch=branch, layer_index=layer_index)
-        except (ValueError, TypeError):
-            return DemoDynamicHC(dim, num_streams, branch, layer_index)
+    if variant in ("hc", "mhc"):  # dynamic HC (tanh) / mHC, each initialised to equal Pre-Norm
+        return HyperConnection(dim, num_streams, kind=variant, branch=branch, layer_index=layer_index)
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-
-
-def hc_implementation(model: nn.Module) -> Optional[str]:
-    for m in model.modules():
-        if isinstance(m, DemoDynamicHC):
-            fn = hc_coeffs_fn()
-            coeffs = "hcext.reference.hc_coeffs" if fn is hcext.reference.hc_coeffs else "hcext.ops.hc_coeffs"
-            return f"hcext.demo.DemoDynamicHC ({coeffs} + hcext.ops.stream_aggregate/stream_mix_expand)"
-        if isinstance(m, HyperConnection):
-            return f"hcext.nn.HyperConnection(kind={m.kind!r})"
-    return None
 
 
 class TinyLM(nn.Module):
@@ -289,21 +213,15 @@ def param_groups(model: nn.Module, weight_decay: float):
 # the stability metric
 
 
-def connection_h_res(conn: nn.Module, x: Tensor) -> Tensor:
+def connection_h_res(conn: HyperConnection, x: Tensor) -> Tensor:
     """``H_res [..., n, n]`` of one hyper-connection at streams ``x``, from its parameters."""
-    if getattr(conn, "kind", None) == "mhc":
+    if conn.kind == "mhc":
         _, _, h_res = ops.mhc_coeffs(
             x, conn.phi.float(), conn.alpha.float(), conn.bias.float(), conn.sinkhorn_iters,
             conn.norm_eps, conn.sinkhorn_eps, conn.pre_eps, conn.post_mult,
         )
         return h_res
-    if hasattr(conn, "coeffs"):
-        return conn.coeffs(x)[2]
-    # hcext.nn.HyperConnection(kind="hc") without a coeffs method: its parameters by name.
-    fn = hc_coeffs_fn()
-    params = {name: getattr(conn, name).float() for name in HC_PARAMS if getattr(conn, name, None) is not None}
-    extra = {k: getattr(conn, k) for k in ("norm", "norm_eps", "use_tanh") if hasattr(conn, k)}
-    return fn(x, **params, **extra)[2]
+    return conn.coefficients(x)[2]  # HC: hcext.ops.hc_coeffs on the module's parameters
 
 
 @torch.no_grad()
@@ -552,8 +470,7 @@ def train_variant(variant: str, cfg, train: Tensor, val_batches, amax_batch, dev
         peak_memory_mib=mem.mib,
         peak_memory_kind=mem.kind,
         saved_activations_mib=act_bytes / 2**20,
-        connection=hc_implementation(model) if variant == "hc" else
-        ("hcext.nn.HyperConnection(kind='mhc')" if variant == "mhc" else "x + branch(x)"),
+        connection="x + branch(x)" if variant == "residual" else f"hcext.nn.HyperConnection(kind={variant!r})",
         amax_gain=None,
     )
     if variant != "residual":

@@ -61,6 +61,13 @@ def test_losses_finite_and_decreasing(run):
         assert r["final_val_loss"] == r["val_loss"][-1]
 
 
+def test_connections_are_the_library_modules(run):
+    _, metrics = run
+    connections = {name: r["connection"] for name, r in metrics["variants"].items()}
+    assert connections == {"residual": "x + branch(x)", "hc": "hcext.nn.HyperConnection(kind='hc')",
+                           "mhc": "hcext.nn.HyperConnection(kind='mhc')"}
+
+
 def test_variants_start_from_the_same_network(run):
     # HC and mHC are initialised to equal a Pre-Norm network: same loss before training.
     _, metrics = run
