@@ -2,7 +2,7 @@
 # a virtual environment with the pinned requirements (.ci/venv.sh, kept outside the clone
 # and reused while requirements-torch.txt is unchanged), then the build.
 #
-#   make demo    set up, build, run the main job
+#   make demo    set up, build, run the main job (python -m hcext.demo: residual vs HC vs mHC)
 #   make test    set up, build (CPU + CUDA kernels when a CUDA toolkit is present), build the
 #                CMake target and its C++ test, run ctest and pytest
 #   make bench   set up, build, run the benchmarks
@@ -40,7 +40,7 @@ test: build cmake
 
 demo: build
 	py=$(VENV_PY)
-	"$$py" -m benchmarks.bench_sinkhorn
+	"$$py" -m hcext.demo
 
 bench: build
 	py=$(VENV_PY)
