@@ -148,11 +148,12 @@ def distributed_worker(rank, world_size, port, kind, tokens, out_dir):
             fully_shard(model)
             loss = lm_loss(model(local), local)
             loss.backward()
-            grads = {}
+            grads, sharded = {}, []
             for name, p in model.named_parameters():
                 g = p.grad
-                grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
-            result["fsdp"] = grads
+                sharded.append(hasattr(g, "full_tensor"))  # a DTensor shard, gathered here
+                grads[name] = (g.full_tensor() if sharded[-1] else g).detach().clone()
+            result["fsdp"], result["fsdp_sharded"] = grads, all(sharded)
         except Exception as e:  # recorded, so the test can say precisely why FSDP2 did not run
             result["fsdp_error"] = f"{type(e).__name__}: {e}"
         if rank == 0:
