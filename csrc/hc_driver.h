@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "no_autocast.h"
 #include "hc_args.h"
 
 namespace hcext {
@@ -96,6 +97,7 @@ HcTensor5 hc_coeffs_fwd_impl(const at::Tensor& x, const at::Tensor& static_alpha
                              const OptTensor& dynamic_alpha, const OptTensor& dynamic_beta,
                              const OptTensor& alpha_scale, const OptTensor& beta_scale, const OptTensor& norm_weight,
                              const OptTensor& norm_bias, std::string_view norm, double norm_eps, bool use_tanh) {
+  const NoAutocast no_autocast;
   const char* op = "hcext::hc_coeffs";
   const HcOptionalParams o{dynamic_alpha, dynamic_beta, alpha_scale, beta_scale, norm_weight, norm_bias};
   HcDims d = check_hc_args(x, static_alpha, static_beta, o, norm, op);
@@ -144,6 +146,7 @@ HcTensor9 hc_coeffs_backward_impl(const at::Tensor& x, const at::Tensor& static_
                                   const at::Tensor& stats, const OptTensor& grad_h_pre, const OptTensor& grad_h_post,
                                   const OptTensor& grad_h_res, std::string_view norm, bool use_tanh,
                                   std::array<bool, 9> mask) {
+  const NoAutocast no_autocast;
   const char* op = "hcext::hc_coeffs_backward";
   const HcOptionalParams o{dynamic_alpha, dynamic_beta, alpha_scale, beta_scale, norm_weight, norm_bias};
   HcDims d = check_hc_args(x, static_alpha, static_beta, o, norm, op);

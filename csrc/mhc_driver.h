@@ -26,6 +26,7 @@
 #include <tuple>
 #include <vector>
 
+#include "no_autocast.h"
 #include "mhc_args.h"
 
 namespace hcext {
@@ -73,6 +74,7 @@ template <class Backend>
 Tensor5 mhc_coeffs_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
                             const at::Tensor& bias, int64_t iters, double norm_eps, double sinkhorn_eps,
                             double pre_eps, double post_mult) {
+  const NoAutocast no_autocast;
   const char* op = "hcext::mhc_coeffs";
   const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
   check_mhc_norm_eps(norm_eps, op);
@@ -119,6 +121,7 @@ Tensor4 mhc_backward_impl(const at::Tensor& x, const at::Tensor& phi, const at::
                           const std::optional<at::Tensor>& grad_h_pre, const std::optional<at::Tensor>& grad_h_post,
                           const std::optional<at::Tensor>& grad_h_res, int64_t iters, double sinkhorn_eps,
                           double pre_eps, double post_mult) {
+  const NoAutocast no_autocast;
   const char* op = "hcext::mhc_backward";
   const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
   check_mhc_scalars(pre_eps, post_mult, op);

@@ -131,8 +131,9 @@ class HyperConnection(nn.Module):
                 f"HyperConnection: expected streams of shape [..., {self.num_streams}, {self.dim}], got {tuple(x.shape)}"
             )
         if self.kind == "mhc":
+            p = self._coefficient_params(x)
             branch_input, h_post, h_res = ops.mhc_pre(
-                x, self.phi.float(), self.alpha.float(), self.bias.float(), self.sinkhorn_iters,
+                x, p["phi"], p["alpha"], p["bias"], self.sinkhorn_iters,
                 self.norm_eps, self.sinkhorn_eps, self.pre_eps, self.post_mult,
             )
         else:
@@ -144,17 +145,24 @@ class HyperConnection(nn.Module):
 
         return branch_input, add_branch_output
 
+    def _coefficient_params(self, x: Tensor) -> dict:
+        """The coefficient parameters in the ops' compute dtype: fp32, or fp64 for fp64
+        streams (whatever dtype the module was cast to; the cast is differentiable)."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return {name: p.to(dtype) for name, p in self.named_parameters(recurse=False)}
+
     def coefficients(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """``(h_pre, h_post, h_res)`` for streams x (fp32), e.g. to inspect the mixing matrices."""
+        p = self._coefficient_params(x)
         if self.kind == "mhc":
             return ops.mhc_coeffs(
-                x, self.phi.float(), self.alpha.float(), self.bias.float(), self.sinkhorn_iters,
+                x, p["phi"], p["alpha"], p["bias"], self.sinkhorn_iters,
                 self.norm_eps, self.sinkhorn_eps, self.pre_eps, self.post_mult,
             )
-        f32 = lambda name: None if getattr(self, name, None) is None else getattr(self, name).float()  # noqa: E731
         return ops.hc_coeffs(
-            x, f32("static_alpha"), f32("static_beta"), f32("dynamic_alpha"), f32("dynamic_beta"),
-            f32("alpha_scale"), f32("beta_scale"), f32("norm_weight"), None, self.norm, self.norm_eps, self.use_tanh,
+            x, p["static_alpha"], p["static_beta"], p.get("dynamic_alpha"), p.get("dynamic_beta"),
+            p.get("alpha_scale"), p.get("beta_scale"), p.get("norm_weight"), None, self.norm, self.norm_eps,
+            self.use_tanh,
         )
 
     def forward(self, x: Tensor, *args, **kwargs):

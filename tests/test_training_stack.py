@@ -161,7 +161,7 @@ def test_bf16_autocast_trains_and_matches_fp32(device, kind):
     # Streams stay fp32 (the embedding's dtype); the branches' matmuls run in bf16. Four
     # sub-layers of bf16 rounding: a few bf16 ulps of the logits' scale.
     scale = want.abs().max().item()
-    torch.testing.assert_close(got.float(), want, atol=3e-2 * scale, rtol=0)
+    torch.testing.assert_close(got.float(), want, atol=2e-2 * scale, rtol=0)
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
@@ -282,7 +282,7 @@ def test_model_to_bfloat16_forward_matches_fp32(kind):
     assert got.dtype == torch.bfloat16
     # The streams themselves are bf16 now (only the coefficients are computed in fp32).
     scale = want.abs().max().item()
-    torch.testing.assert_close(got.float(), want, atol=5e-2 * scale, rtol=0)
+    torch.testing.assert_close(got.float(), want, atol=2e-2 * scale, rtol=0)
 
 
 @requires_cuda
@@ -343,7 +343,7 @@ def test_training_200_steps_loss_decreases_and_mhc_stays_doubly_stochastic(kind)
     assert all(map(math.isfinite, losses)), "NaN/inf loss"
     assert all(torch.isfinite(p).all() for p in model.parameters())
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    assert last < 0.25 * first, (first, last)
+    assert last < 0.1 * first, (first, last)
 
     if kind == "mhc":
         # Every layer's H_res on the streams it actually sees: rows sum to 1 (Sinkhorn ends
