@@ -193,7 +193,8 @@ class StreamHead(nn.Module):
         self.base = nn.Parameter(torch.full((n,), math.log(p / (1 - p)) if n > 1 else 20.0))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float().flatten(-2)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # the ops' compute dtype
+        xf = x.to(dtype).flatten(-2)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        w = torch.sigmoid(self.scale.float() * (xf @ self.fn.float()) * rstd + self.base.float()) + self.eps
+        w = torch.sigmoid(self.scale.to(dtype) * (xf @ self.fn.to(dtype)) * rstd + self.base.to(dtype)) + self.eps
         return ops.stream_aggregate(x, w)
