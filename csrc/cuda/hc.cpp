@@ -10,19 +10,11 @@
 #include <torch/library.h>
 
 #include "hc_driver.h"
+#include "cuda/x_type.h"
 #include "launchers.h"
 
 namespace hcext {
 namespace {
-
-cuda::MhcXType hc_x_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::MhcXType::kFloat;
-    case at::kDouble: return cuda::MhcXType::kDouble;
-    case at::kBFloat16: return cuda::MhcXType::kBFloat16;
-    default: return cuda::MhcXType::kHalf;
-  }
-}
 
 // The CUDA passes of hc_driver.h. x is contiguous.
 struct CudaHcBackend {
@@ -34,7 +26,7 @@ struct CudaHcBackend {
   template <typename T>
   void forward(const at::Tensor& x, const T* wt_t, const HcDims& d, const HcParams<T>& p, T eps, T* proj, T* stats,
                T* h_pre, T* h_post, T* h_res) {
-    C10_CUDA_CHECK(cuda::hc_forward<T>(x.data_ptr(), hc_x_type(x.scalar_type()), wt_t, d.shape, p, d.tokens, d.C, eps,
+    C10_CUDA_CHECK(cuda::hc_forward<T>(x.data_ptr(), cuda::x_type(x.scalar_type()), wt_t, d.shape, p, d.tokens, d.C, eps,
                                        proj, stats, h_pre, h_post, h_res, stream));
   }
   template <typename T>
@@ -48,14 +40,14 @@ struct CudaHcBackend {
     const int64_t chunks = cuda::hc_grad_chunks(d.tokens, d.C, d.shape.K);
     // Per-chunk partials (freed to the caching allocator); none needed for one chunk.
     at::Tensor workspace = at::empty({chunks > 1 ? chunks * d.C * d.shape.K : 0}, G.options());
-    C10_CUDA_CHECK(cuda::hc_centered_grad<T>(x.data_ptr(), hc_x_type(x.scalar_type()), e, stats, d.n, d.shape.K,
+    C10_CUDA_CHECK(cuda::hc_centered_grad<T>(x.data_ptr(), cuda::x_type(x.scalar_type()), e, stats, d.n, d.shape.K,
                                              d.tokens, d.C, chunks > 1 ? workspace.data_ptr<T>() : nullptr,
                                              G.data_ptr<T>(), stream));
   }
   template <typename T>
   void grad_x(const at::Tensor& x, const T* wc_t, const T* e, const T* xcoef, const T* stats, at::Tensor& dx,
               const HcDims& d) {
-    C10_CUDA_CHECK(cuda::hc_grad_x<T>(x.data_ptr(), hc_x_type(x.scalar_type()), wc_t, e, xcoef, stats, dx.data_ptr(),
+    C10_CUDA_CHECK(cuda::hc_grad_x<T>(x.data_ptr(), cuda::x_type(x.scalar_type()), wc_t, e, xcoef, stats, dx.data_ptr(),
                                       d.n, d.shape.K, d.tokens, d.C, stream));
   }
 };

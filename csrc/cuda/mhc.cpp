@@ -9,20 +9,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/x_type.h"
 #include "launchers.h"
 #include "mhc_driver.h"
 
 namespace hcext {
 namespace {
-
-cuda::MhcXType x_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::MhcXType::kFloat;
-    case at::kDouble: return cuda::MhcXType::kDouble;
-    case at::kBFloat16: return cuda::MhcXType::kBFloat16;
-    default: return cuda::MhcXType::kHalf;
-  }
-}
 
 struct CudaMhcBackend {
   c10::cuda::CUDAGuard guard;
@@ -38,7 +30,7 @@ struct CudaMhcBackend {
                          : xc.reshape({d.tokens, d.n * d.C});
     dispatch_compute(d.compute, [&](auto zero) {
       using T = decltype(zero);
-      C10_CUDA_CHECK(cuda::mhc_rows<T>(xc.data_ptr(), x_type(xc.scalar_type()), copy ? xf.data_ptr<T>() : nullptr,
+      C10_CUDA_CHECK(cuda::mhc_rows<T>(xc.data_ptr(), cuda::x_type(xc.scalar_type()), copy ? xf.data_ptr<T>() : nullptr,
                                        rstd.data_ptr<T>(), d.tokens, d.n * d.C, static_cast<T>(norm_eps), stream));
     });
     return xf;
@@ -68,7 +60,7 @@ struct CudaMhcBackend {
   void grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy, const T* alpha,
               const T* bias, double pre_eps, at::Tensor& dx, const MhcDims& d) {
     C10_CUDA_CHECK(cuda::mhc_grad_x<T>(xf, dxp, proj, rstd, drstd, gy, alpha, bias, T(pre_eps), dx.data_ptr(),
-                                       x_type(dx.scalar_type()), d.tokens, d.n, d.C, d.D, stream));
+                                       cuda::x_type(dx.scalar_type()), d.tokens, d.n, d.C, d.D, stream));
   }
 };
 
