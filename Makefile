@@ -5,7 +5,7 @@
 #   make demo    set up, build, run the main job (python -m hcext.demo: residual vs HC vs mHC)
 #   make test    set up, build (CPU + CUDA kernels when a CUDA toolkit is present), build the
 #                CMake target and its C++ test, run ctest and pytest
-#   make bench   set up, build, run the benchmarks
+#   make bench   set up, build, run the benchmarks (results in benchmarks/RESULTS.md, benchmarks/results/)
 SHELL := /bin/bash
 .ONESHELL:
 .SHELLFLAGS := -eu -o pipefail -c
@@ -44,7 +44,7 @@ demo: build
 
 bench: build
 	py=$(VENV_PY)
-	"$$py" -m benchmarks.bench_sinkhorn
+	for b in bench_sinkhorn bench_mhc bench_hc; do "$$py" -m benchmarks.$$b; done
 
 clean:
 	rm -rf build build-cmake build-cmake.log hcext/_C*.so *.egg-info
