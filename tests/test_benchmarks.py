@@ -14,7 +14,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # `pytest` (not `python -m pytest`) does not put the root on sys.path
     sys.path.insert(0, REPO_ROOT)
 
-from benchmarks import bench_hc, bench_mhc  # noqa: E402
+from benchmarks import bench_block, bench_hc, bench_mhc  # noqa: E402
 
 TIMING_KEYS = {"min_ms", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "repeats", "inner"}
 BANDWIDTH_KEYS = {"gbps", "copy_gbps", "fraction_of_copy", "gbps_min", "copy_gbps_min", "fraction_of_copy_min"}
@@ -102,3 +102,14 @@ def test_bench_hc_quick(tmp_path):
         # The package module is set up as the same sub-layer: in fp32 it differs from hcext only
         # by its norm's epsilon and the order of operations.
         assert rows[0]["package_max_abs_diff_fp32"] < 1e-3
+
+
+def test_bench_block_quick(tmp_path):
+    data = _run(bench_block.main, tmp_path, "block")
+    assert set(data) == {"metadata", "config", "results"}
+    assert data["metadata"]["device"] == "cpu" and data["config"] == {"benchmark": "block", "quick": True}
+    (row,) = data["results"]
+    variants = {"residual", "hcext_mhc", "ref_mhc"}
+    assert set(row["median_ms"]) == variants and set(row["overhead_vs_residual"]) == {"hcext_mhc", "ref_mhc"}
+    assert all(len(v) == 2 and min(v) > 0 for v in row["timings_ms"].values())
+    assert row["speedup_hcext_vs_ref"] > 0
