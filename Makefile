@@ -44,7 +44,7 @@ demo: build
 
 bench: build
 	py=$(VENV_PY)
-	for b in bench_sinkhorn bench_mhc bench_hc; do "$$py" -m benchmarks.$$b; done
+	for b in bench_sinkhorn bench_mhc bench_hc bench_block; do "$$py" -m benchmarks.$$b; done
 
 clean:
 	rm -rf build build-cmake build-cmake.log hcext/_C*.so *.egg-info
