@@ -11,6 +11,7 @@ a fixed pre-allocated grad, accumulating into a pre-allocated .grad).
 Usage, from the repository root:
   python -m benchmarks.bench_sinkhorn [--device cpu|cuda] [--quick] [--repeats N]
                                       [--threads N] [--no-compile] [--out PATH]
+                                      [--tokens T ...] [--n N ...] [--max-time S]
 (``python benchmarks/bench_sinkhorn.py`` works too.) Prints a markdown table and writes
 JSON to benchmarks/results/sinkhorn-<device>.json (--quick: only with --out).
 """
@@ -59,7 +60,7 @@ def _make_variants(x, grad, mode, with_compile):
     return {name: fwd_bwd(f) for name, f in fns.items()}
 
 
-def run(device, tokens, ns, modes, repeats, warmup, with_compile, log=print):
+def run(device, tokens, ns, modes, repeats, warmup, with_compile, max_time_s=None, log=print):
     """Times every (T, n, mode); returns a list of result dicts."""
     results = []
     for T in tokens:
@@ -70,7 +71,12 @@ def run(device, tokens, ns, modes, repeats, warmup, with_compile, log=print):
             for mode in modes:
                 variants = _make_variants(x, grad, mode, with_compile)
                 timings = harness.time_interleaved(
-                    variants, device, repeats=repeats, warmup=warmup, min_sample_ms=0.5 if device.type == "cuda" else 0.0
+                    variants,
+                    device,
+                    repeats=repeats,
+                    warmup=warmup,
+                    min_sample_ms=0.5 if device.type == "cuda" else 0.0,  # CUDA: calls of a few us
+                    max_time_s=max_time_s,
                 )
                 row = {"tokens": T, "n": n, "mode": mode, "iters": ITERS, "dtype": "float32"}
                 row["timings"] = {name: t.summary() for name, t in timings.items()}
@@ -105,13 +111,17 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: os.cpu_count())")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sinkhorn-<device>.json)")
+    p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS), help=f"token counts (default {TOKENS})")
+    p.add_argument("--n", type=int, nargs="+", default=list(NS), help=f"matrix sizes n (default {NS})")
+    p.add_argument("--max-time", type=float, default=120.0,
+                   help="seconds of timed rounds per case before stopping early (at least 3 rounds; default 120)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
     threads = harness.set_threads(args.threads)
-    tokens, ns, modes, repeats, warmup = TOKENS, NS, MODES, args.repeats, args.warmup
+    tokens, ns, modes, repeats, warmup = tuple(args.tokens), tuple(args.n), MODES, args.repeats, args.warmup
     with_compile = not args.no_compile
     if args.quick:
         tokens, ns, repeats, warmup, with_compile = (64,), (4,), 2, 1, False
@@ -119,7 +129,7 @@ def main(argv=None):
     meta = harness.metadata(device, threads)
     print(f"# sinkhorn benchmark: {meta['device_name']}, {threads} threads, torch {meta['torch_version']}, "
           f"iters={ITERS}, fp32, {repeats} interleaved repeats; times: median (min) ms")
-    results = run(device, tokens, ns, modes, repeats, warmup, with_compile)
+    results = run(device, tokens, ns, modes, repeats, warmup, with_compile, args.max_time)
     print()
     print(table(results, with_compile))
 
@@ -128,9 +138,10 @@ def main(argv=None):
         out = os.path.join(harness.RESULTS_DIR, f"sinkhorn-{device.type}.json")
     if out:
         config = {"benchmark": "sinkhorn", "iters": ITERS, "eps": EPS, "repeats": repeats, "warmup": warmup,
-                  "variants": [v for v in VARIANTS if with_compile or v != "compiled"], "quick": args.quick}
+                  "max_time_s": args.max_time, "variants": [v for v in VARIANTS if with_compile or v != "compiled"],
+                  "quick": args.quick}
         clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
-        harness.write_json(out, meta, clean, config=config)
+        harness.write_json(out, meta, clean, config=config, loadavg_end=harness.loadavg())
         print(f"\nwrote {out}")
     return results
 

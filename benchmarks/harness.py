@@ -119,13 +119,17 @@ def time_interleaved(
     warmup: int = 2,
     min_sample_ms: float = 0.0,
     max_inner: int = 1000,
+    max_time_s: Optional[float] = None,
+    min_repeats: int = 3,
 ) -> Dict[str, Timing]:
     """Times every variant ``repeats`` times, interleaved (one sample of each per round,
     the order rotated each round) after ``warmup`` untimed calls of each.
 
     min_sample_ms > 0 makes each sample at least that long by timing ``inner`` calls
     (inner chosen per variant from the last warm-up call, at most max_inner): useful for
-    calls of a few microseconds. Returns {name: Timing}.
+    calls of a few microseconds. max_time_s stops after the round that exceeds it (timed
+    rounds only; at least min_repeats rounds), so that slow baselines cannot take hours.
+    Returns {name: Timing}.
     """
     device = torch.device(device)
     names = list(variants)
@@ -139,10 +143,13 @@ def time_interleaved(
         if min_sample_ms > 0 and last < min_sample_ms:
             inner[name] = int(min(max_inner, math.ceil(min_sample_ms / max(last, 1e-6))))
     timings = {name: Timing(inner=inner[name]) for name in names}
+    start = time.perf_counter()
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             timings[name].samples_ms.append(time_calls(variants[name], device, inner[name]))
+        if max_time_s is not None and r + 1 >= min_repeats and time.perf_counter() - start > max_time_s:
+            break
     return timings
 
 
@@ -185,6 +192,13 @@ def _cpu_simd() -> List[str]:
     return [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl") if f in flags]
 
 
+def loadavg() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def git_commit() -> Optional[str]:
     """HEAD of the repository, with "-dirty" when tracked files differ from it."""
     try:
@@ -217,10 +231,13 @@ def metadata(device, threads: Optional[int] = None) -> Dict[str, object]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "threads": threads if threads is not None else torch.get_num_threads(),
+        # 1/5/15-minute load averages when the run started: other jobs on the machine.
+        "loadavg": loadavg(),
+        # Settings that change CPU timings (None: unset).
+        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "HCEXT_CPU_ISA")},
     }
     if device.type == "cpu":
         meta["cpu_simd"] = _cpu_simd()
-        meta["hcext_cpu_isa_env"] = os.environ.get("HCEXT_CPU_ISA")  # None: the best the CPU has
     else:
         props = torch.cuda.get_device_properties(device)
         meta["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
