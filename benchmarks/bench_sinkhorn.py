@@ -141,7 +141,8 @@ def main(argv=None):
                   "max_time_s": args.max_time, "variants": [v for v in VARIANTS if with_compile or v != "compiled"],
                   "quick": args.quick}
         clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
-        harness.write_json(out, meta, clean, config=config, loadavg_end=harness.loadavg())
+        meta["loadavg_end"] = harness.loadavg()  # the machine may be shared: how busy it was
+        harness.write_json(out, meta, clean, config=config)
         print(f"\nwrote {out}")
     return results
 

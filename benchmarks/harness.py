@@ -232,7 +232,7 @@ def metadata(device, threads: Optional[int] = None) -> Dict[str, object]:
         "cpu_count": os.cpu_count(),
         "threads": threads if threads is not None else torch.get_num_threads(),
         # 1/5/15-minute load averages when the run started: other jobs on the machine.
-        "loadavg": loadavg(),
+        "loadavg_start": loadavg(),
         # Settings that change CPU timings (None: unset).
         "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "HCEXT_CPU_ISA")},
     }
