@@ -95,6 +95,13 @@ def _extension():
     if not DEBUG:
         macros.append(("NDEBUG", None))
     cxx = opt + ["-Wall", "-Wno-unknown-pragmas", "-fvisibility=hidden"]
+    # at::parallel_for is an inline template that only spreads work over threads when the
+    # including translation unit is compiled with OpenMP (torch's own CPU build uses OpenMP
+    # and ships libgomp, which the extension then shares at run time).
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     nvcc = (["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3"]) + ["--expt-relaxed-constexpr", "-Xcompiler", "-fvisibility=hidden"]
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     kwargs = dict(
@@ -103,6 +110,7 @@ def _extension():
         include_dirs=include_dirs,
         define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if WITH_CUDA else {"cxx": cxx},
+        extra_link_args=link,
     )
     return CUDAExtension(**kwargs) if WITH_CUDA else CppExtension(**kwargs)
 

@@ -21,11 +21,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <type_traits>
 
+#include "cpu/isa.h"
 #include "hcext/lanes.h"
 #include "hcext/sinkhorn.h"
 #include "sinkhorn_args.h"
@@ -33,9 +32,7 @@
 namespace hcext {
 namespace {
 
-// g++ fuses a * b + c into one FMA instruction wherever the target has FMA (even with
-// -std=c++20): the AVX2/AVX-512 kernels would then round differently from the baseline
-// ones. Not in the kernels below: every ISA computes bit-identical results.
+// Every ISA computes bit-identical results (cpu/isa.h).
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 
@@ -146,50 +143,14 @@ HCEXT_HD void backward_range(const T* grad, const T* logits, T* grad_logits, int
 
 // Baseline: SSE2 on x86-64, NEON on arm64: 16-byte registers.
 HCEXT_DEFINE_CPU_KERNELS(BaselineKernels, 16)
-#if defined(__x86_64__) && defined(__GNUC__)
-#define HCEXT_CPU_DISPATCH 1
-HCEXT_DEFINE_CPU_KERNELS(Avx2Kernels, 32, __attribute__((target("avx2,fma,bmi,bmi2,popcnt"))))
-HCEXT_DEFINE_CPU_KERNELS(Avx512Kernels, 64,
-                         __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2,popcnt"))))
-#endif
+HCEXT_DEFINE_CPU_KERNELS(Avx2Kernels, 32, HCEXT_TARGET_AVX2)
+HCEXT_DEFINE_CPU_KERNELS(Avx512Kernels, 64, HCEXT_TARGET_AVX512)
 #undef HCEXT_DEFINE_CPU_KERNELS
 #pragma GCC pop_options
 
-enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-
-CpuIsa best_supported_isa() {
-#ifdef HCEXT_CPU_DISPATCH
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq")) {
-    return CpuIsa::kAvx512;
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::kAvx2;
-#endif
-  return CpuIsa::kBaseline;
-}
-
-// The best supported ISA, lowered by HCEXT_CPU_ISA (read on every call, so that tests can
-// switch it; an unknown value or one above what the CPU supports is ignored).
-CpuIsa cpu_isa() {
-  static const CpuIsa best = best_supported_isa();
-  CpuIsa want = best;
-  if (const char* env = std::getenv("HCEXT_CPU_ISA")) {
-    if (!std::strcmp(env, "baseline")) want = CpuIsa::kBaseline;
-    if (!std::strcmp(env, "avx2")) want = CpuIsa::kAvx2;
-  }
-  return std::min(want, best);
-}
-
 template <typename Fn>
 void dispatch_isa(Fn&& fn) {
-  switch (cpu_isa()) {
-#ifdef HCEXT_CPU_DISPATCH
-    case CpuIsa::kAvx512: return fn(Avx512Kernels{});
-    case CpuIsa::kAvx2: return fn(Avx2Kernels{});
-#endif
-    default: return fn(BaselineKernels{});
-  }
+  cpu::dispatch_isa<BaselineKernels, Avx2Kernels, Avx512Kernels>(fn);
 }
 
 // Picks the compiled variant for n: unrolled fast paths for the common sizes.

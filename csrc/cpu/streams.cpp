@@ -1,8 +1,14 @@
 // CPU kernels of hcext::stream_aggregate, hcext::stream_mix_expand and their backward ops.
 // at::parallel_for splits the tokens. Within a token, the channels are processed kW at a
-// time as hcext::Lanes<S, kW> (fp16/bf16 converted to fp32 on load), running the shared
-// math of hcext/streams.h. The lane loops have a constant trip count, so g++ -O3 turns
-// them into SIMD instructions. Stack arrays only: no allocation per token.
+// time as hcext::Lanes<S, kW> (a GCC vector: fp16/bf16 widened to fp32 on load), running
+// the shared math of hcext/streams.h. Stack arrays only: no allocation per token.
+//
+// Instruction set (cpu/isa.h): the kernels are compiled for baseline x86-64, AVX2 and
+// AVX-512 and the best is picked at run time. g++ contracts a * b + c into FMAs where the
+// ISA has them (AVX2, AVX-512; as nvcc does on the GPU): the variants can differ in the
+// last bit of the fp32 accumulation. These kernels are memory-bound once vectorised: fp32 and bf16
+// rows move as whole vectors (bf16 <-> fp32 with integer vector shifts and
+// round-to-nearest-even, as c10::BFloat16 does); fp16 converts per lane.
 //
 // A coefficient gradient is first computed per token: into the output itself for a
 // per-token coefficient, into a [tokens, K] scratch for a shared one. The shared case
@@ -18,10 +24,13 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "cpu/isa.h"
+#include "cpu/vec_io.h"
 #include "hcext/lanes.h"
 #include "hcext/streams.h"
 #include "streams_args.h"
@@ -29,8 +38,8 @@
 namespace hcext {
 namespace {
 
-// Channels per block: 8 floats = one AVX register, or two SSE registers.
-constexpr int kW = 8;
+// Channels per block: 16 floats = one AVX-512 register (two AVX2, four SSE ones).
+constexpr int kW = cpu::kVecIoWidth;
 
 template <typename S>
 using Block = Lanes<S, kW>;
@@ -39,26 +48,8 @@ using Block = Lanes<S, kW>;
 template <typename T>
 using ComputeOf = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// Loads channels [0, valid) of a block (zeros beyond, so they add nothing to sums).
-template <typename S, typename T>
-inline Block<S> load_block(const T* p, int valid) {
-  Block<S> r;
-  if (valid == kW) {
-    for (int l = 0; l < kW; ++l) r.v[l] = static_cast<S>(p[l]);
-  } else {
-    for (int l = 0; l < kW; ++l) r.v[l] = l < valid ? static_cast<S>(p[l]) : S(0);
-  }
-  return r;
-}
-
-template <typename T, typename S>
-inline void store_block(T* p, const Block<S>& b, int valid) {
-  if (valid == kW) {
-    for (int l = 0; l < kW; ++l) p[l] = static_cast<T>(b.v[l]);
-  } else {
-    for (int l = 0; l < valid; ++l) p[l] = static_cast<T>(b.v[l]);
-  }
-}
+using cpu::load_block;
+using cpu::store_block;
 
 // Sum of the lanes, in lane order.
 template <typename S>
@@ -94,140 +85,178 @@ void sum_over_tokens(const S* partials, S* out, int64_t tokens, int64_t K) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Kernels. kN > 0: compile-time n; kN == 0: run-time n <= kMaxN.
+// Kernels over the tokens [t0, t1). kN > 0: compile-time n; kN == 0: run-time n <= kMaxN.
+
+
+// Runs body(c, valid) over the channel blocks: full blocks first, with valid a
+// compile-time kW (so loads and stores are whole vectors, without tests), then the tail.
+template <typename Body>
+[[gnu::always_inline]] inline void for_channel_blocks(int64_t C, Body&& body) {
+  int64_t c = 0;
+  for (; c + kW <= C; c += kW) body(c, std::integral_constant<int, kW>{});
+  if (c < C) body(c, static_cast<int>(C - c));
+}
+
+// A token's coefficients, copied to the stack: the compiler keeps them in registers
+// (through the output pointers they could otherwise alias, and be reloaded every block).
+template <int kN, int kCount, typename S>
+struct LocalCoefs {
+  S v[kCount];
+  [[gnu::always_inline]] LocalCoefs(const S* src, int count) {
+    const int m = kN > 0 ? kCount : count;
+    for (int k = 0; k < m; ++k) v[k] = src[k];
+  }
+};
 
 template <int kN, int kMaxN, typename T, typename S>
-void aggregate_forward(const T* x, const S* h, int64_t h_stride, T* y, int64_t tokens, int n_rt, int64_t C) {
+[[gnu::always_inline]] inline void aggregate_forward_range(const T* x, const S* h, int64_t h_stride, T* y, int64_t t0,
+                                                           int64_t t1, int n_rt, int64_t C) {
   const int n = kN > 0 ? kN : n_rt;
-  at::parallel_for(0, tokens, token_grain(n, C), [&](int64_t begin, int64_t end) {
-    Block<S> X[kMaxN];
-    for (int64_t t = begin; t < end; ++t) {
-      const T* xt = x + t * n * C;
-      const S* ht = h + t * h_stride;
-      for (int64_t c = 0; c < C; c += kW) {
-        const int valid = static_cast<int>(std::min<int64_t>(kW, C - c));
-        for (int i = 0; i < n; ++i) X[i] = load_block<S>(xt + i * C + c, valid);
-        const Block<S> yv = stream_aggregate_value<kN, Block<S>>(ht, n, [&](int i) { return X[i]; });
-        store_block(y + t * C + c, yv, valid);
-      }
-    }
-  });
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* xt = x + t * n * C;
+    const LocalCoefs<kN, kMaxN, S> ht(h + t * h_stride, n);
+    for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
+      const Block<S> yv = stream_aggregate_value<kN, Block<S>>(
+          ht.v, n, [&](int i) __attribute__((always_inline)) { return load_block<S>(xt + i * C + c, valid); });
+      store_block(y + t * C + c, yv, valid);
+    });
+  }
 }
 
 // grad_x (nullable) and the per-token grad_h_pre rows gh (nullable, [tokens, n]).
 template <int kN, int kMaxN, typename T, typename S>
-void aggregate_backward(const T* gy, const T* x, const S* h, int64_t h_stride, T* grad_x, S* gh, int64_t tokens,
-                        int n_rt, int64_t C) {
+[[gnu::always_inline]] inline void aggregate_backward_range(const T* gy, const T* x, const S* h, int64_t h_stride,
+                                                            T* grad_x, S* gh, int64_t t0, int64_t t1, int n_rt,
+                                                            int64_t C) {
   const int n = kN > 0 ? kN : n_rt;
-  at::parallel_for(0, tokens, token_grain(n, C), [&](int64_t begin, int64_t end) {
-    Block<S> acc[kMaxN];
-    for (int64_t t = begin; t < end; ++t) {
-      const T* xt = x + t * n * C;
-      const S* ht = h + t * h_stride;
-      for (int i = 0; i < n; ++i) acc[i] = Block<S>(S(0));
-      for (int64_t c = 0; c < C; c += kW) {
-        const int valid = static_cast<int>(std::min<int64_t>(kW, C - c));
-        const Block<S> g = load_block<S>(gy + t * C + c, valid);
-        if (grad_x) {
-          for (int i = 0; i < n; ++i) {
-            store_block(grad_x + (t * n + i) * C + c, stream_aggregate_grad_x_value(ht[i], g), valid);
-          }
-        }
-        if (gh) {
-          for (int i = 0; i < n; ++i) acc[i] = acc[i] + stream_coef_grad_term(g, load_block<S>(xt + i * C + c, valid));
+  Block<S> acc[kMaxN];
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* xt = x + t * n * C;
+    const LocalCoefs<kN, kMaxN, S> ht(h + t * h_stride, n);
+    for (int i = 0; i < n; ++i) acc[i] = Block<S>(S(0));
+    for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
+      const Block<S> g = load_block<S>(gy + t * C + c, valid);
+      if (grad_x) {
+        for (int i = 0; i < n; ++i) {
+          store_block(grad_x + (t * n + i) * C + c, stream_aggregate_grad_x_value(ht.v[i], g), valid);
         }
       }
       if (gh) {
-        for (int i = 0; i < n; ++i) gh[t * n + i] = lane_sum(acc[i]);
+        for (int i = 0; i < n; ++i) acc[i] = acc[i] + stream_coef_grad_term(g, load_block<S>(xt + i * C + c, valid));
       }
+    });
+    if (gh) {
+      for (int i = 0; i < n; ++i) gh[t * n + i] = lane_sum(acc[i]);
     }
-  });
+  }
 }
 
 template <int kN, int kMaxN, typename T, typename S>
-void mix_forward(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr, int64_t hr_stride, T* out,
-                 int64_t tokens, int n_rt, int64_t C) {
+[[gnu::always_inline]] inline void mix_forward_range(const T* f, const T* x, const S* hp, int64_t hp_stride,
+                                                     const S* hr, int64_t hr_stride, T* out, int64_t t0, int64_t t1,
+                                                     int n_rt, int64_t C) {
   const int n = kN > 0 ? kN : n_rt;
-  at::parallel_for(0, tokens, token_grain(n, C), [&](int64_t begin, int64_t end) {
-    Block<S> X[kMaxN];
-    for (int64_t t = begin; t < end; ++t) {
-      const T* xt = x + t * n * C;
-      const S* hpt = hp + t * hp_stride;
-      const S* hrt = hr + t * hr_stride;
-      T* ot = out + t * n * C;
-      for (int64_t c = 0; c < C; c += kW) {
-        const int valid = static_cast<int>(std::min<int64_t>(kW, C - c));
-        for (int j = 0; j < n; ++j) X[j] = load_block<S>(xt + j * C + c, valid);
-        const Block<S> F = load_block<S>(f + t * C + c, valid);
-        for (int i = 0; i < n; ++i) {
-          const Block<S> o = stream_mix_value<kN, Block<S>>(hrt + i * n, hpt[i], F, n, [&](int j) { return X[j]; });
-          store_block(ot + i * C + c, o, valid);
-        }
+  Block<S> X[kMaxN];
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* xt = x + t * n * C;
+    const LocalCoefs<kN, kMaxN, S> hpt(hp + t * hp_stride, n);
+    const LocalCoefs<kN, kMaxN * kMaxN, S> hrt(hr + t * hr_stride, n * n);
+    T* ot = out + t * n * C;
+    for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
+      for (int j = 0; j < n; ++j) X[j] = load_block<S>(xt + j * C + c, valid);
+      const Block<S> F = load_block<S>(f + t * C + c, valid);
+      for (int i = 0; i < n; ++i) {
+        const Block<S> o = stream_mix_value<kN, Block<S>>(hrt.v + i * n, hpt.v[i], F, n,
+                                                          [&](int j) __attribute__((always_inline)) { return X[j]; });
+        store_block(ot + i * C + c, o, valid);
       }
-    }
-  });
+    });
+  }
 }
 
 // Every output pointer is nullable (not requested). gh_post: [tokens, n] rows, gh_res:
 // [tokens, n, n] rows of per-token coefficient gradients.
 template <int kN, int kMaxN, typename T, typename S>
-void mix_backward(const T* g, const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr,
-                  int64_t hr_stride, T* grad_f, T* grad_x, S* gh_post, S* gh_res, int64_t tokens, int n_rt,
-                  int64_t C) {
+[[gnu::always_inline]] inline void mix_backward_range(const T* g, const T* f, const T* x, const S* hp,
+                                                      int64_t hp_stride, const S* hr, int64_t hr_stride, T* grad_f,
+                                                      T* grad_x, S* gh_post, S* gh_res, int64_t t0, int64_t t1,
+                                                      int n_rt, int64_t C) {
   const int n = kN > 0 ? kN : n_rt;
-  at::parallel_for(0, tokens, token_grain(n, C), [&](int64_t begin, int64_t end) {
-    Block<S> G[kMaxN];
-    Block<S> X[kMaxN];
-    Block<S> acc_post[kMaxN];
-    Block<S> acc_res[kMaxN * kMaxN];
-    for (int64_t t = begin; t < end; ++t) {
-      const T* gt = g + t * n * C;
-      const T* xt = x + t * n * C;
-      const S* hpt = hp + t * hp_stride;
-      const S* hrt = hr + t * hr_stride;
-      for (int i = 0; i < n; ++i) acc_post[i] = Block<S>(S(0));
-      for (int k = 0; k < n * n; ++k) acc_res[k] = Block<S>(S(0));
-      for (int64_t c = 0; c < C; c += kW) {
-        const int valid = static_cast<int>(std::min<int64_t>(kW, C - c));
-        for (int i = 0; i < n; ++i) G[i] = load_block<S>(gt + i * C + c, valid);
-        auto load_g = [&](int i) { return G[i]; };
-        if (grad_f) store_block(grad_f + t * C + c, stream_mix_grad_f_value<kN, Block<S>>(hpt, n, load_g), valid);
-        if (grad_x) {
-          for (int j = 0; j < n; ++j) {
-            store_block(grad_x + (t * n + j) * C + c, stream_mix_grad_x_value<kN, Block<S>>(hrt, j, n, load_g),
-                        valid);
-          }
-        }
-        if (gh_post) {
-          const Block<S> F = load_block<S>(f + t * C + c, valid);
-          for (int i = 0; i < n; ++i) acc_post[i] = acc_post[i] + stream_coef_grad_term(G[i], F);
-        }
-        if (gh_res) {
-          for (int j = 0; j < n; ++j) X[j] = load_block<S>(xt + j * C + c, valid);
-          for (int i = 0; i < n; ++i) {
-            for (int j = 0; j < n; ++j) acc_res[i * n + j] = acc_res[i * n + j] + stream_coef_grad_term(G[i], X[j]);
-          }
+  Block<S> G[kMaxN];
+  Block<S> acc_post[kMaxN];
+  Block<S> acc_res[kMaxN * kMaxN];
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* gt = g + t * n * C;
+    const T* xt = x + t * n * C;
+    const LocalCoefs<kN, kMaxN, S> hpt(hp + t * hp_stride, n);
+    const LocalCoefs<kN, kMaxN * kMaxN, S> hrt(hr + t * hr_stride, n * n);
+    for (int i = 0; i < n; ++i) acc_post[i] = Block<S>(S(0));
+    for (int k = 0; k < n * n; ++k) acc_res[k] = Block<S>(S(0));
+    for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
+      for (int i = 0; i < n; ++i) G[i] = load_block<S>(gt + i * C + c, valid);
+      auto load_g = [&](int i) __attribute__((always_inline)) { return G[i]; };
+      if (grad_f) store_block(grad_f + t * C + c, stream_mix_grad_f_value<kN, Block<S>>(hpt.v, n, load_g), valid);
+      if (grad_x) {
+        for (int j = 0; j < n; ++j) {
+          store_block(grad_x + (t * n + j) * C + c, stream_mix_grad_x_value<kN, Block<S>>(hrt.v, j, n, load_g),
+                      valid);
         }
       }
       if (gh_post) {
-        for (int i = 0; i < n; ++i) gh_post[t * n + i] = lane_sum(acc_post[i]);
+        const Block<S> F = load_block<S>(f + t * C + c, valid);
+        for (int i = 0; i < n; ++i) acc_post[i] = acc_post[i] + stream_coef_grad_term(G[i], F);
       }
       if (gh_res) {
-        for (int k = 0; k < n * n; ++k) gh_res[t * n * n + k] = lane_sum(acc_res[k]);
+        for (int j = 0; j < n; ++j) {
+          const Block<S> X = load_block<S>(xt + j * C + c, valid);
+          for (int i = 0; i < n; ++i) acc_res[i * n + j] = acc_res[i * n + j] + stream_coef_grad_term(G[i], X);
+        }
       }
+    });
+    if (gh_post) {
+      for (int i = 0; i < n; ++i) gh_post[t * n + i] = lane_sum(acc_post[i]);
     }
-  });
+    if (gh_res) {
+      for (int k = 0; k < n * n; ++k) gh_res[t * n * n + k] = lane_sum(acc_res[k]);
+    }
+  }
 }
+
+// One set of kernels per instruction set (cpu/isa.h).
+#define HCEXT_STREAMS_KERNELS(Name, ...)                                                        \
+  struct Name {                                                                                 \
+    template <int kN, int kMaxN, typename... A>                                                 \
+    __VA_ARGS__ static void aggregate_forward(A... a) { aggregate_forward_range<kN, kMaxN>(a...); }   \
+    template <int kN, int kMaxN, typename... A>                                                 \
+    __VA_ARGS__ static void aggregate_backward(A... a) { aggregate_backward_range<kN, kMaxN>(a...); } \
+    template <int kN, int kMaxN, typename... A>                                                 \
+    __VA_ARGS__ static void mix_forward(A... a) { mix_forward_range<kN, kMaxN>(a...); }               \
+    template <int kN, int kMaxN, typename... A>                                                 \
+    __VA_ARGS__ static void mix_backward(A... a) { mix_backward_range<kN, kMaxN>(a...); }             \
+  };
+HCEXT_STREAMS_KERNELS(BaselineKernels)
+HCEXT_STREAMS_KERNELS(Avx2Kernels, HCEXT_TARGET_AVX2)
+HCEXT_STREAMS_KERNELS(Avx512Kernels, HCEXT_TARGET_AVX512)
+#undef HCEXT_STREAMS_KERNELS
 
 // ---------------------------------------------------------------------------------------
 // Dispatch.
 
-// Unrolled fast path for n = 4 (the mHC setting); run-time n in 8- or 32-sized storage.
+// fn(kernels, kN, kMaxN): the ISA's kernel set, and the unrolled fast path for n = 4 (the
+// mHC setting) or a run-time n in 8- or 32-sized storage.
 template <typename Fn>
-void dispatch_n(int n, Fn&& fn) {
-  if (n == 4) return fn(std::integral_constant<int, 4>{}, std::integral_constant<int, 4>{});
-  if (n <= 8) return fn(std::integral_constant<int, 0>{}, std::integral_constant<int, 8>{});
-  return fn(std::integral_constant<int, 0>{}, std::integral_constant<int, kStreamsMaxN>{});
+void dispatch_kernels(int n, Fn&& fn) {
+  cpu::dispatch_isa<BaselineKernels, Avx2Kernels, Avx512Kernels>([&](auto k) {
+    if (n == 4) return fn(k, std::integral_constant<int, 4>{}, std::integral_constant<int, 4>{});
+    if (n <= 8) return fn(k, std::integral_constant<int, 0>{}, std::integral_constant<int, 8>{});
+    return fn(k, std::integral_constant<int, 0>{}, std::integral_constant<int, kStreamsMaxN>{});
+  });
+}
+
+// Runs kernel(t0, t1) over the tokens, split by at::parallel_for.
+template <typename Kernel>
+void for_tokens(int64_t tokens, int n, int64_t C, Kernel&& kernel) {
+  at::parallel_for(0, tokens, token_grain(n, C), [&](int64_t t0, int64_t t1) { kernel(t0, t1); });
 }
 
 // Calls fn(T{}) with T the C++ type of the (checked, floating) stream dtype.
@@ -260,9 +289,11 @@ at::Tensor stream_aggregate_cpu(const at::Tensor& x_in, const at::Tensor& h_pre_
   dispatch_dtype(p.x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using S = ComputeOf<T>;
-    dispatch_n(p.n, [&](auto kN, auto kMaxN) {
-      aggregate_forward<decltype(kN)::value, decltype(kMaxN)::value>(
-          p.x.data_ptr<T>(), h.h.data_ptr<S>(), h.token_stride, y.data_ptr<T>(), p.tokens, p.n, p.C);
+    dispatch_kernels(p.n, [&](auto k, auto kN, auto kMaxN) {
+      for_tokens(p.tokens, p.n, p.C, [&](int64_t t0, int64_t t1) {
+        decltype(k)::template aggregate_forward<decltype(kN)::value, decltype(kMaxN)::value>(
+            p.x.data_ptr<T>(), h.h.data_ptr<S>(), h.token_stride, y.data_ptr<T>(), t0, t1, p.n, p.C);
+      });
     });
   });
   return y;
@@ -284,10 +315,12 @@ std::tuple<at::Tensor, at::Tensor> stream_aggregate_backward_cpu(const at::Tenso
   dispatch_dtype(p.x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using S = ComputeOf<T>;
-    dispatch_n(p.n, [&](auto kN, auto kMaxN) {
-      aggregate_backward<decltype(kN)::value, decltype(kMaxN)::value>(
-          gy.data_ptr<T>(), p.x.data_ptr<T>(), h.h.data_ptr<S>(), h.token_stride,
-          output_mask[0] ? grad_x.data_ptr<T>() : nullptr, gh.rows<S>(), p.tokens, p.n, p.C);
+    dispatch_kernels(p.n, [&](auto k, auto kN, auto kMaxN) {
+      for_tokens(p.tokens, p.n, p.C, [&](int64_t t0, int64_t t1) {
+        decltype(k)::template aggregate_backward<decltype(kN)::value, decltype(kMaxN)::value>(
+            gy.data_ptr<T>(), p.x.data_ptr<T>(), h.h.data_ptr<S>(), h.token_stride,
+            output_mask[0] ? grad_x.data_ptr<T>() : nullptr, gh.rows<S>(), t0, t1, p.n, p.C);
+      });
     });
   });
   finish_coef_grad(gh, h, p.tokens, p.n);
@@ -306,11 +339,12 @@ at::Tensor stream_mix_expand_cpu(const at::Tensor& f_in, const at::Tensor& x_in,
   dispatch_dtype(p.x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using S = ComputeOf<T>;
-    dispatch_n(p.n, [&](auto kN, auto kMaxN) {
-      mix_forward<decltype(kN)::value, decltype(kMaxN)::value>(f.data_ptr<T>(), p.x.data_ptr<T>(),
-                                                               hp.h.data_ptr<S>(), hp.token_stride,
-                                                               hr.h.data_ptr<S>(), hr.token_stride, out.data_ptr<T>(),
-                                                               p.tokens, p.n, p.C);
+    dispatch_kernels(p.n, [&](auto k, auto kN, auto kMaxN) {
+      for_tokens(p.tokens, p.n, p.C, [&](int64_t t0, int64_t t1) {
+        decltype(k)::template mix_forward<decltype(kN)::value, decltype(kMaxN)::value>(
+            f.data_ptr<T>(), p.x.data_ptr<T>(), hp.h.data_ptr<S>(), hp.token_stride, hr.h.data_ptr<S>(),
+            hr.token_stride, out.data_ptr<T>(), t0, t1, p.n, p.C);
+      });
     });
   });
   return out;
@@ -339,11 +373,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_mix_expand_bac
   dispatch_dtype(p.x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using S = ComputeOf<T>;
-    dispatch_n(p.n, [&](auto kN, auto kMaxN) {
-      mix_backward<decltype(kN)::value, decltype(kMaxN)::value>(
-          g.data_ptr<T>(), f.data_ptr<T>(), p.x.data_ptr<T>(), hp.h.data_ptr<S>(), hp.token_stride,
-          hr.h.data_ptr<S>(), hr.token_stride, output_mask[0] ? grad_f.data_ptr<T>() : nullptr,
-          output_mask[1] ? grad_x.data_ptr<T>() : nullptr, ghp.rows<S>(), ghr.rows<S>(), p.tokens, p.n, p.C);
+    dispatch_kernels(p.n, [&](auto k, auto kN, auto kMaxN) {
+      for_tokens(p.tokens, p.n, p.C, [&](int64_t t0, int64_t t1) {
+        decltype(k)::template mix_backward<decltype(kN)::value, decltype(kMaxN)::value>(
+            g.data_ptr<T>(), f.data_ptr<T>(), p.x.data_ptr<T>(), hp.h.data_ptr<S>(), hp.token_stride,
+            hr.h.data_ptr<S>(), hr.token_stride, output_mask[0] ? grad_f.data_ptr<T>() : nullptr,
+            output_mask[1] ? grad_x.data_ptr<T>() : nullptr, ghp.rows<S>(), ghr.rows<S>(), t0, t1, p.n, p.C);
+      });
     });
   });
   finish_coef_grad(ghp, hp, p.tokens, p.n);
