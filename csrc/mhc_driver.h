@@ -26,8 +26,11 @@
 #include <tuple>
 #include <vector>
 
+#include <array>
+
 #include "no_autocast.h"
 #include "mhc_args.h"
+#include "streams_args.h"
 
 namespace hcext {
 
@@ -113,16 +116,16 @@ Tensor5 mhc_pre_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::T
   return {aggregate.call(x, h_pre), h_post, h_res, proj, rstd};
 }
 
-// -> (grad_x, grad_phi, grad_alpha, grad_bias)
+// -> (grad_x, grad_phi, grad_alpha, grad_bias). extra: undefined, or a gradient of x from
+// another consumer (x's shape and dtype), added to grad_x in fp32 before the one rounding.
 template <class Backend>
-Tensor4 mhc_backward_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
-                          const at::Tensor& proj, const at::Tensor& rstd,
+Tensor4 mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                          const at::Tensor& bias, const at::Tensor& proj, const at::Tensor& rstd,
                           const std::optional<at::Tensor>& grad_layer_input,
                           const std::optional<at::Tensor>& grad_h_pre, const std::optional<at::Tensor>& grad_h_post,
                           const std::optional<at::Tensor>& grad_h_res, int64_t iters, double sinkhorn_eps,
-                          double pre_eps, double post_mult) {
+                          double pre_eps, double post_mult, const at::Tensor& extra) {
   const NoAutocast no_autocast;
-  const char* op = "hcext::mhc_backward";
   const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
   check_mhc_scalars(pre_eps, post_mult, op);
   check_mhc_saved(d, x, proj, rstd, op);
@@ -137,6 +140,7 @@ Tensor4 mhc_backward_impl(const at::Tensor& x, const at::Tensor& phi, const at::
     return {at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)), at::zeros_like(phi),
             at::zeros_like(alpha), at::zeros_like(bias)};
   }
+  const at::Tensor extra_rows = extra.defined() ? extra.reshape({d.tokens, d.n * d.C}).contiguous() : at::Tensor();
   const int64_t T_ = d.tokens, n = d.n, D = d.D;
   const at::Tensor xf = rows_in_compute_dtype(x, d);
   const at::Tensor P = proj.reshape({T_, D}).contiguous(), R = rstd.reshape({T_}).contiguous();
@@ -167,9 +171,124 @@ Tensor4 mhc_backward_impl(const at::Tensor& x, const at::Tensor& phi, const at::
     grad_x = x.scalar_type() == d.compute ? dxp : at::empty({T_, d.n * d.C}, x.options());
     backend.template grad_x<T>(xf.data_ptr<T>(), dxp.data_ptr<T>(), P.data_ptr<T>(), R.data_ptr<T>(),
                                drstd.data_ptr<T>(), ptr_or_null<T>(gy), a.data_ptr<T>(), b.data_ptr<T>(), pre_eps,
-                               grad_x, d);
+                               extra_rows, grad_x, d);
   });
   return {grad_x.view(x.sizes()), grad_phi, at::sum(dalpha, {0}), at::sum(dl, {0})};
+}
+
+template <class Backend>
+Tensor4 mhc_backward_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                          const at::Tensor& proj, const at::Tensor& rstd,
+                          const std::optional<at::Tensor>& grad_layer_input,
+                          const std::optional<at::Tensor>& grad_h_pre, const std::optional<at::Tensor>& grad_h_post,
+                          const std::optional<at::Tensor>& grad_h_res, int64_t iters, double sinkhorn_eps,
+                          double pre_eps, double post_mult) {
+  return mhc_backward_core<Backend>("hcext::mhc_backward", x, phi, alpha, bias, proj, rstd, grad_layer_input,
+                                    grad_h_pre, grad_h_post, grad_h_res, iters, sinkhorn_eps, pre_eps, post_mult,
+                                    at::Tensor());
+}
+
+// ---- The fused layer boundary (hcext::mhc_post_pre).
+//
+// Forward: x_next = mix_expand(f, x, h_post, h_res) in the pass that also reduces the stored
+//   x_next to rstd (and writes its fp32 copy for the GEMM when x is not fp32)  backend.mix_rows
+//   proj = xf_next @ phi; epilogue -> h_pre, h_post_next, h_res_next; layer_input =
+//   stream_aggregate(x_next, h_pre): the rest of mhc_pre, unchanged.
+// Backward: grad of x_next = grad_x_next (from x_next's other consumers) + the coefficient
+//   path's share, summed in fp32 and rounded once (mhc_backward_core's extra); then
+//   stream_mix_expand_backward.
+
+using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensor7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// -> (x_next, layer_input, h_post_next, h_res_next, proj, rstd)
+template <class Backend>
+Tensor6 mhc_post_pre_fwd_impl(const at::Tensor& f, const at::Tensor& x, const at::Tensor& h_post,
+                              const at::Tensor& h_res, const at::Tensor& phi, const at::Tensor& alpha,
+                              const at::Tensor& bias, int64_t iters, double norm_eps, double sinkhorn_eps,
+                              double pre_eps, double post_mult) {
+  const NoAutocast no_autocast;
+  const char* op = "hcext::mhc_post_pre";
+  const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
+  check_mhc_norm_eps(norm_eps, op);
+  check_mhc_scalars(pre_eps, post_mult, op);
+  const StreamsProblem p = check_streams_x(x, op);
+  const at::Tensor fc = check_streams_f(f, x, p, op);
+  const StreamsCoef hp = check_streams_coef(h_post, "h_post", 1, x, p, op);
+  const StreamsCoef hr = check_streams_coef(h_res, "h_res", 2, x, p, op);
+  Backend backend(x);
+  const MhcScalars s{static_cast<int>(iters), norm_eps, sinkhorn_eps, pre_eps, post_mult};
+  const auto opts = x.options().dtype(d.compute);
+  const int64_t n = d.n;
+  at::Tensor x_next = at::empty(x.sizes(), p.x.options());
+  at::Tensor h_pre = at::empty(lead_shape(x, {n}), opts);
+  at::Tensor h_post_next = at::empty(lead_shape(x, {n}), opts);
+  at::Tensor h_res_next = at::empty(lead_shape(x, {n, n}), opts);
+  at::Tensor rstd = at::empty(lead_shape(x, {}), opts);
+  static const auto aggregate = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("hcext::stream_aggregate", "")
+                                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  if (d.tokens == 0) {
+    return {x_next, aggregate.call(x_next, h_pre), h_post_next, h_res_next, at::empty(lead_shape(x, {d.D}), opts),
+            rstd};
+  }
+  const at::Tensor xf = backend.mix_rows(p, fc, hp, hr, x_next, rstd, d, norm_eps);
+  at::Tensor proj = at::mm(xf, phi).reshape(lead_shape(x, {d.D}));
+  const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
+  dispatch_compute(d.compute, [&](auto zero) {
+    using T = decltype(zero);
+    backend.template epilogue<T>(proj.data_ptr<T>(), rstd.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(),
+                                 h_pre.data_ptr<T>(), h_post_next.data_ptr<T>(), h_res_next.data_ptr<T>(), d, s);
+  });
+  return {x_next, aggregate.call(x_next, h_pre), h_post_next, h_res_next, proj, rstd};
+}
+
+inline bool has_value(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// -> (grad_f, grad_x, grad_h_post, grad_h_res, grad_phi, grad_alpha, grad_bias)
+template <class Backend>
+Tensor7 mhc_post_pre_backward_impl(const std::optional<at::Tensor>& grad_x_next,
+                                   const std::optional<at::Tensor>& grad_layer_input,
+                                   const std::optional<at::Tensor>& grad_h_post_next,
+                                   const std::optional<at::Tensor>& grad_h_res_next, const at::Tensor& f,
+                                   const at::Tensor& x, const at::Tensor& h_post, const at::Tensor& h_res,
+                                   const at::Tensor& x_next, const at::Tensor& phi, const at::Tensor& alpha,
+                                   const at::Tensor& bias, const at::Tensor& proj, const at::Tensor& rstd,
+                                   int64_t iters, double sinkhorn_eps, double pre_eps, double post_mult,
+                                   std::array<bool, 4> output_mask) {
+  const NoAutocast no_autocast;
+  const char* op = "hcext::mhc_post_pre_backward";
+  TORCH_CHECK(x_next.sizes() == x.sizes() && x_next.scalar_type() == x.scalar_type(), op,
+              ": expected x_next with x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
+              x_next.sizes(), " ", x_next.scalar_type());
+  if (has_value(grad_x_next)) {
+    TORCH_CHECK(grad_x_next->sizes() == x.sizes() && grad_x_next->scalar_type() == x.scalar_type() &&
+                    grad_x_next->device() == x.device(),
+                op, ": expected grad_x_next with x's shape ", x.sizes(), ", dtype ", x.scalar_type(), " and device ",
+                x.device(), ", got ", grad_x_next->sizes(), " ", grad_x_next->scalar_type(), " on ",
+                grad_x_next->device());
+  }
+  at::Tensor g_next, grad_phi, grad_alpha, grad_bias;
+  if (has_value(grad_layer_input) || has_value(grad_h_post_next) || has_value(grad_h_res_next)) {
+    std::tie(g_next, grad_phi, grad_alpha, grad_bias) = mhc_backward_core<Backend>(
+        op, x_next, phi, alpha, bias, proj, rstd, grad_layer_input, std::nullopt, grad_h_post_next, grad_h_res_next,
+        iters, sinkhorn_eps, pre_eps, post_mult, has_value(grad_x_next) ? *grad_x_next : at::Tensor());
+  } else {
+    check_mhc_args(x_next, phi, alpha, bias, iters, sinkhorn_eps, op);
+    g_next = has_value(grad_x_next) ? *grad_x_next : at::zeros_like(x);
+    grad_phi = at::zeros_like(phi);
+    grad_alpha = at::zeros_like(alpha);
+    grad_bias = at::zeros_like(bias);
+  }
+  using MixBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      std::array<bool, 4>);
+  static const auto mix_backward = c10::Dispatcher::singleton()
+                                       .findSchemaOrThrow("hcext::stream_mix_expand_backward", "")
+                                       .typed<MixBackward>();
+  auto [grad_f, grad_x, grad_h_post, grad_h_res] =
+      mix_backward.call(g_next.view(x.sizes()), f, x, h_post, h_res, output_mask);
+  return {grad_f, grad_x, grad_h_post, grad_h_res, grad_phi, grad_alpha, grad_bias};
 }
 
 }  // namespace hcext

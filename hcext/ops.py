@@ -9,7 +9,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["sinkhorn", "stream_aggregate", "stream_mix_expand", "mhc_coeffs", "mhc_pre", "hc_coeffs"]
+__all__ = [
+    "sinkhorn", "stream_aggregate", "stream_mix_expand", "mhc_coeffs", "mhc_pre", "mhc_post_pre", "hc_coeffs",
+]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -455,6 +457,124 @@ def _mhc_pre_backward(ctx, g_layer_input, g_post, g_res, _g_proj, _g_rstd):
 
 # Same saved tensors as mhc_coeffs_fwd: outputs 3 and 4 are proj and rstd in both.
 torch.library.register_autograd("hcext::mhc_pre_fwd", _mhc_pre_backward, setup_context=_mhc_coeffs_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# The fused layer boundary: stream_mix_expand of layer l, then mhc_pre of layer l + 1
+
+
+def mhc_post_pre(
+    f: Tensor,
+    x: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    sinkhorn_iters: int = 20,
+    norm_eps: float = 1e-6,
+    sinkhorn_eps: float = 1e-6,
+    pre_eps: float = 1e-6,
+    post_mult: float = 2.0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The boundary between two mHC sub-layers in one op:
+    ``x_next = stream_mix_expand(f, x, h_post, h_res)`` (layer l's residual merge, with its
+    branch output f and coefficients h_post, h_res), then layer l+1's
+    ``mhc_pre(x_next, phi, alpha, bias, ...)``. Returns ``(x_next, layer_input, h_post_next,
+    h_res_next)``; equal to the unfused composition (``hcext.reference.mhc_post_pre``).
+
+    The pass that writes ``x_next`` also reduces it (as stored, in x's dtype) to the next
+    layer's RMS statistic, so the streams are written once and not read back for it. In
+    backward, x_next's gradient from its other consumers and from the coefficients are
+    summed in fp32 and rounded once. Autograd saves f, x, h_post, h_res, x_next (all alive
+    anyway), the parameters, proj and rstd.
+    """
+    return torch.ops.hcext.mhc_post_pre.default(
+        f, x, h_post, h_res, phi, alpha, bias, sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps, post_mult
+    )
+
+
+def _check_mhc_post_pre_args(f, x, h_post, h_res, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, op):
+    # Mirrors mhc_post_pre_fwd_impl in csrc/mhc_driver.h: the mHC checks, then the streams' checks.
+    n, C, D, compute = _check_mhc_args(x, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, op)
+    _check_streams_x(x, op)
+    _check_streams_f(f, x, op)
+    _check_streams_coef(h_post, "h_post", 1, x, op)
+    _check_streams_coef(h_res, "h_res", 2, x, op)
+    return n, C, D, compute
+
+
+@torch.library.register_fake("hcext::mhc_post_pre_fwd")
+def _mhc_post_pre_fwd_fake(
+    f, x, h_post, h_res, phi, alpha, bias, sinkhorn_iters=20, norm_eps=1e-6, sinkhorn_eps=1e-6, pre_eps=1e-6,
+    post_mult=2.0,
+):
+    op = "hcext::mhc_post_pre"
+    n, C, D, compute = _check_mhc_post_pre_args(f, x, h_post, h_res, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, op)
+    _check_mhc_scalars(pre_eps, post_mult, op, norm_eps)
+    lead = x.shape[:-2]
+    new = lambda *shape: x.new_empty((*lead, *shape), dtype=compute)  # noqa: E731
+    x_next = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x_next, x.new_empty((*lead, C)), new(n), new(n, n), new(D), new()
+
+
+@torch.library.register_fake("hcext::mhc_post_pre_backward")
+def _mhc_post_pre_backward_fake(
+    grad_x_next, grad_layer_input, grad_h_post_next, grad_h_res_next, f, x, h_post, h_res, x_next, phi, alpha, bias,
+    proj, rstd, sinkhorn_iters, sinkhorn_eps, pre_eps, post_mult, output_mask=(True, True, True, True),
+):
+    op = "hcext::mhc_post_pre_backward"
+    n, C, D, _ = _check_mhc_post_pre_args(f, x, h_post, h_res, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, op)
+    _check_mhc_scalars(pre_eps, post_mult, op)
+    torch._check(
+        x_next.shape == x.shape and x_next.dtype == x.dtype,
+        lambda: f"{op}: expected x_next with x's shape {list(x.shape)} and dtype {x.dtype}, got "
+        f"{list(x_next.shape)} {x_next.dtype}",
+    )
+    if grad_x_next is not None:
+        _check_streams_grad(grad_x_next, x.shape, x, op)
+    grads = (("grad_layer_input", grad_layer_input, C), ("grad_h_post", grad_h_post_next, n),
+             ("grad_h_res", grad_h_res_next, n * n))
+    _check_mhc_backward_tensors(x_next, n, D, proj, rstd, grads, op)
+    contiguous = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    return (
+        _grad_or_skipped(output_mask[0], f),
+        _grad_or_skipped(output_mask[1], x),
+        _grad_or_skipped(output_mask[2], h_post),
+        _grad_or_skipped(output_mask[3], h_res),
+        contiguous(phi),
+        contiguous(alpha),
+        contiguous(bias),
+    )
+
+
+def _mhc_post_pre_setup_context(ctx, inputs, output):
+    f, x, h_post, h_res, phi, alpha, bias, sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps, post_mult = inputs
+    x_next, proj, rstd = output[0], output[4], output[5]
+    # Saved: the inputs and x_next (alive anyway: x_next is the next sub-layer's input),
+    # proj (n*n+2n fp32 per token) and rstd (1 per token).
+    ctx.save_for_backward(f, x, h_post, h_res, x_next, phi, alpha, bias, proj, rstd)
+    ctx.mark_non_differentiable(proj, rstd)
+    ctx.args = (sinkhorn_iters, sinkhorn_eps, pre_eps, post_mult)
+
+
+def _mhc_post_pre_backward(ctx, g_x_next, g_layer_input, g_post, g_res, _g_proj, _g_rstd):
+    f, x, h_post, h_res, x_next, phi, alpha, bias, proj, rstd = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:4])
+    gf, gx, ghp, ghr, gphi, galpha, gbias = torch.ops.hcext.mhc_post_pre_backward.default(
+        g_x_next, g_layer_input, g_post, g_res, f, x, h_post, h_res, x_next, phi, alpha, bias, proj, rstd,
+        *ctx.args, mask,
+    )
+    keep = lambda g, wanted: g if wanted else None  # noqa: E731
+    return (
+        keep(gf, mask[0]), keep(gx, mask[1]), keep(ghp, mask[2]), keep(ghr, mask[3]), gphi, galpha, gbias,
+        None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "hcext::mhc_post_pre_fwd", _mhc_post_pre_backward, setup_context=_mhc_post_pre_setup_context
+)
 
 
 # ---------------------------------------------------------------------------------------

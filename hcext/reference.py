@@ -133,6 +133,27 @@ def mhc_pre(
     return stream_aggregate(x, h_pre), h_post, h_res
 
 
+def mhc_post_pre(
+    f: Tensor,
+    x: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    sinkhorn_iters: int = 20,
+    norm_eps: float = 1e-6,
+    sinkhorn_eps: float = 1e-6,
+    pre_eps: float = 1e-6,
+    post_mult: float = 2.0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The boundary between two mHC sub-layers: layer l's residual merge, then layer l+1's
+    ``mhc_pre`` on the new streams. ``-> (x_next, layer_input, h_post_next, h_res_next)``.
+    """
+    x_next = stream_mix_expand(f, x, h_post, h_res)
+    return (x_next, *mhc_pre(x_next, phi, alpha, bias, sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps, post_mult))
+
+
 def _stream_norm(
     x: Tensor, norm: str, eps: float, weight: Optional[Tensor], bias: Optional[Tensor]
 ) -> Tensor:

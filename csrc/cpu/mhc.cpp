@@ -7,9 +7,14 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
+#include "cpu/isa.h"
 #include "cpu/lane_io.h"
+#include "cpu/streams_cpu.h"
+#include "cpu/vec_io.h"
 #include "hcext/dispatch.h"
 #include "hcext/lanes.h"
 #include "hcext/mhc.h"
@@ -20,34 +25,97 @@ namespace {
 
 constexpr int kW = 8;  // tokens per block of lanes
 
+constexpr int kVec = cpu::kVecIoWidth;  // channels per block in the row passes
+
+using cpu::for_channel_blocks;
+using cpu::lane_sum;
+using cpu::load_block;
+using cpu::store_block;
 using cpu::LaneHistory;
 using cpu::load_lanes;
 using cpu::store_lanes;
 
-// Dot product with kW independent accumulators (vectorisable without -ffast-math).
-template <typename T>
-T dot(const T* a, const T* b, int64_t len) {
-  Lanes<T, kW> acc(T(0));
-  int64_t k = 0;
-  for (; k + kW <= len; k += kW) {
-    for (int l = 0; l < kW; ++l) acc.v[l] += a[k + l] * b[k + l];
+// ---- Row passes over x's n*C channels (vectorised, compiled per ISA: cpu/isa.h).
+// S: the compute type (float, double); X: the streams' dtype.
+
+// rstd[t] from the sum of squares of row t; xf (nullable) receives the row in S.
+template <typename S, typename X>
+[[gnu::always_inline]] inline void rows_range(const X* x, S* xf, S* rstd, int64_t len, S norm_eps, int64_t t0,
+                                              int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    Lanes<S, kVec> squares(S(0));
+    for_channel_blocks(len, [&](int64_t c, auto valid) __attribute__((always_inline)) {
+      const Lanes<S, kVec> v = load_block<S>(x + t * len + c, valid);
+      squares = squares + v * v;
+      if (xf) store_block(xf + t * len + c, v, valid);
+    });
+    rstd[t] = mhc_rstd<S>(lane_sum(squares), S(len), norm_eps);
   }
-  T s = 0;
-  for (int l = 0; l < kW; ++l) s += acc.v[l];
-  for (; k < len; ++k) s += a[k] * b[k];
-  return s;
 }
 
-template <typename T>
-void compute_rstd(const T* xf, T* rstd, const MhcDims& d, double norm_eps) {
-  const int64_t len = d.n * d.C;
-  at::parallel_for(0, d.tokens, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const T* row = xf + t * len;
-      rstd[t] = mhc_rstd<T>(dot(row, row, len), T(len), T(norm_eps));
+// out[t, i] = g_pre[t, i] (or 0) + sum_c gy[t, c] * xf[t, i, c]: the layer input's share of dh_pre.
+template <typename S>
+[[gnu::always_inline]] inline void layer_input_grad_range(const S* xf, const S* gy, const S* g_pre, S* out, int n,
+                                                          int64_t C, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int i = 0; i < n; ++i) {
+      Lanes<S, kVec> acc(S(0));
+      const S* row = xf + (t * n + i) * C;
+      for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
+        acc = acc + load_block<S>(gy + t * C + c, valid) * load_block<S>(row + c, valid);
+      });
+      out[t * n + i] = (g_pre ? g_pre[t * n + i] : S(0)) + lane_sum(acc);
     }
-  });
+  }
 }
+
+// dx = dxp (the projection GEMM's share) + rstd's share + the layer input's share
+// (h_pre[i] * gy, when gy) + extra (when non-null: a gradient from another consumer of x,
+// in x's dtype), summed in S and rounded to x's dtype once. dx may alias dxp (block by
+// block, every element is read before it is written).
+template <typename S, typename X>
+[[gnu::always_inline]] inline void grad_x_range(const S* xf, const S* dxp, const S* proj, const S* rstd,
+                                                const S* drstd, const S* gy, const S* alpha, const S* bias, S pre_eps,
+                                                const X* extra, X* dx, int n, int64_t C, int64_t D, int64_t t0,
+                                                int64_t t1) {
+  const int64_t len = n * C;
+  for (int64_t t = t0; t < t1; ++t) {
+    const S factor = mhc_rstd_grad_factor<S>(drstd[t], rstd[t], S(len));
+    for (int i = 0; i < n; ++i) {
+      const int64_t row = t * len + i * C;
+      const S h = gy ? mhc_h_pre<S, S>(proj[t * D + i], rstd[t], alpha, bias[i], pre_eps) : S(0);
+      for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
+        Lanes<S, kVec> v = load_block<S>(dxp + row + c, valid) + factor * load_block<S>(xf + row + c, valid);
+        if (gy) v = v + h * load_block<S>(gy + t * C + c, valid);
+        if (extra) v = v + load_block<S>(extra + row + c, valid);
+        store_block(dx + row + c, v, valid);
+      });
+    }
+  }
+}
+
+#define HCEXT_MHC_ROW_KERNELS(Name, ...)                                                          \
+  struct Name {                                                                                   \
+    template <typename... A>                                                                      \
+    __VA_ARGS__ static void rows(A... a) { rows_range(a...); }                                    \
+    template <typename... A>                                                                      \
+    __VA_ARGS__ static void layer_input_grad(A... a) { layer_input_grad_range(a...); }            \
+    template <typename... A>                                                                      \
+    __VA_ARGS__ static void grad_x(A... a) { grad_x_range(a...); }                                \
+  };
+HCEXT_MHC_ROW_KERNELS(BaselineRowKernels)
+HCEXT_MHC_ROW_KERNELS(Avx2RowKernels, HCEXT_TARGET_AVX2)
+HCEXT_MHC_ROW_KERNELS(Avx512RowKernels, HCEXT_TARGET_AVX512)
+#undef HCEXT_MHC_ROW_KERNELS
+
+// fn(kernels) with the best row-kernel set for this CPU.
+template <typename Fn>
+void dispatch_row_kernels(Fn&& fn) {
+  cpu::dispatch_isa<BaselineRowKernels, Avx2RowKernels, Avx512RowKernels>(fn);
+}
+
+// Tokens per parallel_for task for a pass over rows of len elements (~32K elements).
+inline int64_t row_grain(int64_t len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, len)); }
 
 template <typename T>
 void epilogue_forward(const T* proj, const T* rstd, const T* alpha, const T* bias, T* h_pre, T* h_post, T* h_res,
@@ -112,53 +180,40 @@ void epilogue_backward(const T* proj, const T* rstd, const T* alpha, const T* bi
   });
 }
 
-// g_pre_total[t, i] = g_pre[t, i] + sum_c gy[t, c] * x[t, i, c]: the layer input's share of dh_pre.
-template <typename T>
-void add_layer_input_grad_to_h_pre(const T* xf, const T* gy, const T* g_pre, T* out, const MhcDims& d) {
-  at::parallel_for(0, d.tokens, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      for (int i = 0; i < d.n; ++i) {
-        const T base = g_pre ? g_pre[t * d.n + i] : T(0);
-        out[t * d.n + i] = base + dot(gy + t * d.C, xf + (t * d.n + i) * d.C, d.C);
-      }
-    }
-  });
-}
-
-// dx = dxp (the projection GEMM's share) + rstd's share + the layer input's share
-// (h_pre[i] * gy), summed in fp32 and rounded to x's dtype once.
-template <typename T, typename X>
-void grad_x_pass(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy, const T* alpha,
-                 const T* bias, double pre_eps, X* dx, const MhcDims& d) {
-  const int64_t len = d.n * d.C;
-  at::parallel_for(0, d.tokens, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const T factor = mhc_rstd_grad_factor<T>(drstd[t], rstd[t], T(len));
-      for (int i = 0; i < d.n; ++i) {
-        const int64_t row = t * len + i * d.C;
-        if (gy) {
-          const T h = mhc_h_pre<T, T>(proj[t * d.D + i], rstd[t], alpha, bias[i], T(pre_eps));
-          const T* g = gy + t * d.C;
-          for (int64_t c = 0; c < d.C; ++c) dx[row + c] = X(dxp[row + c] + factor * xf[row + c] + h * g[c]);
-        } else {
-          for (int64_t c = 0; c < d.C; ++c) dx[row + c] = X(dxp[row + c] + factor * xf[row + c]);
-        }
-      }
-    }
-  });
-}
-
 // The CPU passes of mhc_driver.h.
 struct CpuMhcBackend {
   explicit CpuMhcBackend(const at::Tensor&) {}
 
+  // One read of x: the sum of squares, and the fp32 copy the GEMM needs when x is not fp32.
   at::Tensor rows(const at::Tensor& x, at::Tensor& rstd, const MhcDims& d, double norm_eps) {
-    at::Tensor xf = rows_in_compute_dtype(x, d);
+    const at::Tensor xc = x.contiguous();
+    const bool copy = xc.scalar_type() != d.compute;
+    const int64_t len = d.n * d.C;
+    at::Tensor xf = copy ? at::empty({d.tokens, len}, x.options().dtype(d.compute)) : xc.reshape({d.tokens, len});
     dispatch_compute(d.compute, [&](auto zero) {
-      using T = decltype(zero);
-      compute_rstd<T>(xf.data_ptr<T>(), rstd.data_ptr<T>(), d, norm_eps);
+      using S = decltype(zero);
+      dispatch_x(xc.scalar_type(), [&](auto xtag) {
+        using X = decltype(xtag);
+        if constexpr (std::is_same_v<S, double> == std::is_same_v<X, double>) {
+          dispatch_row_kernels([&](auto k) {
+            at::parallel_for(0, d.tokens, row_grain(len), [&](int64_t t0, int64_t t1) {
+              decltype(k)::rows(xc.data_ptr<X>(), copy ? xf.data_ptr<S>() : static_cast<S*>(nullptr),
+                                rstd.data_ptr<S>(), len, static_cast<S>(norm_eps), t0, t1);
+            });
+          });
+        }
+      });
     });
     return xf;
+  }
+  // The first pass of mhc_post_pre: out = mix_expand(f, x, h_post, h_res), its rstd, and
+  // its fp32 copy for the GEMM when x is not fp32 (see cpu/streams_cpu.h).
+  at::Tensor mix_rows(const StreamsProblem& p, const at::Tensor& f, const StreamsCoef& hp, const StreamsCoef& hr,
+                      at::Tensor& out, at::Tensor& rstd, const MhcDims& d, double norm_eps) {
+    const bool copy = p.x.scalar_type() != d.compute;
+    at::Tensor xf = copy ? at::empty({d.tokens, d.n * d.C}, p.x.options().dtype(d.compute)) : at::Tensor();
+    cpu::stream_mix_rows(p, f, hp, hr, out, xf, rstd, norm_eps);
+    return copy ? xf : out.reshape({d.tokens, d.n * d.C});
   }
   template <typename T>
   void epilogue(const T* proj, const T* rstd, const T* alpha, const T* bias, T* h_pre, T* h_post, T* h_res,
@@ -167,22 +222,44 @@ struct CpuMhcBackend {
   }
   template <typename T>
   void layer_input_grad(const T* xf, const T* gy, const T* g_pre, T* out, const MhcDims& d) {
-    add_layer_input_grad_to_h_pre<T>(xf, gy, g_pre, out, d);
+    dispatch_row_kernels([&](auto k) {
+      at::parallel_for(0, d.tokens, row_grain(d.n * d.C), [&](int64_t t0, int64_t t1) {
+        decltype(k)::layer_input_grad(xf, gy, g_pre, out, d.n, d.C, t0, t1);
+      });
+    });
   }
   template <typename T>
   void epilogue_backward(const T* proj, const T* rstd, const T* alpha, const T* bias, const T* g_pre, const T* g_post,
                          const T* g_res, T* dl, T* dproj, T* dalpha, T* drstd, const MhcDims& d, const MhcScalars& s) {
     hcext::epilogue_backward<T>(proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha, drstd, d, s);
   }
+  // extra: undefined, or a [tokens, n*C]-sized contiguous gradient in dx's dtype.
   template <typename T>
   void grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy, const T* alpha,
-              const T* bias, double pre_eps, at::Tensor& dx, const MhcDims& d) {
-    auto write = [&](auto* out) { grad_x_pass<T>(xf, dxp, proj, rstd, drstd, gy, alpha, bias, pre_eps, out, d); };
-    switch (dx.scalar_type()) {
-      case at::kFloat: return write(dx.data_ptr<float>());
-      case at::kDouble: return write(dx.data_ptr<double>());
-      case at::kBFloat16: return write(dx.data_ptr<at::BFloat16>());
-      default: return write(dx.data_ptr<at::Half>());
+              const T* bias, double pre_eps, const at::Tensor& extra, at::Tensor& dx, const MhcDims& d) {
+    dispatch_x(dx.scalar_type(), [&](auto xtag) {
+      using X = decltype(xtag);
+      if constexpr (std::is_same_v<T, double> == std::is_same_v<X, double>) {
+        const X* e = extra.defined() ? extra.data_ptr<X>() : nullptr;
+        dispatch_row_kernels([&](auto k) {
+          at::parallel_for(0, d.tokens, row_grain(d.n * d.C), [&](int64_t t0, int64_t t1) {
+            decltype(k)::grad_x(xf, dxp, proj, rstd, drstd, gy, alpha, bias, static_cast<T>(pre_eps), e,
+                                dx.data_ptr<X>(), d.n, d.C, d.D, t0, t1);
+          });
+        });
+      }
+    });
+  }
+
+ private:
+  // fn(X{}) for the streams' dtype.
+  template <typename Fn>
+  static void dispatch_x(at::ScalarType dtype, Fn&& fn) {
+    switch (dtype) {
+      case at::kFloat: return fn(float{});
+      case at::kDouble: return fn(double{});
+      case at::kBFloat16: return fn(c10::BFloat16{});
+      default: return fn(c10::Half{});
     }
   }
 };
@@ -190,6 +267,8 @@ struct CpuMhcBackend {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hcext, CPU, m) {
+  m.impl("mhc_post_pre_fwd", &mhc_post_pre_fwd_impl<CpuMhcBackend>);
+  m.impl("mhc_post_pre_backward", &mhc_post_pre_backward_impl<CpuMhcBackend>);
   m.impl("mhc_coeffs_fwd", &mhc_coeffs_fwd_impl<CpuMhcBackend>);
   m.impl("mhc_pre_fwd", &mhc_pre_fwd_impl<CpuMhcBackend>);
   m.impl("mhc_backward", &mhc_backward_impl<CpuMhcBackend>);

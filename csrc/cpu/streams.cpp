@@ -31,7 +31,9 @@
 
 #include "cpu/isa.h"
 #include "cpu/vec_io.h"
+#include "cpu/streams_cpu.h"
 #include "hcext/lanes.h"
+#include "hcext/mhc.h"
 #include "hcext/streams.h"
 #include "streams_args.h"
 
@@ -51,13 +53,8 @@ using ComputeOf = std::conditional_t<std::is_same_v<T, double>, double, float>;
 using cpu::load_block;
 using cpu::store_block;
 
-// Sum of the lanes, in lane order.
-template <typename S>
-inline S lane_sum(const Block<S>& b) {
-  S s = b.v[0];
-  for (int l = 1; l < kW; ++l) s += b.v[l];
-  return s;
-}
+using cpu::for_channel_blocks;
+using cpu::lane_sum;
 
 // Tokens per parallel_for task: about 32K stream elements of work.
 inline int64_t token_grain(int n, int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n * C)); }
@@ -87,15 +84,6 @@ void sum_over_tokens(const S* partials, S* out, int64_t tokens, int64_t K) {
 // ---------------------------------------------------------------------------------------
 // Kernels over the tokens [t0, t1). kN > 0: compile-time n; kN == 0: run-time n <= kMaxN.
 
-
-// Runs body(c, valid) over the channel blocks: full blocks first, with valid a
-// compile-time kW (so loads and stores are whole vectors, without tests), then the tail.
-template <typename Body>
-[[gnu::always_inline]] inline void for_channel_blocks(int64_t C, Body&& body) {
-  int64_t c = 0;
-  for (; c + kW <= C; c += kW) body(c, std::integral_constant<int, kW>{});
-  if (c < C) body(c, static_cast<int>(C - c));
-}
 
 // A token's coefficients, copied to the stack: the compiler keeps them in registers
 // (through the output pointers they could otherwise alias, and be reloaded every block).
@@ -174,6 +162,39 @@ template <int kN, int kMaxN, typename T, typename S>
   }
 }
 
+// mix_forward_range that also reduces each token's n*C outputs, as rounded to T, to
+// rstd = 1/sqrt(mean(out²) + norm_eps) (hcext/mhc.h), and (xf non-null) writes them in
+// the compute type S: the first pass of hcext::mhc_post_pre, so that the next layer's
+// coefficients do not read the new streams back for their statistics.
+template <int kN, int kMaxN, typename T, typename S>
+[[gnu::always_inline]] inline void mix_rows_range(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr,
+                                                  int64_t hr_stride, T* out, S* xf, S* rstd, S norm_eps, int64_t t0,
+                                                  int64_t t1, int n_rt, int64_t C) {
+  const int n = kN > 0 ? kN : n_rt;
+  Block<S> X[kMaxN];
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* xt = x + t * n * C;
+    const LocalCoefs<kN, kMaxN, S> hpt(hp + t * hp_stride, n);
+    const LocalCoefs<kN, kMaxN * kMaxN, S> hrt(hr + t * hr_stride, n * n);
+    T* ot = out + t * n * C;
+    Block<S> squares(S(0));
+    for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
+      for (int j = 0; j < n; ++j) X[j] = load_block<S>(xt + j * C + c, valid);
+      const Block<S> F = load_block<S>(f + t * C + c, valid);
+      for (int i = 0; i < n; ++i) {
+        const Block<S> o = stream_mix_value<kN, Block<S>>(hrt.v + i * n, hpt.v[i], F, n,
+                                                          [&](int j) __attribute__((always_inline)) { return X[j]; });
+        store_block(ot + i * C + c, o, valid);
+        Block<S> r = o;  // the stored value (lanes past `valid` are 0: the inputs load as 0 there)
+        if constexpr (!std::is_same_v<T, S>) r = load_block<S>(ot + i * C + c, valid);
+        squares = squares + r * r;
+        if (xf) store_block(xf + (t * n + i) * C + c, r, valid);
+      }
+    });
+    rstd[t] = mhc_rstd<S>(lane_sum(squares), S(n * C), norm_eps);
+  }
+}
+
 // Every output pointer is nullable (not requested). gh_post: [tokens, n] rows, gh_res:
 // [tokens, n, n] rows of per-token coefficient gradients.
 template <int kN, int kMaxN, typename T, typename S>
@@ -233,6 +254,8 @@ template <int kN, int kMaxN, typename T, typename S>
     __VA_ARGS__ static void mix_forward(A... a) { mix_forward_range<kN, kMaxN>(a...); }               \
     template <int kN, int kMaxN, typename... A>                                                 \
     __VA_ARGS__ static void mix_backward(A... a) { mix_backward_range<kN, kMaxN>(a...); }             \
+    template <int kN, int kMaxN, typename... A>                                                 \
+    __VA_ARGS__ static void mix_rows(A... a) { mix_rows_range<kN, kMaxN>(a...); }                     \
   };
 HCEXT_STREAMS_KERNELS(BaselineKernels)
 HCEXT_STREAMS_KERNELS(Avx2Kernels, HCEXT_TARGET_AVX2)
@@ -388,6 +411,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_mix_expand_bac
 }
 
 }  // namespace
+
+void cpu::stream_mix_rows(const StreamsProblem& p, const at::Tensor& f, const StreamsCoef& hp, const StreamsCoef& hr,
+                          at::Tensor& out, at::Tensor& xf, at::Tensor& rstd, double norm_eps) {
+  if (p.tokens == 0) return;
+  dispatch_dtype(p.x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using S = ComputeOf<T>;
+    S* xf_ptr = xf.defined() ? xf.data_ptr<S>() : nullptr;
+    dispatch_kernels(p.n, [&](auto k, auto kN, auto kMaxN) {
+      for_tokens(p.tokens, p.n, p.C, [&](int64_t t0, int64_t t1) {
+        decltype(k)::template mix_rows<decltype(kN)::value, decltype(kMaxN)::value>(
+            f.data_ptr<T>(), p.x.data_ptr<T>(), hp.h.data_ptr<S>(), hp.token_stride, hr.h.data_ptr<S>(),
+            hr.token_stride, out.data_ptr<T>(), xf_ptr, rstd.data_ptr<S>(), static_cast<S>(norm_eps), t0, t1, p.n,
+            p.C);
+      });
+    });
+  });
+}
 
 TORCH_LIBRARY_IMPL(hcext, CPU, m) {
   m.impl("stream_aggregate", &stream_aggregate_cpu);

@@ -1,4 +1,5 @@
-// CUDA implementation of the mHC coefficient ops (hcext::mhc_coeffs_fwd, hcext::mhc_backward):
+// CUDA implementation of the mHC coefficient ops (hcext::mhc_coeffs_fwd, mhc_pre_fwd,
+// mhc_post_pre_fwd and their backward ops):
 // the sequence of mhc_driver.h with the CUDA passes of mhc_kernels.cu, on the current stream
 // under a device guard. No host synchronisation.
 
@@ -7,7 +8,11 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "cuda/x_type.h"
 #include "launchers.h"
@@ -35,6 +40,24 @@ struct CudaMhcBackend {
     });
     return xf;
   }
+  // The first pass of mhc_post_pre: out = mix_expand(f, x, h_post, h_res), its rstd, and
+  // its fp32 copy for the GEMM when x is not fp32.
+  at::Tensor mix_rows(const StreamsProblem& p, const at::Tensor& f, const StreamsCoef& hp, const StreamsCoef& hr,
+                      at::Tensor& out, at::Tensor& rstd, const MhcDims& d, double norm_eps) {
+    const bool copy = p.x.scalar_type() != d.compute;
+    at::Tensor xf = copy ? at::empty({d.tokens, d.n * d.C}, p.x.options().dtype(d.compute)) : at::Tensor();
+    with_stream_type(p.x.scalar_type(), [&](auto* tag) {
+      using X = std::remove_pointer_t<decltype(tag)>;
+      using S = std::conditional_t<std::is_same_v<X, double>, double, float>;
+      const cudaError_t err = cuda::stream_mix_rows<X, S>(
+          static_cast<const X*>(f.data_ptr()), static_cast<const X*>(p.x.data_ptr()), hp.h.data_ptr<S>(),
+          hp.token_stride, hr.h.data_ptr<S>(), hr.token_stride, static_cast<X*>(out.data_ptr()),
+          copy ? xf.data_ptr<S>() : nullptr, rstd.data_ptr<S>(), static_cast<S>(norm_eps), d.tokens, d.n, d.C,
+          stream);
+      C10_CUDA_CHECK(err);
+    });
+    return copy ? xf : out.reshape({d.tokens, d.n * d.C});
+  }
   template <typename T>
   void epilogue(const T* proj, const T* rstd, const T* alpha, const T* bias, T* h_pre, T* h_post, T* h_res,
                 const MhcDims& d, const MhcScalars& s) {
@@ -58,15 +81,30 @@ struct CudaMhcBackend {
   }
   template <typename T>
   void grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy, const T* alpha,
-              const T* bias, double pre_eps, at::Tensor& dx, const MhcDims& d) {
-    C10_CUDA_CHECK(cuda::mhc_grad_x<T>(xf, dxp, proj, rstd, drstd, gy, alpha, bias, T(pre_eps), dx.data_ptr(),
+              const T* bias, double pre_eps, const at::Tensor& extra, at::Tensor& dx, const MhcDims& d) {
+    C10_CUDA_CHECK(cuda::mhc_grad_x<T>(xf, dxp, proj, rstd, drstd, gy, alpha, bias, T(pre_eps),
+                                       extra.defined() ? extra.data_ptr() : nullptr, dx.data_ptr(),
                                        cuda::x_type(dx.scalar_type()), d.tokens, d.n, d.C, d.D, stream));
+  }
+
+ private:
+  // fn(X*) with a null pointer of the CUDA type of the streams' dtype.
+  template <typename Fn>
+  static void with_stream_type(at::ScalarType dtype, Fn&& fn) {
+    switch (dtype) {
+      case at::kFloat: return fn(static_cast<float*>(nullptr));
+      case at::kDouble: return fn(static_cast<double*>(nullptr));
+      case at::kBFloat16: return fn(static_cast<__nv_bfloat16*>(nullptr));
+      default: return fn(static_cast<__half*>(nullptr));
+    }
   }
 };
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hcext, CUDA, m) {
+  m.impl("mhc_post_pre_fwd", &mhc_post_pre_fwd_impl<CudaMhcBackend>);
+  m.impl("mhc_post_pre_backward", &mhc_post_pre_backward_impl<CudaMhcBackend>);
   m.impl("mhc_coeffs_fwd", &mhc_coeffs_fwd_impl<CudaMhcBackend>);
   m.impl("mhc_pre_fwd", &mhc_pre_fwd_impl<CudaMhcBackend>);
   m.impl("mhc_backward", &mhc_backward_impl<CudaMhcBackend>);

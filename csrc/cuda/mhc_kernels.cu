@@ -111,7 +111,8 @@ template <typename T, typename X, int VEC>
 __global__ void __launch_bounds__(kRowThreads)
     grad_x_kernel(const T* __restrict__ xf, const T* dxp, const T* __restrict__ proj, const T* __restrict__ rstd,
                   const T* __restrict__ drstd, const T* __restrict__ gy, const T* __restrict__ alpha,
-                  const T* __restrict__ bias, T pre_eps, X* dx, int n, int64_t C, int64_t D) {
+                  const T* __restrict__ bias, T pre_eps, const X* __restrict__ extra, X* dx, int n, int64_t C,
+                  int64_t D) {
   // dx may alias dxp (each element read, then written, by one thread): no __restrict__ on them.
   __shared__ T h_pre[kMhcMaxN];
   const int64_t t = blockIdx.x;
@@ -124,6 +125,7 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t k = int64_t(threadIdx.x) * VEC; k < len; k += int64_t(kRowThreads) * VEC) {
     Lanes<T, VEC> v = load<T, VEC>(dxp + t * len + k) + load<T, VEC>(xf + t * len + k) * factor;
     if (gy) v = v + load<T, VEC>(gy + t * C + k % C) * h_pre[k / C];  // VEC divides C: one stream
+    if (extra) v = v + load<X, VEC>(extra + t * len + k);  // another consumer's gradient, added in T
     store<X, VEC>(dx + t * len + k, v);
   }
 }
@@ -205,16 +207,17 @@ cudaError_t mhc_epilogue_backward(const T* proj, const T* rstd, const T* alpha, 
 
 template <typename T>
 cudaError_t mhc_grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy,
-                       const T* alpha, const T* bias, T pre_eps, void* dx, MhcXType xtype, int64_t tokens, int n,
-                       int64_t C, int64_t D, cudaStream_t stream) {
+                       const T* alpha, const T* bias, T pre_eps, const void* extra, void* dx, MhcXType xtype,
+                       int64_t tokens, int n, int64_t C, int64_t D, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
   with_x_type<T>(xtype, dx, [&](auto* dxp_out) {
     using X = std::remove_pointer_t<decltype(dxp_out)>;
     // VEC = 16 bytes of X, read as VEC values of T too: C must allow both (then VEC divides C).
-    const bool vectorize = can_vectorize<X>(C, {dxp_out}) && can_vectorize<T>(C, {xf, dxp, gy});
+    const X* extra_x = static_cast<const X*>(extra);
+    const bool vectorize = can_vectorize<X>(C, {dxp_out, extra_x}) && can_vectorize<T>(C, {xf, dxp, gy});
     with_vec<X>(vectorize, [&]<int VEC>() {
       grad_x_kernel<T, X, VEC><<<static_cast<unsigned int>(tokens), kRowThreads, 0, stream>>>(
-          xf, dxp, proj, rstd, drstd, gy, alpha, bias, pre_eps, dxp_out, n, C, D);
+          xf, dxp, proj, rstd, drstd, gy, alpha, bias, pre_eps, extra_x, dxp_out, n, C, D);
     });
   });
   return cudaGetLastError();
@@ -230,7 +233,8 @@ cudaError_t mhc_grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, 
                                                 const T*, T*, T*, T*, T*, T*, int64_t, int, int, T, T,             \
                                                 cudaStream_t);                                                    \
   template cudaError_t mhc_grad_x<T>(const T*, const T*, const T*, const T*, const T*, const T*, const T*,         \
-                                     const T*, T, void*, MhcXType, int64_t, int, int64_t, int64_t, cudaStream_t);
+                                     const T*, T, const void*, void*, MhcXType, int64_t, int, int64_t, int64_t,  \
+                                     cudaStream_t);
 HCEXT_INSTANTIATE_MHC(float)
 HCEXT_INSTANTIATE_MHC(double)
 #undef HCEXT_INSTANTIATE_MHC
