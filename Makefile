@@ -5,7 +5,8 @@
 #   make demo    set up, build, run the main job (python -m hcext.demo: residual vs HC vs mHC)
 #   make test    set up, build (CPU + CUDA kernels when a CUDA toolkit is present), build the
 #                CMake target and its C++ test, run ctest and pytest
-#   make bench   set up, build, run the benchmarks (results in benchmarks/RESULTS.md, benchmarks/results/)
+#   make bench   set up, build, run every benchmark (python -m benchmarks: JSON in benchmarks/results/,
+#                then benchmarks/RESULTS.md and the README table regenerated)
 SHELL := /bin/bash
 .ONESHELL:
 .SHELLFLAGS := -eu -o pipefail -c
@@ -44,7 +45,7 @@ demo: build
 
 bench: build
 	py=$(VENV_PY)
-	for b in bench_sinkhorn bench_mhc bench_hc bench_block; do "$$py" -m benchmarks.$$b; done
+	"$$py" -m benchmarks
 
 clean:
 	rm -rf build build-cmake build-cmake.log hcext/_C*.so *.egg-info

@@ -12,6 +12,16 @@ Variants (the same pre-allocated inputs):
   eager     hcext.reference.mhc_pre + hcext.reference.stream_mix_expand, eager PyTorch
   compiled  torch.compile of that reference sub-layer (inductor, static shapes, compiled
             afresh for every shape and mode during the warm-up)
+  liger     --device cuda only, when liger_kernel (Liger-Kernel >= 0.8) is importable: its mHC
+            functional ops liger_mhc_coeffs + liger_mhc_pre + liger_mhc_post_res (Triton), with
+            the same phi, bias, alpha, 20 Sinkhorn iterations, eps 1e-6, pre_eps 1e-6 and
+            post_mult 2. Its conventions differ in two ways: alpha is three 0-d tensors, and for
+            bf16/fp16 x its phi is cast to x's dtype (its tensor-core path, what LigerMHC does
+            by default; hcext keeps phi fp32); fp32 x runs with allow_fp32=True. Its Sinkhorn
+            starts with a row softmax and ends on a column normalisation (hcext: column softmax,
+            ends on rows), so its h_res is not hcext's and only layer_input is comparable: the
+            JSON records the largest difference of layer_input from hcext's (fwd rows). When it
+            cannot run, the JSON's config.liger.skipped says why.
   copy      dst.copy_(x) into a pre-allocated dst of x's size and dtype: the bandwidth yardstick,
             timed in the same interleaved rounds as the sub-layer
   clone     x.clone(): the same copy into a fresh allocation, for context. The sub-layer's
@@ -48,7 +58,7 @@ time within 3x of the copy (>= 1/3 of copy bandwidth); on GPU the stream ops >= 
 
 Usage, from the repository root:
   python -m benchmarks.bench_mhc [--device cpu|cuda] [--quick] [--repeats N] [--warmup N]
-                                 [--threads N] [--no-compile] [--out PATH]
+                                 [--threads N] [--no-compile] [--no-liger] [--out PATH]
 Prints markdown tables and writes JSON to benchmarks/results/mhc-<device>.json (--quick: only
 with --out).
 """
@@ -80,7 +90,8 @@ ITERS = 20  # the paper's Sinkhorn iterations
 POST_MULT = 2.0  # the paper's 2σ
 ALPHA = 0.01
 MODES = ("fwd", "fwd+bwd")
-VARIANTS = ("hcext", "eager", "compiled")
+VARIANTS = ("hcext", "eager", "compiled", "liger")
+EPS = 1e-6  # RMS-norm, Sinkhorn and h_pre epsilons: hcext's defaults (Liger's pre_eps default is 0)
 TARGETS = {"speedup_vs_eager": 10.0, "speedup_vs_compiled": 3.0, "fraction_of_copy": 1.0 / 3.0, "ops_fraction_of_copy": 0.8}
 
 
@@ -178,6 +189,53 @@ def reference_layer(x, phi, alpha, bias, f):
     return layer_input, reference.stream_mix_expand(f, x, h_post, h_res)
 
 
+# ---------------------------------------------------------------------------------------
+# Liger-Kernel's mHC ops (optional, GPU only: Triton kernels)
+
+
+def liger_functional(device: torch.device):
+    """(liger_kernel.transformers.functional, None) when the liger variant can run on device,
+    else (None, why not). Imported here only: liger_kernel is no dependency of hcext."""
+    if device.type != "cuda":
+        return None, "Liger-Kernel's mHC ops are Triton kernels: --device cuda only"
+    try:
+        from liger_kernel.transformers import functional
+    except Exception as e:  # not installed, or triton missing / broken
+        return None, f"liger_kernel not importable ({type(e).__name__}: {e}); pip install liger-kernel"
+    if not hasattr(functional, "liger_mhc_coeffs"):  # mHC ops arrived in Liger-Kernel 0.8.0
+        return None, "this liger_kernel has no mHC ops (needs liger-kernel >= 0.8.0)"
+    return functional, None
+
+
+def liger_version():
+    try:
+        import importlib.metadata
+
+        return importlib.metadata.version("liger-kernel")
+    except Exception:  # not installed
+        return None
+
+
+def make_liger_layer(functional):
+    """The sub-layer on Liger-Kernel's ops: fn(x, phi, alpha_pre, alpha_post, alpha_res, bias, f)."""
+
+    def layer(x, phi, alpha_pre, alpha_post, alpha_res, bias, f):
+        h_pre, h_post, h_res = functional.liger_mhc_coeffs(
+            x, phi, bias, alpha_pre, alpha_post, alpha_res, allow_fp32=x.dtype == torch.float32,
+            tmax=ITERS, rms_eps=EPS, pre_eps=EPS, sinkhorn_eps=EPS, post_mult=POST_MULT,
+        )
+        return functional.liger_mhc_pre(x, h_pre), functional.liger_mhc_post_res(x, f, h_post, h_res)
+
+    return layer
+
+
+def liger_args(x, phi, alpha, bias, f):
+    """The benchmark's values in Liger's layout: phi in x's dtype for 16-bit x (its tensor-core
+    path), alpha split into three 0-d tensors."""
+    phi_l = phi.to(x.dtype) if x.dtype in (torch.bfloat16, torch.float16) else phi
+    return [x, phi_l, alpha[0].clone(), alpha[1].clone(), alpha[2].clone(), bias, f]
+
+
 def make_inputs(T: int, C: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """Streams, paper-like parameters (phi ~ N(0, 1/sqrt(nC)), alpha 0.01, the Pre-Norm bias
     plus noise), the branch output f and the incoming gradients."""
@@ -198,7 +256,9 @@ def _leaves(*tensors):
     return [t.detach().clone().requires_grad_(True) for t in tensors]
 
 
-def run_config(T, C, dtype, device, modes, repeats, warmup, with_compile, log=print) -> List[dict]:
+def run_config(T, C, dtype, device, modes, repeats, warmup, with_compile, liger=None, log=print) -> List[dict]:
+    """Times one shape in every mode, then the stream ops alone. liger: Liger-Kernel's functional
+    module (see liger_functional) to add the liger variant, or None."""
     x, phi, alpha, bias, f, g_in, g_out = make_inputs(T, C, dtype, device, seed=T + C)
     itemsize = x.element_size()
     copy, copy_bytes = copy_callable(x)
@@ -211,13 +271,22 @@ def run_config(T, C, dtype, device, modes, repeats, warmup, with_compile, log=pr
         if with_compile:
             fns["compiled"] = compile_fresh(reference_layer)
         specs = {name: (fn, args, args) for name, fn in fns.items()}
+        if liger is not None:
+            base = liger_args(x, phi, alpha, bias, f)
+            largs = base if mode == "fwd" else _leaves(*base)
+            specs["liger"] = (make_liger_layer(liger), largs, largs)
         calls = sublayer_callables(specs, (g_in, g_out), mode)
         calls["copy"] = copy
         calls["clone"] = x.clone
         timings = harness.time_interleaved(calls, device, **sync_kw)
         row = {**key, "mode": mode, "sinkhorn_iters": ITERS, "post_mult": POST_MULT}
         row["timings"] = {name: t.summary() for name, t in timings.items()}
-        speedups(row, timings)
+        speedups(row, timings, baselines=("eager", "compiled", "liger"))
+        if liger is not None and mode == "fwd":
+            with torch.no_grad():  # checks the parameter mapping: h_pre (so layer_input) is the same formula
+                ours = hcext_layer(x, phi, alpha, bias, f)[0]
+                theirs = make_liger_layer(liger)(*liger_args(x, phi, alpha, bias, f))[0]
+            row["liger_layer_input_max_abs_diff"] = (ours.float() - theirs.float()).abs().max().item()
         row["bytes_must_move"] = bytes_must_move(T, N, C, itemsize, mode)
         row["bytes_two_pass"] = bytes_must_move(T, N, C, itemsize, mode, two_pass=True)
         row["copy_bytes"] = copy_bytes
@@ -349,6 +418,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant first (default 2)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: os.cpu_count())")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument("--no-liger", action="store_true", help="skip the Liger-Kernel variant (GPU only)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/mhc-<device>.json)")
     args = p.parse_args(argv)
 
@@ -359,15 +429,17 @@ def main(argv=None):
     repeats, warmup, with_compile = args.repeats, args.warmup, not args.no_compile
     if args.quick:
         repeats, warmup, with_compile = 2, 1, False
-    variants = [v for v in VARIANTS if with_compile or v != "compiled"]
+    liger, liger_skipped = (None, "--no-liger") if args.no_liger else liger_functional(device)
+    variants = [v for v in VARIANTS if (with_compile or v != "compiled") and (liger is not None or v != "liger")]
 
     meta = harness.metadata(device, threads)
+    meta["liger_kernel_version"] = liger_version()
     meta["loadavg_start"] = os.getloadavg()  # 1, 5 and 15 minute load averages
     print(f"# mHC sub-layer benchmark: {meta['device_name']}, {threads} threads, torch {meta['torch_version']}, "
           f"n={N}, {ITERS} Sinkhorn iterations, {repeats} interleaved repeats; times: median (min) ms")
     results = []
     for T, C, dtype in configs(device, args.quick):
-        results += run_config(T, C, dtype, device, MODES, repeats, warmup, with_compile)
+        results += run_config(T, C, dtype, device, MODES, repeats, warmup, with_compile, liger)
     meta["loadavg_end"] = os.getloadavg()  # the machine may be shared: how busy it was
     print()
     print(sublayer_table(results, variants))
@@ -375,6 +447,8 @@ def main(argv=None):
     print(ops_table(results))
     print()
     print("\n".join(target_lines(results, device.type)))
+    if liger_skipped:
+        print(f"\nliger variant skipped: {liger_skipped}")
 
     out = args.out
     if out is None and not args.quick:
@@ -382,7 +456,9 @@ def main(argv=None):
     if out:
         config = {"benchmark": "mhc", "n": N, "sinkhorn_iters": ITERS, "post_mult": POST_MULT, "alpha": ALPHA,
                   "repeats": repeats, "warmup": warmup, "variants": variants, "quick": args.quick,
-                  "targets": TARGETS, "gradients": "torch.autograd.grad (no .grad accumulation)"}
+                  "targets": TARGETS, "gradients": "torch.autograd.grad (no .grad accumulation)",
+                  "liger": {"version": meta["liger_kernel_version"], "skipped": liger_skipped,
+                            "phi_dtype": "x's dtype for bf16/fp16 x, fp32 for fp32 x (allow_fp32=True)"}}
         clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
         harness.write_json(out, meta, clean, config=config)
         print(f"\nwrote {out}")

@@ -1,20 +1,24 @@
 """The sub-layer benchmarks' --quick modes run on the CPU and write the JSON that RESULTS.md
 and its readers rely on, so that the benchmark scripts cannot rot unnoticed. (--quick skips
-torch.compile: a few seconds each.)"""
+torch.compile: a few seconds each.) The run-all entry point (python -m benchmarks) and the
+report generator run on temporary directories: no test writes to benchmarks/results or
+benchmarks/RESULTS.md."""
 
+import argparse
 import importlib.util
 import json
 import math
 import os
 import sys
 
+import pytest
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # `pytest` (not `python -m pytest`) does not put the root on sys.path
     sys.path.insert(0, REPO_ROOT)
 
-from benchmarks import bench_block, bench_hc, bench_mhc  # noqa: E402
+from benchmarks import bench_block, bench_hc, bench_mhc, report, run_all  # noqa: E402
 
 TIMING_KEYS = {"min_ms", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "repeats", "inner"}
 BANDWIDTH_KEYS = {"gbps", "copy_gbps", "fraction_of_copy", "gbps_min", "copy_gbps_min", "fraction_of_copy_min"}
@@ -62,12 +66,14 @@ def test_bench_mhc_quick(tmp_path):
     for r in rows[:2]:
         _check_timings(r["timings"], {"hcext", "eager", "copy", "clone"})
         assert r["speedup_vs_eager"] > 0 and r["speedup_vs_eager_min"] > 0
-        assert "speedup_vs_compiled" not in r
+        assert "speedup_vs_compiled" not in r and "speedup_vs_liger" not in r
         T, n, C = r["tokens"], r["n"], r["C"]
         assert r["bytes_must_move"] == bench_mhc.bytes_must_move(T, n, C, 4, r["mode"])
         assert r["copy_bytes"] == 2 * T * n * C * 4
         for key in ("bandwidth", "bandwidth_two_pass", "bandwidth_vs_clone"):
             _check_bandwidth(r[key])
+    # The Liger-Kernel variant is GPU only: on the CPU it is skipped, with the reason recorded.
+    assert "liger" not in data["config"]["variants"] and data["config"]["liger"]["skipped"]
     ops_row = rows[2]
     _check_timings(ops_row["timings"], {"aggregate", "mix_expand", "copy"})
     assert set(ops_row["bandwidth"]) == {"aggregate", "mix_expand"}
@@ -113,3 +119,175 @@ def test_bench_block_quick(tmp_path):
     assert set(row["median_ms"]) == variants and set(row["overhead_vs_residual"]) == {"hcext_mhc", "ref_mhc"}
     assert all(len(v) == 2 and min(v) > 0 for v in row["timings_ms"].values())
     assert row["speedup_hcext_vs_ref"] > 0
+
+
+# ---------------------------------------------------------------------------------------
+# python -m benchmarks (run_all) and the report
+
+
+def _regions(text):
+    return {m["id"]: m["body"] for m in report.REGION.finditer(text)}
+
+
+def _table_rows(body, header_start):
+    """The data rows of the table in body whose header line starts with header_start."""
+    lines = body.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return lines[i], rows
+
+
+def _mtimes(paths):
+    return {p: os.path.getmtime(p) if os.path.exists(p) else None for p in paths}
+
+
+def test_run_all_quick(tmp_path):
+    threads = torch.get_num_threads()
+    names = list(run_all.discover())
+    assert names[:4] == ["sinkhorn", "mhc", "hc", "block"]
+    ids = {name: run_all.output_name(name, "cpu", threads)[: -len(".json")] for name in names}
+    # The committed files of the same names, and the report: untouched by a run elsewhere.
+    committed = [os.path.join(report.RESULTS_DIR, f"{rid}.json") for rid in ids.values()] + [report.RESULTS_MD]
+    before = _mtimes(committed)
+    doc = tmp_path / "RESULTS.md"
+    argv = ["--quick", "--threads", str(threads), "--results-dir", str(tmp_path), "--report", str(doc), "--no-charts"]
+    assert run_all.main(argv) == 0
+    assert _mtimes(committed) == before
+    data = {}
+    for name, rid in ids.items():
+        with open(tmp_path / f"{rid}.json") as f:
+            data[name] = json.load(f)
+        assert data[name]["config"]["quick"] is True and data[name]["metadata"]["threads"] == threads
+
+    regions = _regions(doc.read_text())
+    assert set(regions) == {"runs", *ids.values()}
+    for rid in ids.values():
+        assert f"[`{rid}`]({rid}.json) (--quick)" in regions["runs"]
+        assert "--quick smoke run" in regions[rid] and "pip install matplotlib" in regions[rid]
+
+    header, rows = _table_rows(regions[ids["sinkhorn"]], "| T | n |")
+    assert header == "| T | n | mode | hcext ms | eager ms | hcext vs eager |"
+    assert [r.split(" | ")[:3] for r in rows] == [["| 64", "4", "fwd"], ["| 64", "4", "fwd+bwd"]]
+
+    header, rows = _table_rows(regions[ids["mhc"]], "| T | C | dtype | mode |")
+    assert header == ("| T | C | dtype | mode | hcext ms | eager ms | copy ms | clone ms | hcext vs eager | "
+                      "hcext GB/s | copy GB/s | of copy | of copy (x read per op) |")
+    assert [r.split(" | ")[3] for r in rows] == ["fwd", "fwd+bwd"] and all(r.startswith("| 64 | 64 | float32 |") for r in rows)
+    speedup = data["mhc"]["results"][1]["speedup_vs_eager"]
+    assert rows[1].split(" | ")[8].startswith(f"{speedup:.1f}x (")  # the JSON's number, formatted
+    header, rows = _table_rows(regions[ids["mhc"]], "| T | C | dtype | aggregate ms |")
+    assert len(rows) == 1 and header.endswith("| copy ms | copy GB/s |")
+
+    has_package = "package" in data["hc"]["config"]["variants"]
+    header, rows = _table_rows(regions[ids["hc"]], "| kind |")
+    assert header.startswith("| kind | T | C | dtype | mode | hcext ms | eager ms |")
+    assert ("hcext vs package" in header) == has_package
+    assert [tuple(r.split(" | ")[i] for i in (0, 4)) for r in rows] == [
+        ("| dynamic", "fwd"), ("| dynamic", "fwd+bwd"), ("| static", "fwd"), ("| static", "fwd+bwd")
+    ]
+
+    header, rows = _table_rows(regions[ids["block"]], "| tokens |")
+    assert header.startswith("| tokens | dim | n | dtype | residual ms | hcext_mhc ms | ref_mhc ms | hcext vs reference mHC |")
+    assert len(rows) == 1 and rows[0].startswith("| 256 | 64 | 4 | float32 |")
+
+
+def test_run_all_options():
+    """Only the options a benchmark's argparse accepts are passed; the JSON names follow the
+    results' naming (mhc-cpu.json, mhc-cpu-1thread.json)."""
+    benches = run_all.discover()
+    block = run_all.accepted_options(benches["block"])
+    assert {"--quick", "--threads", "--out"} <= block and "--no-compile" not in block
+    assert "--no-compile" in run_all.accepted_options(benches["mhc"])
+
+    args = argparse.Namespace(device="cpu", threads=1, quick=False, no_compile=True, repeats=None, warmup=None)
+    argv, _ = run_all.bench_argv("block", block, args, "/r")
+    assert argv == ["--device", "cpu", "--threads", "1", "--out", f"/r/{run_all.output_name('block', 'cpu', 1)}"]
+    argv, _ = run_all.bench_argv("x", {"--out"}, args, "/r")  # no --device: fine on the CPU
+    assert argv == ["--out", f"/r/{run_all.output_name('x', 'cpu', 1)}"]
+    args.device, args.quick = "cuda", True
+    assert run_all.bench_argv("x", {"--out", "--quick"}, args, "/r")[0] is None  # CPU only
+    assert run_all.bench_argv("x", {"--out", "--device"}, args, "/r")[0] is None  # no quick mode
+    assert run_all.bench_argv("x", {"--device", "--quick"}, args, "/r")[0] is None  # no --out
+
+    cpus = os.cpu_count()
+    assert run_all.output_name("mhc", "cpu", None) == "mhc-cpu.json" == run_all.output_name("mhc", "cpu", cpus)
+    assert run_all.output_name("mhc", "cuda", 1) == "mhc-cuda.json"
+    if cpus != 1:
+        assert run_all.output_name("mhc", "cpu", 1) == "mhc-cpu-1thread.json"
+
+
+def _outside_regions(text):
+    return report.REGION.sub(lambda m: report.wrap(m["id"], ""), text)
+
+
+def test_report_keeps_prose():
+    """Regenerating RESULTS.md from the committed JSONs: every marked region is rebuilt, the
+    hand-written text around them stays byte for byte, and the committed file is what the JSONs
+    give (else: run python -m benchmarks.report)."""
+    with open(report.RESULTS_MD) as f:
+        original = f.read()
+    results = report.load_results(report.RESULTS_DIR)
+    ids = [m["id"] for m in report.REGION.finditer(original)]
+    assert "runs" in ids and set(results) <= set(ids)  # every JSON has its place in the prose
+    stale = report.REGION.sub(lambda m: report.wrap(m["id"], "stale"), original)
+    regenerated = report.render_document(stale, results, report.RESULTS_DIR, report.RESULTS_MD)
+    assert [m["id"] for m in report.REGION.finditer(regenerated)] == ids
+    assert _outside_regions(regenerated) == _outside_regions(original)
+    assert "stale" not in "".join(_regions(regenerated).values())
+    assert regenerated == original, "benchmarks/RESULTS.md is out of date: python -m benchmarks.report"
+
+    with open(report.README) as f:
+        readme = f.read()
+    assert "summary" in _regions(readme)
+    assert report.render_readme(readme, results, report.README, report.RESULTS_MD) == readme, (
+        "README.md's benchmark summary is out of date: python -m benchmarks.report")
+
+
+def test_report_new_and_missing_regions(tmp_path):
+    """A JSON of a benchmark the report does not know (a new bench_*.py) gets a generic table in
+    a new section; a region without its JSON says how to produce it; the prose stays."""
+    meta = {"date": "2026-01-02T03:04:05+00:00", "device": "cpu", "device_name": "CPU", "threads": 1,
+            "torch_version": "2.x", "git_commit": "0123456789abcdef"}
+    rows = [{"tokens": 64, "mode": "fwd", "timings": {"hcext": {"median_ms": 1.0, "min_ms": 0.9},
+                                                    "eager": {"median_ms": 3.0, "min_ms": 2.0}},
+             "speedup_vs_eager": 3.0, "speedup_vs_eager_min": 2.2}]
+    with open(tmp_path / "memory-cpu.json", "w") as f:
+        json.dump({"metadata": meta, "config": {"benchmark": "memory"}, "results": rows}, f)
+    doc = tmp_path / "RESULTS.md"
+    prose = "# Results\n\nHand-written.\n\n" + report.wrap("mhc-cuda", "old") + "\n\nMore prose.\n"
+    doc.write_text(prose)
+    assert report.main(["--results-dir", str(tmp_path), "--no-charts"]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nHand-written.\n\n") and "\n\nMore prose.\n" in text
+    regions = _regions(text)
+    assert "`mhc-cuda.json` does not exist" in regions["mhc-cuda"] and "--device cuda" in regions["mhc-cuda"]
+    assert "## memory: `memory-cpu`" in text
+    header, table = _table_rows(regions["memory-cpu"], "| tokens |")
+    assert header == "| tokens | mode | hcext ms | eager ms | hcext vs eager |"
+    assert table == ["| 64 | fwd | 1.00 (0.900) | 3.00 (2.00) | 3.0x (2.2x) |"]
+    assert "0123456 | 2026-01-02 03:04 UTC" in regions["runs"]
+    report.main(["--results-dir", str(tmp_path), "--no-charts"])
+    assert doc.read_text() == text  # idempotent
+
+
+def test_report_charts(tmp_path):
+    """With matplotlib: one speed-up PNG per JSON (and a bandwidth PNG for GPU runs), linked
+    from its region."""
+    pytest.importorskip("matplotlib")
+    for name in ("sinkhorn-cpu-1thread", "mhc-cpu"):
+        with open(os.path.join(report.RESULTS_DIR, f"{name}.json")) as f:
+            data = json.load(f)
+        if name == "mhc-cpu":  # stands in for a GPU run
+            data["metadata"]["device"], name = "cuda", "mhc-cuda"
+        with open(tmp_path / f"{name}.json", "w") as f:
+            json.dump(data, f)
+    assert report.main(["--results-dir", str(tmp_path)]) == 0
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["mhc-cuda-bandwidth.png", "mhc-cuda-speedup.png", "sinkhorn-cpu-1thread-speedup.png"]
+    regions = _regions((tmp_path / "RESULTS.md").read_text())
+    assert "![mhc-cuda-bandwidth](mhc-cuda-bandwidth.png)" in regions["mhc-cuda"]
+    assert "![sinkhorn-cpu-1thread-speedup](sinkhorn-cpu-1thread-speedup.png)" in regions["sinkhorn-cpu-1thread"]
