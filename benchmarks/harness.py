@@ -33,6 +33,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import torch
 
+CPU_TIMING_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "HCEXT_CPU_ISA", "MALLOC_MMAP_THRESHOLD_",
+                  "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 
@@ -233,8 +235,10 @@ def metadata(device, threads: Optional[int] = None) -> Dict[str, object]:
         "threads": threads if threads is not None else torch.get_num_threads(),
         # 1/5/15-minute load averages when the run started: other jobs on the machine.
         "loadavg_start": loadavg(),
-        # Settings that change CPU timings (None: unset).
-        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "HCEXT_CPU_ISA")},
+        # Settings that change CPU timings (None: unset). The glibc malloc settings decide
+        # whether a fresh x-sized output is a new mmap (page faults on first write) or
+        # reused heap memory: see RESULTS.md, "Method".
+        "env": {k: os.environ.get(k) for k in CPU_TIMING_ENV},
     }
     if device.type == "cpu":
         meta["cpu_simd"] = _cpu_simd()
