@@ -41,10 +41,12 @@ test: build cmake
 
 demo: build
 	py=$(VENV_PY)
+	"$$py" -m pip install -q -r requirements-demo.txt  # plots and the progress bar (optional extras)
 	"$$py" -m hcext.demo
 
 bench: build
 	py=$(VENV_PY)
+	"$$py" -m pip install -q -r requirements-demo.txt  # the report's charts
 	"$$py" -m benchmarks
 
 clean:
