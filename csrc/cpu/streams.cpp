@@ -139,37 +139,14 @@ template <int kN, int kMaxN, typename T, typename S>
   }
 }
 
-template <int kN, int kMaxN, typename T, typename S>
-[[gnu::always_inline]] inline void mix_forward_range(const T* f, const T* x, const S* hp, int64_t hp_stride,
-                                                     const S* hr, int64_t hr_stride, T* out, int64_t t0, int64_t t1,
-                                                     int n_rt, int64_t C) {
-  const int n = kN > 0 ? kN : n_rt;
-  Block<S> X[kMaxN];
-  for (int64_t t = t0; t < t1; ++t) {
-    const T* xt = x + t * n * C;
-    const LocalCoefs<kN, kMaxN, S> hpt(hp + t * hp_stride, n);
-    const LocalCoefs<kN, kMaxN * kMaxN, S> hrt(hr + t * hr_stride, n * n);
-    T* ot = out + t * n * C;
-    for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
-      for (int j = 0; j < n; ++j) X[j] = load_block<S>(xt + j * C + c, valid);
-      const Block<S> F = load_block<S>(f + t * C + c, valid);
-      for (int i = 0; i < n; ++i) {
-        const Block<S> o = stream_mix_value<kN, Block<S>>(hrt.v + i * n, hpt.v[i], F, n,
-                                                          [&](int j) __attribute__((always_inline)) { return X[j]; });
-        store_block(ot + i * C + c, o, valid);
-      }
-    });
-  }
-}
-
-// mix_forward_range that also reduces each token's n*C outputs, as rounded to T, to
-// rstd = 1/sqrt(mean(out²) + norm_eps) (hcext/mhc.h), and (xf non-null) writes them in
-// the compute type S: the first pass of hcext::mhc_post_pre, so that the next layer's
-// coefficients do not read the new streams back for their statistics.
-template <int kN, int kMaxN, typename T, typename S>
-[[gnu::always_inline]] inline void mix_rows_range(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr,
-                                                  int64_t hr_stride, T* out, S* xf, S* rstd, S norm_eps, int64_t t0,
-                                                  int64_t t1, int n_rt, int64_t C) {
+// out = mix(f, x, h_post, h_res) over the tokens [t0, t1). kRows (the first pass of
+// hcext::mhc_post_pre): also reduce each token's n*C outputs, as stored (rounded to T), to
+// rstd = 1/sqrt(mean(out²) + norm_eps) (hcext/mhc.h), and (xf non-null) write them in the
+// compute type S, so that the next layer's coefficients do not read the new streams back.
+template <int kN, int kMaxN, bool kRows, typename T, typename S>
+[[gnu::always_inline]] inline void mix_range(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr,
+                                             int64_t hr_stride, T* out, S* xf, S* rstd, S norm_eps, int64_t t0,
+                                             int64_t t1, int n_rt, int64_t C) {
   const int n = kN > 0 ? kN : n_rt;
   Block<S> X[kMaxN];
   for (int64_t t = t0; t < t1; ++t) {
@@ -185,14 +162,31 @@ template <int kN, int kMaxN, typename T, typename S>
         const Block<S> o = stream_mix_value<kN, Block<S>>(hrt.v + i * n, hpt.v[i], F, n,
                                                           [&](int j) __attribute__((always_inline)) { return X[j]; });
         store_block(ot + i * C + c, o, valid);
-        Block<S> r = o;  // the stored value (lanes past `valid` are 0: the inputs load as 0 there)
-        if constexpr (!std::is_same_v<T, S>) r = load_block<S>(ot + i * C + c, valid);
-        squares = squares + r * r;
-        if (xf) store_block(xf + (t * n + i) * C + c, r, valid);
+        if constexpr (kRows) {
+          Block<S> r = o;  // the stored value (lanes past `valid` are 0: the inputs load as 0 there)
+          if constexpr (!std::is_same_v<T, S>) r = load_block<S>(ot + i * C + c, valid);
+          squares = squares + r * r;
+          if (xf) store_block(xf + (t * n + i) * C + c, r, valid);
+        }
       }
     });
-    rstd[t] = mhc_rstd<S>(lane_sum(squares), S(n * C), norm_eps);
+    if constexpr (kRows) rstd[t] = mhc_rstd<S>(lane_sum(squares), S(n * C), norm_eps);
   }
+}
+
+template <int kN, int kMaxN, typename T, typename S>
+[[gnu::always_inline]] inline void mix_forward_range(const T* f, const T* x, const S* hp, int64_t hp_stride,
+                                                     const S* hr, int64_t hr_stride, T* out, int64_t t0, int64_t t1,
+                                                     int n_rt, int64_t C) {
+  mix_range<kN, kMaxN, false>(f, x, hp, hp_stride, hr, hr_stride, out, static_cast<S*>(nullptr),
+                              static_cast<S*>(nullptr), S(0), t0, t1, n_rt, C);
+}
+
+template <int kN, int kMaxN, typename T, typename S>
+[[gnu::always_inline]] inline void mix_rows_range(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr,
+                                                  int64_t hr_stride, T* out, S* xf, S* rstd, S norm_eps, int64_t t0,
+                                                  int64_t t1, int n_rt, int64_t C) {
+  mix_range<kN, kMaxN, true>(f, x, hp, hp_stride, hr, hr_stride, out, xf, rstd, norm_eps, t0, t1, n_rt, C);
 }
 
 // Every output pointer is nullable (not requested). gh_post: [tokens, n] rows, gh_res:
