@@ -13,6 +13,10 @@ A :class:`HyperConnection` with a ``branch`` maps streams to streams. Without on
     out, aux_loss = moe(branch_input)
     streams = add(out)
 
+Between consecutive mHC sub-layers, :class:`HyperConnectionStack` calls the fused boundary
+op :func:`hcext.ops.mhc_post_pre` (layer l's merge and layer l+1's coefficients and layer
+input in one op) instead of ``stream_mix_expand`` + ``mhc_pre``.
+
 Recompute (mHC §4.3.2)
 ----------------------
 n streams make the residual state n times larger than a residual network's, and every
@@ -29,15 +33,17 @@ Every block runs under ``torch.utils.checkpoint`` (non-reentrant) with the selec
 convolutions) and of random ops (dropout) are *saved*; everything else is *recomputed* in
 backward: the hcext stream ops (the streams ``x_l``, the layer inputs ``Σ h_pre x_l``, the
 coefficients) and the branches' cheap ops (norms, activations, views). So the stored state
-is ``x_{l0}`` per block and, per sub-layer, the outputs of its matmuls / attention (the
-last of which is F's output); no matmul or attention is re-run. The recomputed ops are the
+is ``x_{l0}`` per block (with the block's first layer input and coefficients, which the
+fused boundary op ``mhc_post_pre`` of the previous block computed) and, per sub-layer, the
+outputs of its matmuls / attention (the last of which is F's output); no matmul or
+attention is re-run. The recomputed ops are the
 same ops on the same inputs, so gradients are bitwise equal to those without recompute.
 ``recompute_block="auto"`` is the paper's ``L_r = round(sqrt(n L / (n + 2)))``: in backward
 one block's streams and branch activations are rebuilt at a time, so the peak is what is
 stored plus one block's transient state. Recompute applies only in training mode with grad
 enabled; it works under ``torch.compile`` (fullgraph too). Measured (benchmarks/bench_memory.py,
 24 attention / MLP sub-layers, C = 1024, n = 4, 4096 tokens, fp32 CPU): activation peak of one
-forward + backward 0.84x the plain residual network's (1.57x without recompute) and 1.27x the
+forward + backward 0.86x the plain residual network's (1.57x without recompute) and 1.29x the
 residual network's under the same policy. Use
 :func:`recompute_policy` in your own checkpoint regions (e.g. blocks that a stack cannot
 express)::
