@@ -50,7 +50,6 @@ import time
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -63,7 +62,7 @@ from hcext.nn import (  # noqa: E402
 )
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts  # noqa: E402
 
-from benchmarks import harness  # noqa: E402
+from benchmarks import bench_block, harness  # noqa: E402
 
 VARIANTS = {
     "residual": "residual x + F(x)",
@@ -80,27 +79,8 @@ MiB = 2**20
 # Models
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.norm, self.heads = nn.RMSNorm(dim), heads
-        self.qkv, self.out = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim, bias=False)
-
-    def forward(self, h):
-        B, S, C = h.shape
-        q, k, v = self.qkv(self.norm(h)).view(B, S, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(B, S, C))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.norm = nn.RMSNorm(dim)
-        self.up, self.down = nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
-
-    def forward(self, h):
-        return self.down(F.gelu(self.up(self.norm(h))))
+# The branches: the same pre-norm attention and MLP as the end-to-end block benchmark.
+Attention, MLP = bench_block.Attention, bench_block.MLP
 
 
 class Residual(nn.Module):
