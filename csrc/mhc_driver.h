@@ -72,6 +72,14 @@ void dispatch_compute(at::ScalarType compute, Fn&& fn) {
   }
 }
 
+// hcext::stream_aggregate through the dispatcher (the kernels users call directly).
+inline const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&)>& stream_aggregate_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("hcext::stream_aggregate", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op;
+}
+
 // -> (h_pre [..., n], h_post [..., n], h_res [..., n, n], proj [..., D], rstd [...])
 template <class Backend>
 Tensor5 mhc_coeffs_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
@@ -110,9 +118,7 @@ Tensor5 mhc_pre_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::T
                          int64_t iters, double norm_eps, double sinkhorn_eps, double pre_eps, double post_mult) {
   auto [h_pre, h_post, h_res, proj, rstd] =
       mhc_coeffs_fwd_impl<Backend>(x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
-  static const auto aggregate = c10::Dispatcher::singleton()
-                                    .findSchemaOrThrow("hcext::stream_aggregate", "")
-                                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  const auto& aggregate = stream_aggregate_op();
   return {aggregate.call(x, h_pre), h_post, h_res, proj, rstd};
 }
 
@@ -225,9 +231,7 @@ Tensor6 mhc_post_pre_fwd_impl(const at::Tensor& f, const at::Tensor& x, const at
   at::Tensor h_post_next = at::empty(lead_shape(x, {n}), opts);
   at::Tensor h_res_next = at::empty(lead_shape(x, {n, n}), opts);
   at::Tensor rstd = at::empty(lead_shape(x, {}), opts);
-  static const auto aggregate = c10::Dispatcher::singleton()
-                                    .findSchemaOrThrow("hcext::stream_aggregate", "")
-                                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  const auto& aggregate = stream_aggregate_op();
   if (d.tokens == 0) {
     return {x_next, aggregate.call(x_next, h_pre), h_post_next, h_res_next, at::empty(lead_shape(x, {d.D}), opts),
             rstd};

@@ -30,6 +30,7 @@ constexpr int kVec = cpu::kVecIoWidth;  // channels per block in the row passes
 using cpu::for_channel_blocks;
 using cpu::lane_sum;
 using cpu::load_block;
+using cpu::row_grain;
 using cpu::store_block;
 using cpu::LaneHistory;
 using cpu::load_lanes;
@@ -114,9 +115,6 @@ void dispatch_row_kernels(Fn&& fn) {
   cpu::dispatch_isa<BaselineRowKernels, Avx2RowKernels, Avx512RowKernels>(fn);
 }
 
-// Tokens per parallel_for task for a pass over rows of len elements (~32K elements).
-inline int64_t row_grain(int64_t len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, len)); }
-
 template <typename T>
 void epilogue_forward(const T* proj, const T* rstd, const T* alpha, const T* bias, T* h_pre, T* h_post, T* h_res,
                       const MhcDims& d, const MhcScalars& s) {
@@ -192,7 +190,7 @@ struct CpuMhcBackend {
     at::Tensor xf = copy ? at::empty({d.tokens, len}, x.options().dtype(d.compute)) : xc.reshape({d.tokens, len});
     dispatch_compute(d.compute, [&](auto zero) {
       using S = decltype(zero);
-      dispatch_x(xc.scalar_type(), [&](auto xtag) {
+      cpu::dispatch_stream_dtype(xc.scalar_type(), [&](auto xtag) {
         using X = decltype(xtag);
         if constexpr (std::is_same_v<S, double> == std::is_same_v<X, double>) {
           dispatch_row_kernels([&](auto k) {
@@ -237,7 +235,7 @@ struct CpuMhcBackend {
   template <typename T>
   void grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy, const T* alpha,
               const T* bias, double pre_eps, const at::Tensor& extra, at::Tensor& dx, const MhcDims& d) {
-    dispatch_x(dx.scalar_type(), [&](auto xtag) {
+    cpu::dispatch_stream_dtype(dx.scalar_type(), [&](auto xtag) {
       using X = decltype(xtag);
       if constexpr (std::is_same_v<T, double> == std::is_same_v<X, double>) {
         const X* e = extra.defined() ? extra.data_ptr<X>() : nullptr;
@@ -249,18 +247,6 @@ struct CpuMhcBackend {
         });
       }
     });
-  }
-
- private:
-  // fn(X{}) for the streams' dtype.
-  template <typename Fn>
-  static void dispatch_x(at::ScalarType dtype, Fn&& fn) {
-    switch (dtype) {
-      case at::kFloat: return fn(float{});
-      case at::kDouble: return fn(double{});
-      case at::kBFloat16: return fn(c10::BFloat16{});
-      default: return fn(c10::Half{});
-    }
   }
 };
 

@@ -56,8 +56,6 @@ using cpu::store_block;
 using cpu::for_channel_blocks;
 using cpu::lane_sum;
 
-// Tokens per parallel_for task: about 32K stream elements of work.
-inline int64_t token_grain(int n, int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n * C)); }
 
 // out[k] = sum_t partials[t, k], in a fixed order: fixed blocks of kRows tokens are summed
 // (in parallel), then the block sums are summed in block order.
@@ -273,19 +271,7 @@ void dispatch_kernels(int n, Fn&& fn) {
 // Runs kernel(t0, t1) over the tokens, split by at::parallel_for.
 template <typename Kernel>
 void for_tokens(int64_t tokens, int n, int64_t C, Kernel&& kernel) {
-  at::parallel_for(0, tokens, token_grain(n, C), [&](int64_t t0, int64_t t1) { kernel(t0, t1); });
-}
-
-// Calls fn(T{}) with T the C++ type of the (checked, floating) stream dtype.
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: return fn(float{});
-    case at::kDouble: return fn(double{});
-    case at::kBFloat16: return fn(c10::BFloat16{});
-    case at::kHalf: return fn(c10::Half{});
-    default: TORCH_CHECK(false, "hcext streams: unsupported dtype ", dtype);
-  }
+  at::parallel_for(0, tokens, cpu::row_grain(int64_t(n) * C), [&](int64_t t0, int64_t t1) { kernel(t0, t1); });
 }
 
 inline void finish_coef_grad(CoefGrad& g, const StreamsCoef& c, int64_t tokens, int64_t K) {
@@ -303,7 +289,7 @@ at::Tensor stream_aggregate_cpu(const at::Tensor& x_in, const at::Tensor& h_pre_
   const StreamsCoef h = check_streams_coef(h_pre_in, "h_pre", 1, x_in, p, op);
   at::Tensor y = at::empty(streams_aggregate_shape(p), p.x.options());
   if (p.tokens == 0 || p.C == 0) return y;
-  dispatch_dtype(p.x.scalar_type(), [&](auto tag) {
+  cpu::dispatch_stream_dtype(p.x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using S = ComputeOf<T>;
     dispatch_kernels(p.n, [&](auto k, auto kN, auto kMaxN) {
@@ -329,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor> stream_aggregate_backward_cpu(const at::Tenso
     if (gh.partial.defined()) gh.out.zero_();  // a shared coefficient's gradient is 0
     return {grad_x, gh.out};
   }
-  dispatch_dtype(p.x.scalar_type(), [&](auto tag) {
+  cpu::dispatch_stream_dtype(p.x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using S = ComputeOf<T>;
     dispatch_kernels(p.n, [&](auto k, auto kN, auto kMaxN) {
@@ -353,7 +339,7 @@ at::Tensor stream_mix_expand_cpu(const at::Tensor& f_in, const at::Tensor& x_in,
   const StreamsCoef hr = check_streams_coef(h_res_in, "h_res", 2, x_in, p, op);
   at::Tensor out = at::empty(x_in.sizes(), p.x.options());
   if (p.tokens == 0 || p.C == 0) return out;
-  dispatch_dtype(p.x.scalar_type(), [&](auto tag) {
+  cpu::dispatch_stream_dtype(p.x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using S = ComputeOf<T>;
     dispatch_kernels(p.n, [&](auto k, auto kN, auto kMaxN) {
@@ -387,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_mix_expand_bac
     if (ghr.partial.defined()) ghr.out.zero_();
     return {grad_f, grad_x, ghp.out, ghr.out};
   }
-  dispatch_dtype(p.x.scalar_type(), [&](auto tag) {
+  cpu::dispatch_stream_dtype(p.x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using S = ComputeOf<T>;
     dispatch_kernels(p.n, [&](auto k, auto kN, auto kMaxN) {
@@ -409,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_mix_expand_bac
 void cpu::stream_mix_rows(const StreamsProblem& p, const at::Tensor& f, const StreamsCoef& hp, const StreamsCoef& hr,
                           at::Tensor& out, at::Tensor& xf, at::Tensor& rstd, double norm_eps) {
   if (p.tokens == 0) return;
-  dispatch_dtype(p.x.scalar_type(), [&](auto tag) {
+  cpu::dispatch_stream_dtype(p.x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using S = ComputeOf<T>;
     S* xf_ptr = xf.defined() ? xf.data_ptr<S>() : nullptr;

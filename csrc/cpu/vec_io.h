@@ -5,8 +5,12 @@
 // fp16 per lane through c10::Half. Partial blocks (valid < width) read zeros beyond the
 // end (they add nothing to sums) and write only the valid channels.
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+
+#include <algorithm>
 
 #include <cstdint>
 #include <cstring>
@@ -92,5 +96,21 @@ template <typename S, int W>
 }
 
 #pragma GCC diagnostic pop
+
+// Calls fn(T{}) with T the C++ type of the (checked, floating) streams' dtype.
+template <typename Fn>
+void dispatch_stream_dtype(c10::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case c10::kFloat: return fn(float{});
+    case c10::kDouble: return fn(double{});
+    case c10::kBFloat16: return fn(c10::BFloat16{});
+    case c10::kHalf: return fn(c10::Half{});
+    default: TORCH_CHECK(false, "hcext: unsupported streams dtype ", dtype);
+  }
+}
+
+// Tokens per at::parallel_for task for a pass over rows of `len` elements per token:
+// about 32K elements of work per task.
+inline int64_t row_grain(int64_t len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, len)); }
 
 }  // namespace hcext::cpu

@@ -8,11 +8,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <torch/library.h>
-
-#include <type_traits>
 
 #include "cuda/x_type.h"
 #include "launchers.h"
@@ -46,9 +42,9 @@ struct CudaMhcBackend {
                       at::Tensor& out, at::Tensor& rstd, const MhcDims& d, double norm_eps) {
     const bool copy = p.x.scalar_type() != d.compute;
     at::Tensor xf = copy ? at::empty({d.tokens, d.n * d.C}, p.x.options().dtype(d.compute)) : at::Tensor();
-    with_stream_type(p.x.scalar_type(), [&](auto* tag) {
-      using X = std::remove_pointer_t<decltype(tag)>;
-      using S = std::conditional_t<std::is_same_v<X, double>, double, float>;
+    cuda::dispatch_stream_dtype(p.x.scalar_type(), [&](auto xtag, auto stag) {
+      using X = decltype(xtag);
+      using S = decltype(stag);
       const cudaError_t err = cuda::stream_mix_rows<X, S>(
           static_cast<const X*>(f.data_ptr()), static_cast<const X*>(p.x.data_ptr()), hp.h.data_ptr<S>(),
           hp.token_stride, hr.h.data_ptr<S>(), hr.token_stride, static_cast<X*>(out.data_ptr()),
@@ -87,17 +83,6 @@ struct CudaMhcBackend {
                                        cuda::x_type(dx.scalar_type()), d.tokens, d.n, d.C, d.D, stream));
   }
 
- private:
-  // fn(X*) with a null pointer of the CUDA type of the streams' dtype.
-  template <typename Fn>
-  static void with_stream_type(at::ScalarType dtype, Fn&& fn) {
-    switch (dtype) {
-      case at::kFloat: return fn(static_cast<float*>(nullptr));
-      case at::kDouble: return fn(static_cast<double*>(nullptr));
-      case at::kBFloat16: return fn(static_cast<__nv_bfloat16*>(nullptr));
-      default: return fn(static_cast<__half*>(nullptr));
-    }
-  }
 };
 
 }  // namespace

@@ -15,24 +15,12 @@
 #include <tuple>
 #include <type_traits>
 
+#include "cuda/x_type.h"
 #include "launchers.h"
 #include "streams_args.h"
 
 namespace hcext {
 namespace {
-
-// Calls fn(T{}, S{}) with T the CUDA type of the stream dtype (bit-compatible with the
-// ATen type) and S the coefficient type.
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: return fn(float{}, float{});
-    case at::kDouble: return fn(double{}, double{});
-    case at::kBFloat16: return fn(__nv_bfloat16{}, float{});
-    case at::kHalf: return fn(__half{}, float{});
-    default: TORCH_CHECK(false, "hcext streams: unsupported dtype ", dtype);
-  }
-}
 
 // The tensor's data as T (null for an undefined or skipped [0] output).
 template <typename T>
@@ -60,7 +48,7 @@ at::Tensor stream_aggregate_cuda(const at::Tensor& x_in, const at::Tensor& h_pre
   at::Tensor y = at::empty(streams_aggregate_shape(p), p.x.options());
   if (p.tokens == 0 || p.C == 0) return y;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(p.x.scalar_type(), [&](auto t_tag, auto s_tag) {
+  cuda::dispatch_stream_dtype(p.x.scalar_type(), [&](auto t_tag, auto s_tag) {
     using T = decltype(t_tag);
     using S = decltype(s_tag);
     const cudaError_t err = cuda::stream_aggregate_forward<T, S>(ptr<T>(p.x), ptr<S>(h.h), h.token_stride,
@@ -85,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> stream_aggregate_backward_cuda(const at::Tens
     if (gh.partial.defined()) gh.out.zero_();  // a shared coefficient's gradient is 0
     return {grad_x, gh.out};
   }
-  dispatch_dtype(p.x.scalar_type(), [&](auto t_tag, auto s_tag) {
+  cuda::dispatch_stream_dtype(p.x.scalar_type(), [&](auto t_tag, auto s_tag) {
     using T = decltype(t_tag);
     using S = decltype(s_tag);
     const cudaError_t err = cuda::stream_aggregate_backward<T, S>(
@@ -108,7 +96,7 @@ at::Tensor stream_mix_expand_cuda(const at::Tensor& f_in, const at::Tensor& x_in
   at::Tensor out = at::empty(x_in.sizes(), p.x.options());
   if (p.tokens == 0 || p.C == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(p.x.scalar_type(), [&](auto t_tag, auto s_tag) {
+  cuda::dispatch_stream_dtype(p.x.scalar_type(), [&](auto t_tag, auto s_tag) {
     using T = decltype(t_tag);
     using S = decltype(s_tag);
     const cudaError_t err = cuda::stream_mix_expand_forward<T, S>(ptr<T>(f), ptr<T>(p.x), ptr<S>(hp.h),
@@ -141,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_mix_expand_bac
     return {grad_f, grad_x, ghp.out, ghr.out};
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(p.x.scalar_type(), [&](auto t_tag, auto s_tag) {
+  cuda::dispatch_stream_dtype(p.x.scalar_type(), [&](auto t_tag, auto s_tag) {
     using T = decltype(t_tag);
     using S = decltype(s_tag);
     const cudaError_t err = cuda::stream_mix_expand_backward<T, S>(
