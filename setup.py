@@ -80,10 +80,20 @@ if os.environ.get("CCACHE", "1") == "0":
 
 
 def _sources():
-    srcs = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    if WITH_CUDA:
-        srcs += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+    # csrc/hcext.cpp, then per family csrc/<family>/: <family>_ops.cpp (schemas),
+    # <family>_cpu.cpp, and with CUDA <family>_cuda.cpp and <family>_kernels.cu.
+    srcs = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*/*.cpp"))
+    if not WITH_CUDA:
+        srcs = [s for s in srcs if not s.endswith("_cuda.cpp")]
+    else:
+        srcs += sorted(glob.glob("csrc/*/*.cu"))
     return srcs
+
+
+def _headers():
+    # setuptools rebuilds the extension only when a source or one of these is newer than it
+    # (ninja then recompiles only the translation units whose inputs changed).
+    return sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
 
 
 def _extension():
@@ -107,6 +117,7 @@ def _extension():
     kwargs = dict(
         name="hcext._C",
         sources=_sources(),
+        depends=_headers(),
         include_dirs=include_dirs,
         define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if WITH_CUDA else {"cxx": cxx},

@@ -2,19 +2,22 @@
 Hyper-Connections (mHC) as torch custom ops.
 
 Importing hcext loads the native library (registering ``torch.ops.hcext.*`` for
-every compiled backend) and ``hcext.ops`` (fake kernels and autograd).
+every compiled backend), ``hcext.ops`` (fake kernels and autograd) and ``hcext.nn``
+(the modules), like ``import torch`` makes ``torch.nn`` available.
 """
 
 import torch  # noqa: F401  (torch must be loaded before the native library)
 
 from . import _C  # noqa: F401  (registers the ops)
 from . import ops, reference  # noqa: F401
-from .ops import sinkhorn
-from .ops import stream_aggregate, stream_mix_expand
 from . import init  # noqa: F401  (Hyper-Connections initial values)
-from .ops import hc_coeffs
+from . import nn  # noqa: F401  (after ops and init, which it uses)
+from .ops import hc_coeffs, mhc_coeffs, mhc_post_pre, mhc_pre, sinkhorn, stream_aggregate, stream_mix_expand
 
-__all__ = ["build_info", "has_cuda", "ops", "reference", "sinkhorn", "stream_aggregate", "stream_mix_expand", "init", "hc_coeffs"]
+__all__ = [
+    "build_info", "has_cuda", "ops", "reference", "init", "nn",
+    "sinkhorn", "stream_aggregate", "stream_mix_expand", "mhc_coeffs", "mhc_pre", "mhc_post_pre", "hc_coeffs",
+]
 __version__ = "0.1.0"
 
 

@@ -97,10 +97,12 @@ def reduce_streams(x: Tensor) -> Tensor:
 def mhc_bias_init(num_streams: int, pre_eps: float = 1e-6) -> Tensor:
     """The mHC bias at which the layer equals a Pre-Norm residual layer (with phi = 0).
 
-    mHC's paper leaves b unspecified (spec.md §B "Derived"). hcext chooses, for copied-in
-    (equal) streams: ``h_pre = 1/n`` (so the layer input equals the hidden state, not n/2
-    times it), ``h_post = 2σ(0) = 1`` (the branch output is added once to every stream),
-    ``b_res = 0`` (uniform, doubly stochastic ``H_res``: equal streams stay equal).
+    mHC's paper leaves b unspecified (it gives only alpha's initial value, 0.01). With
+    phi = 0, any b that makes the h_post entries equal and H_res doubly stochastic keeps
+    copied-in (equal) streams equal. hcext chooses: ``h_pre = 1/n`` (so the layer input
+    equals the hidden state, not n/2 times it, as b = 0 would give), ``h_post = 2σ(0) = 1``
+    (the branch output is added once to every stream), ``b_res = 0`` (uniform, doubly
+    stochastic ``H_res``: equal streams stay equal).
     """
     n = num_streams
     p = 1.0 / n - pre_eps
@@ -205,7 +207,7 @@ class HyperConnection(nn.Module):
     def _coefficient_params(self, x: Tensor) -> dict:
         """The coefficient parameters in the ops' compute dtype: fp32, or fp64 for fp64
         streams (whatever dtype the module was cast to; the cast is differentiable)."""
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dtype = ops.compute_dtype(x.dtype)
         return {name: p.to(dtype) for name, p in self.named_parameters(recurse=False)}
 
     def coefficients(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -233,7 +235,8 @@ class HyperConnection(nn.Module):
 
 
 class StreamHead(nn.Module):
-    """DeepSeek's learned output reduction of the streams (spec.md §C.10, ``mhc_head``):
+    """DeepSeek's learned output reduction of the streams (``mhc_head`` in their official code;
+    the mHC paper does not define the output reduction, and HC sums the streams):
     ``out = Σ_i w_i x_i`` with ``w = σ(scale · (x̃ @ fn) · rsqrt(mean(x̃²) + eps) + base) + eps``
     computed from the flattened streams ``x̃ [..., n*C]``; then apply the final norm.
 
@@ -250,7 +253,7 @@ class StreamHead(nn.Module):
         self.base = nn.Parameter(torch.full((n,), math.log(p / (1 - p)) if n > 1 else 20.0))
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # the ops' compute dtype
+        dtype = ops.compute_dtype(x.dtype)
         xf = x.to(dtype).flatten(-2)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.norm_eps)
         w = torch.sigmoid(self.scale.to(dtype) * (xf @ self.fn.to(dtype)) * rstd + self.base.to(dtype)) + self.eps

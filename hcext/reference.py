@@ -8,7 +8,13 @@ token). Matrices acting on streams follow the mHC paper: ``H[dst, src]``, applie
 Papers: HC = "Hyper-Connections", arXiv 2409.19606v3 (ICLR 2025);
 mHC = "mHC: Manifold-Constrained Hyper-Connections", arXiv 2512.24880v2.
 Conventions that the papers leave open follow DeepSeek's official kernels
-(deepseek-ai/TileKernels); see ../shared/docs/spec.md.
+(deepseek-ai/TileKernels): Sinkhorn in the direct (not log) domain, starting with a
+softmax over the destinations (columns sum to 1) and ending with a row normalisation, eps
+after the softmax and in every denominator; ``h_pre = σ(·) + 1e-6``; the RMSNorm's eps inside the rsqrt and
+its weight folded into phi; coefficient columns ordered ``[pre n | post n | res n*n]``.
+Where hcext differs from that code, on purpose: H_res is stored ``[dst, src]`` (the code
+stores its transpose, ``comb[src, dst]``), and the defaults are the paper's (2σ for
+h_post and 20 Sinkhorn iterations; the code defaults to 1.0 and 10).
 """
 
 from typing import Optional, Tuple

@@ -178,7 +178,9 @@ def test_hc_zero_stream_is_finite(device):
 MHC_CASES = {
     "default": dict(),
     "iters5": dict(sinkhorn_iters=5),
+    "iters0": dict(sinkhorn_iters=0),  # theirs: no normalisation, exp(logits - max)
     "log_domain": dict(log_domain_sinkhorn=True),
+    "log_domain_iters0": dict(log_domain_sinkhorn=True, sinkhorn_iters=0),
     "proposals3": dict(num_dynamic_alpha_proposals=3),
     "no_branch_out": dict(add_branch_out_to_residual=False),
 }
@@ -244,6 +246,20 @@ def test_mhc_h_res_is_their_sinkhorn(device):
     torch.testing.assert_close(new._constrain_residual(logits), theirs.mT, **TOL)
     # their last step normalises each source's outgoing weights: hcext's columns sum to 1
     torch.testing.assert_close(new._constrain_residual(logits).sum(-2), torch.ones(7, 4, device=device), **TOL)
+
+
+@pytest.mark.parametrize("iters", [0, 1, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sinkhorn_functions_are_theirs(device, iters, dtype):
+    """manifold_constrained_hyper_connections' sinkhorn_knopps / log_domain_sinkhorn_knopps,
+    mirrored on hcext's kernel: their orientation, their dtype, their iters <= 0 behaviour."""
+    from hcext.compat import manifold_constrained_hyper_connections as mc
+
+    logits = (torch.randn(3, 5, 4, 4, device=device) * 2).to(dtype)
+    for name in ("sinkhorn_knopps", "log_domain_sinkhorn_knopps"):
+        ours, theirs = getattr(mc, name)(logits, iters=iters), getattr(H_mc, name)(logits, iters=iters)
+        assert ours.dtype == theirs.dtype == dtype
+        torch.testing.assert_close(ours, theirs, **({"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {}))
 
 
 def test_mhc_bf16_close(device):
@@ -381,10 +397,66 @@ def test_unsupported_through_init_function():
         init()
 
 
-def test_original_add_is_accepted():
-    from hyper_connections.hyper_connections import add as their_add
+@pytest.mark.parametrize("cls", ["HyperConnections", "mHC"])
+def test_original_add_is_accepted(device, cls):
+    """A depth_residual_fn that is addition (the package's own `add`, as code built against it
+    passes, or operator.add) is accepted, kept, and gives the package's numbers."""
+    import operator
 
-    compat.HyperConnections(4, dim=8, depth_residual_fn=their_add)
+    from hyper_connections.hyper_connections import add as their_add
+    from hyper_connections.manifold_constrained_hyper_connections import add as their_mc_add
+
+    fn = their_add if cls == "HyperConnections" else their_mc_add
+    n, dim = 4, 8
+    orig, new = twin(getattr(H, cls), getattr(compat, cls), n, dim=dim, layer_index=1, depth_residual_fn=fn,
+                     device=device)
+    assert new.depth_residual_fn is fn
+    lin = nn.Linear(dim, dim, device=device)
+    x = streams_input(n, dim, device)
+    assert_same(run(orig, x, [lin], branch_mode(lin)), run(new, x, [lin], branch_mode(lin)))
+    assert getattr(compat, cls)(n, dim=dim, depth_residual_fn=operator.add).depth_residual_fn is operator.add
+    with pytest.raises(NotImplementedError, match="depth_residual_fn"):  # not addition: refused, not ignored
+        getattr(compat, cls)(n, dim=dim, depth_residual_fn=lambda out, res: out - res)
+
+
+# ---------------------------------------------------------------------------------------
+# the package's modules that hcext.compat does not mirror: a clear ImportError each
+
+UNMIRRORED = {
+    "hyper_connections_channel_first": "hcext.compat.hyper_connections.HyperConnections",
+    "hyper_connections_with_multi_input_streams": "hcext.compat.hyper_connections.HyperConnections",
+    "hyper_connections_with_multi_branch_inputs": "hcext.compat.hyper_connections.HyperConnections",
+    "vit": "hcext.compat.mHCv2",
+    "triton_sinkhorn": "hcext.ops.sinkhorn",
+    "residuals": "depth_residual_fn",
+}
+
+
+@pytest.mark.parametrize("name", list(UNMIRRORED))
+def test_unmirrored_module_import_fails_clearly(name):
+    import importlib
+    import sys
+
+    for attempt in range(2):  # and again: a failed import leaves nothing half-initialised behind
+        with pytest.raises(ImportError) as info:
+            importlib.import_module(f"hcext.compat.{name}")
+        message = str(info.value)
+        assert f"hcext.compat.{name} is not provided" in message
+        assert UNMIRRORED[name] in message, message  # names what to use instead
+        assert f"hyper_connections.{name}" in message  # and what it is in the package
+        assert info.value.name == f"hcext.compat.{name}"
+        assert f"hcext.compat.{name}" not in sys.modules
+    # `from hcext.compat import <name>` fails the same way
+    with pytest.raises(ImportError, match="is not provided"):
+        exec(f"from hcext.compat import {name}", {})
+
+
+def test_mirrored_modules_import():
+    """The package's modules that hcext.compat mirrors, as ``hcext.compat.<same name>``."""
+    from hcext.compat import hyper_connections, manifold_constrained_hyper_connections, mHCv2  # noqa: F401
+
+    assert mHCv2.mHC is mHCv2.ManifoldConstrainedHyperConnections
+    assert mHCv2.mHC is not hyper_connections.mHC  # the v2 layout ([..., s, d]) is its own class
 
 
 @pytest.mark.parametrize("cls", [compat.HyperConnections, compat.mHC])

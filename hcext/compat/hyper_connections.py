@@ -39,12 +39,26 @@ How their computation maps onto hcext's ops (every "switch" used, and why it is 
   same matrix, so it maps to the same op (agreement to fp32 rounding, tested).
   No C++ change was needed.
 
+``width_connection`` / ``depth_connection`` are the package's public methods, with its
+arguments and results: ``width_connection(residuals)`` takes the folded ``(b s) ... d``
+residuals and returns ``(branch_input [b, ..., d], H_res-mixed residuals (b s) ... d,
+dict(beta=[b, ..., 1, s, 1]))`` (``beta=None`` without ``add_branch_out_to_residual``), all
+in the residuals' dtype; ``depth_connection(branch_output, residuals, beta=...)`` returns
+``residuals + beta * branch_output``, folded, in the residuals' dtype. The caller may pass
+any residuals of that layout (its own, or the mixed ones). They run on hcext's ops: the
+coefficients on hc_coeffs (+ sinkhorn), the branch input on stream_aggregate, the mix and the
+depth connection each on stream_mix_expand (the mix with a zero branch output, the depth
+connection with an identity ``H_res``). ``forward`` (both calling conventions) keeps the
+fused path: the width connection returns the un-mixed streams and the coefficients, and one
+stream_mix_expand does ``H_res x + beta f`` after the branch. A subclass that overrides
+``width_connection`` or ``depth_connection`` gets its methods called by ``forward``, as in
+the package.
+
 Differences that remain (never silent for fp32):
-* ``width_connection`` / ``depth_connection`` are internal: here the width connection returns
-  the un-mixed streams and the coefficients, and the mixing happens in the depth connection.
-* bf16/fp16 inputs: all coefficient math and the mix are fp32 with one rounding of the output
-  (the original rounds ``H_res x`` and ``β f`` separately, and its HC computes in the
-  parameters' dtype), so low-precision results differ by rounding.
+* bf16/fp16 inputs: all coefficient math and the mixes are fp32 with one rounding of each
+  output (the original mHC rounds ``H_res x`` and ``β f`` separately; its HC computes in the
+  parameters' dtype, and fails on fp16/bf16 input with fp32 parameters, which hcext accepts),
+  so low-precision results differ by rounding.
 * Unsupported arguments raise ``NotImplementedError`` naming them: ``num_fracs > 1``,
   ``channel_first=True`` (HC/mHC), ``num_input_views > 1``, a ``depth_residual_fn`` other
   than addition.
@@ -77,6 +91,8 @@ __all__ = [
     "get_init_and_expand_reduce_stream_functions",
     "mc_get_expand_reduce_stream_functions",
     "mc_get_init_and_expand_reduce_stream_functions",
+    "sinkhorn_knopps",
+    "log_domain_sinkhorn_knopps",
     "add",
 ]
 
@@ -94,8 +110,10 @@ def _is_addition(fn) -> bool:
 
 
 def _unsupported(cls: str, arg: str, value, why: str = ""):
+    """``cls``: a class name of this module, or ``module.Class`` for another compat module."""
+    where = cls if "." in cls else f"hyper_connections.{cls}"
     raise NotImplementedError(
-        f"hcext.compat.hyper_connections.{cls}: {arg}={value!r} is not supported by hcext's kernels{why}; "
+        f"hcext.compat.{where}: {arg}={value!r} is not supported by hcext's kernels{why}; "
         f"use the original `hyper-connections` package for it"
     )
 
@@ -109,14 +127,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # take streams next to the channels, `[b, ..., s, d]`.
 
 
-def _unfold_streams(residuals: Tensor, num_streams: int) -> Tensor:
-    """``(b s) ... d -> b ... s d`` (contiguous: it feeds three ops)."""
+def _unfold_streams(residuals: Tensor, num_streams: int, contiguous: bool = True) -> Tensor:
+    """``(b s) ... d -> b ... s d`` (contiguous by default: it feeds three ops; hcext's stream
+    ops take any strides)."""
     if residuals.shape[0] % num_streams != 0:
         raise ValueError(
             f"hcext.compat.hyper_connections: the batch dim ({residuals.shape[0]}) must be a multiple of "
             f"num_streams ({num_streams}): expand the input with the expand function first"
         )
-    return residuals.unflatten(0, (-1, num_streams)).movedim(1, -2).contiguous()
+    x = residuals.unflatten(0, (-1, num_streams)).movedim(1, -2)
+    return x.contiguous() if contiguous else x
 
 
 def _fold_streams(x: Tensor) -> Tensor:
@@ -215,7 +235,11 @@ class RMSNorm(Module):
 
 class _BranchMixin:
     """The two calling conventions of the original: with a ``branch`` the module maps
-    residuals to residuals; without, it returns ``(branch_input, add_residual)``."""
+    residuals to residuals; without, it returns ``(branch_input, add_residual)``.
+
+    ``forward`` runs ``_fused_width_connection`` / ``_fused_depth_connection`` (the mix deferred
+    to after the branch, one kernel for ``H_res x + beta f``), unless the class overrides the
+    public ``width_connection`` / ``depth_connection``: then those, as the package does."""
 
     def decorate_branch(self, branch: Callable):
         assert self.branch is None, "branch was already wrapped on init"
@@ -227,20 +251,66 @@ class _BranchMixin:
 
         return forward_and_add_residual
 
+    def _connections(self):
+        cls, base = type(self), self._fused_base
+        if cls.width_connection is base.width_connection and cls.depth_connection is base.depth_connection:
+            return self._fused_width_connection, self._fused_depth_connection
+        return self.width_connection, self.depth_connection
+
     def forward(self, residuals, *branch_args, **branch_kwargs):
-        branch_input, residuals, residual_kwargs = self.width_connection(residuals)
+        width_connection, depth_connection = self._connections()
+        branch_input, residuals, residual_kwargs = width_connection(residuals)
 
         def add_residual_fn(branch_out):
             if not getattr(self, "add_branch_out_to_residual", True):
                 return branch_out
             (branch_out, *rest), tree_spec = tree_flatten(branch_out)
-            branch_out = self.depth_connection(branch_out, residuals, **residual_kwargs)
+            branch_out = depth_connection(branch_out, residuals, **residual_kwargs)
             return tree_unflatten((branch_out, *rest), tree_spec)
 
         if self.branch is None:
             return branch_input, add_residual_fn
         branch_output = self.branch(branch_input, *branch_args, **branch_kwargs)
         return add_residual_fn(branch_output)
+
+
+def _width_outputs(x: Tensor, h_pre: Tensor, h_post: Optional[Tensor], h_res: Tensor):
+    """The package's width-connection results for streams ``x [..., s, d]`` and hcext's
+    coefficients, on hcext's ops, all in x's dtype: ``(branch_input [..., d], H_res x
+    [..., s, d], beta [..., s] or None)``. ``H_res x`` is stream_mix_expand with a zero branch
+    output (a stride-0 view: no memory) and ``h_post = 0``."""
+    n, d = x.shape[-2], x.shape[-1]
+    branch_input = ops.stream_aggregate(x, h_pre.contiguous())
+    zero_branch = x.new_zeros(()).expand(*x.shape[:-2], d)
+    mixed = ops.stream_mix_expand(zero_branch, x, h_res.new_zeros(n), h_res)
+    beta = None if h_post is None else h_post.to(x.dtype)
+    return branch_input, mixed, beta
+
+
+def _depth_output(branch_output: Tensor, x: Tensor, h_post: Tensor) -> Tensor:
+    """``x + h_post ⊗ branch_output`` for streams ``x [..., s, d]`` (any residuals the caller
+    passes) and ``h_post`` broadcastable to ``[..., s]``: stream_mix_expand with a shared
+    identity ``H_res``. fp32 math, one rounding to x's dtype."""
+    n, d = x.shape[-2], x.shape[-1]
+    c = _compute_dtype(x.dtype)
+    h_post = h_post.to(c)
+    if tuple(h_post.shape) != tuple(x.shape[:-1]):
+        h_post = h_post.expand(*x.shape[:-1])  # broadcasts as the package's einsum does
+    f = branch_output.to(x.dtype)
+    if tuple(f.shape) != (*x.shape[:-2], d):
+        f = f.expand(*x.shape[:-2], d)
+    return ops.stream_mix_expand(f, x, h_post.contiguous(), torch.eye(n, dtype=c, device=x.device))
+
+
+def _beta_to_h_post(beta: Tensor, what: str) -> Tensor:
+    """The package's ``beta [..., 1, s, 1]`` (no fractions) as hcext's ``h_post [..., s]``."""
+    if beta is None or beta.dim() < 3 or beta.shape[-1] != 1 or beta.shape[-3] != 1:
+        shape = None if beta is None else list(beta.shape)
+        raise ValueError(
+            f"hcext.compat.hyper_connections.{what}.depth_connection: expected beta of shape [b, ..., 1, s, 1] "
+            f"(as width_connection returns it), got {shape}"
+        )
+    return beta[..., 0, :, 0]
 
 
 class Residual(_BranchMixin, Module):
@@ -256,6 +326,13 @@ class Residual(_BranchMixin, Module):
 
     def depth_connection(self, branch_output, residuals):
         return branch_output + self.residual_transform(residuals)
+
+    # nothing to fuse: forward runs the public methods
+    _fused_width_connection = width_connection
+    _fused_depth_connection = depth_connection
+
+
+Residual._fused_base = Residual
 
 
 def _check_common(cls, dim, num_residual_streams, num_fracs, channel_first, num_input_views, depth_residual_fn):
@@ -339,24 +416,109 @@ class HyperConnections(_BranchMixin, Module):
             self.dynamic_alpha_scale.to(c), beta_scale, norm_weight, None, "rms", norm_eps, bool(self.tanh),
         )
 
+    # The package's public methods (see the module docstring): folded residuals in and out.
+
     def width_connection(self, residuals):
+        """``(branch_input [b, ..., d], H_res-mixed residuals (b s) ... d, dict(beta=[b, ..., 1, s, 1]
+        or None))`` for folded ``residuals (b s) ... d``, all in the residuals' dtype."""
+        return _folded_width(self, _unfold_streams(residuals, self.num_residual_streams))
+
+    def depth_connection(self, branch_output, residuals, *, beta):
+        """``residuals + beta * branch_output`` (folded ``(b s) ... d``, the residuals' dtype), then dropout."""
+        return _folded_depth(self, "HyperConnections", branch_output, residuals, beta)
+
+    # The fused path of forward: the mix is deferred to after the branch.
+
+    def _fused_width_connection(self, residuals):
         x = _unfold_streams(residuals, self.num_residual_streams)
         h_pre, h_post, h_res = self.coefficients(x)
         branch_input = ops.stream_aggregate(x, h_pre)
         return branch_input, x, dict(h_post=h_post, h_res=h_res)
 
-    def depth_connection(self, branch_output, residuals, *, h_post, h_res):
-        assert self.add_branch_out_to_residual
-        out = ops.stream_mix_expand(branch_output.to(residuals.dtype), residuals, h_post, h_res)
+    def _fused_depth_connection(self, branch_output, streams, *, h_post, h_res):
+        out = ops.stream_mix_expand(branch_output.to(streams.dtype), streams, h_post, h_res)
         return self.dropout(_fold_streams(out))
 
 
+def _folded_width(module, x: Tensor):
+    """width_connection of the folded-layout classes, for unfolded streams ``x [b, ..., s, d]``."""
+    h_pre, h_post, h_res = module.coefficients(x)
+    if not module.add_branch_out_to_residual:
+        h_post = None
+    branch_input, mixed, beta = _width_outputs(x, h_pre, h_post, h_res)
+    if beta is not None:
+        beta = beta[..., None, :, None]  # the package's [b, ..., f1, s, f2] with one fraction
+    return branch_input, _fold_streams(mixed), dict(beta=beta)
+
+
+def _folded_depth(module, what: str, branch_output: Tensor, residuals: Tensor, beta: Tensor) -> Tensor:
+    assert module.add_branch_out_to_residual
+    x = _unfold_streams(residuals, module.num_residual_streams, contiguous=False)
+    out = _depth_output(branch_output, x, _beta_to_h_post(beta, what))
+    return module.dropout(_fold_streams(out))
+
+
+HyperConnections._fused_base = HyperConnections
 HyperConnections.get_expand_reduce_stream_functions = staticmethod(get_expand_reduce_stream_functions)
 HyperConnections.get_init_and_expand_reduce_stream_functions = staticmethod(get_init_and_expand_reduce_stream_functions)
 
 
 # ---------------------------------------------------------------------------------------
 # mHC, as the hyper-connections package defines it
+
+
+def sinkhorn_knopps(log_alpha: Tensor, iters: int = 20) -> Tensor:
+    """The package's ``sinkhorn_knopps`` (``manifold_constrained_hyper_connections``) on hcext's
+    Sinkhorn kernel: ``log_alpha [..., n, n]`` in their orientation, the result in its dtype.
+    ``iters <= 0``: theirs runs no iteration and returns ``exp(log_alpha - max over dim -2)``."""
+    if iters <= 0:
+        x = log_alpha.float()
+        return (x - x.amax(dim=-2, keepdim=True).detach()).exp().to(log_alpha.dtype)
+    return ops.sinkhorn(log_alpha, iters, 0.0).to(log_alpha.dtype)
+
+
+def log_domain_sinkhorn_knopps(log_alpha: Tensor, iters: int = 20) -> Tensor:
+    """The package's log-domain Sinkhorn: the same matrix (see the module docstring), the same
+    kernel. ``iters <= 0``: theirs returns ``exp(log_alpha)``."""
+    if iters <= 0:
+        return log_alpha.float().exp().to(log_alpha.dtype)
+    return ops.sinkhorn(log_alpha, iters, 0.0).to(log_alpha.dtype)
+
+
+def _mhc_coefficients(module, x: Tensor, beta_params):
+    """The package's mHC coefficients ``(h_pre, h_post, h_res[dst, src])`` (fp32; fp64 for fp64
+    x) from the normed streams ``x [..., s, d]``, on hc_coeffs + ``module._constrain_residual``.
+    ``beta_params``: ``(static_beta [s], dynamic_beta [d])``, or None (h_post is None). Reads
+    ``norm``, ``static_alpha``, ``dynamic_alpha_fn [p, d, s+1]``, ``pre_branch_scale`` and
+    ``residual_scale`` from the module (mHC and mHCv2 share them)."""
+    n = module.num_residual_streams
+    c = _compute_dtype(x.dtype)
+    norm_weight, norm_eps = module.norm.hc_norm_args(c)
+    # Their per-column alpha scale, folded into the dynamic weight (hc_coeffs has one scale).
+    col_scale = torch.cat((module.pre_branch_scale.to(c), module.residual_scale.to(c).expand(n)))
+    proposals = module.dynamic_alpha_fn.shape[0]
+    h_pre = h_res = h_post = None
+    for p in range(proposals):
+        with_beta = p == 0 and beta_params is not None
+        if with_beta:
+            static_beta, dynamic_beta = (t.to(c) for t in beta_params)
+            beta_scale = module.h_post_scale.to(c)
+        else:
+            static_beta, dynamic_beta, beta_scale = x.new_zeros(n, dtype=c), None, None
+        pre_logit, post_logit, res_logit = ops.hc_coeffs(
+            x, module.static_alpha.to(c), static_beta, module.dynamic_alpha_fn[p].to(c) * col_scale, dynamic_beta,
+            None, beta_scale, norm_weight, None, "rms", norm_eps, False,
+        )
+        pre = torch.sigmoid(pre_logit)
+        res = module._constrain_residual(res_logit.mT)  # hc_coeffs gives [dst, src]; theirs is [src, dst]
+        h_pre = pre if h_pre is None else h_pre + pre
+        h_res = res if h_res is None else h_res + res
+        if with_beta:
+            h_post = 2.0 * torch.sigmoid(post_logit)
+    if proposals > 1:
+        h_pre = h_pre / proposals
+        h_res = h_res / proposals
+    return h_pre, h_post, h_res.to(c).contiguous()
 
 
 class ManifoldConstrainedHyperConnections(_BranchMixin, Module):
@@ -427,52 +589,43 @@ class ManifoldConstrainedHyperConnections(_BranchMixin, Module):
         if self.residual_mix_constraint_fn is not None:
             m = self.residual_mix_constraint_fn(logits_src_dst)
         else:
-            m = ops.sinkhorn(logits_src_dst, self.sinkhorn_iters, 0.0)
+            constrain = log_domain_sinkhorn_knopps if self.log_domain_sinkhorn else sinkhorn_knopps
+            m = constrain(logits_src_dst, self.sinkhorn_iters)
         return m.mT
 
     def coefficients(self, x: Tensor):
         """``(h_pre, h_post, h_res[dst, src])`` for streams ``x [b, ..., s, d]`` (hcext layout)."""
-        n = self.num_residual_streams
-        c = _compute_dtype(x.dtype)
-        norm_weight, norm_eps = self.norm.hc_norm_args(c)
-        # Their per-column alpha scale, folded into the dynamic weight (hc_coeffs has one scale).
-        col_scale = torch.cat((self.pre_branch_scale.to(c), self.residual_scale.to(c).expand(n)))
-        h_pre = h_res = h_post = None
-        for p in range(self.num_dynamic_alpha_proposals):
-            with_beta = p == 0 and self.add_branch_out_to_residual
-            if with_beta:
-                static_beta, dynamic_beta = self.static_beta.to(c), self.dynamic_beta_fn.to(c)
-                beta_scale = self.h_post_scale.to(c)
-            else:
-                static_beta, dynamic_beta, beta_scale = x.new_zeros(n, dtype=c), None, None
-            pre_logit, post_logit, res_logit = ops.hc_coeffs(
-                x, self.static_alpha.to(c), static_beta, self.dynamic_alpha_fn[p].to(c) * col_scale, dynamic_beta,
-                None, beta_scale, norm_weight, None, "rms", norm_eps, False,
-            )
-            pre = torch.sigmoid(pre_logit)
-            res = self._constrain_residual(res_logit.mT)  # hc_coeffs gives [dst, src]; theirs is [src, dst]
-            h_pre = pre if h_pre is None else h_pre + pre
-            h_res = res if h_res is None else h_res + res
-            if with_beta:
-                h_post = 2.0 * torch.sigmoid(post_logit)
-        if self.has_dynamic_alpha_proposals:
-            h_pre = h_pre / self.num_dynamic_alpha_proposals
-            h_res = h_res / self.num_dynamic_alpha_proposals
-        return h_pre, h_post, h_res.to(c).contiguous()
+        beta = (self.static_beta, self.dynamic_beta_fn) if self.add_branch_out_to_residual else None
+        return _mhc_coefficients(self, x, beta)
+
+    # The package's public methods (see the module docstring): folded residuals in and out.
 
     def width_connection(self, residuals):
+        """``(branch_input [b, ..., d], H_res-mixed residuals (b s) ... d, dict(beta=[b, ..., 1, s, 1]
+        or None))`` for folded ``residuals (b s) ... d`` (after ``residual_transform``), all in
+        the residuals' dtype."""
+        residuals = self.residual_transform(residuals)
+        return _folded_width(self, _unfold_streams(residuals, self.num_residual_streams))
+
+    def depth_connection(self, branch_output, residuals, *, beta):
+        """``residuals + beta * branch_output`` (folded ``(b s) ... d``, the residuals' dtype), then dropout."""
+        return _folded_depth(self, "ManifoldConstrainedHyperConnections", branch_output, residuals, beta)
+
+    # The fused path of forward: the mix is deferred to after the branch.
+
+    def _fused_width_connection(self, residuals):
         residuals = self.residual_transform(residuals)
         x = _unfold_streams(residuals, self.num_residual_streams)
         h_pre, h_post, h_res = self.coefficients(x)
         branch_input = ops.stream_aggregate(x, h_pre.contiguous())
         return branch_input, x, dict(h_post=h_post, h_res=h_res)
 
-    def depth_connection(self, branch_output, residuals, *, h_post, h_res):
-        assert self.add_branch_out_to_residual
-        out = ops.stream_mix_expand(branch_output.to(residuals.dtype), residuals, h_post, h_res)
+    def _fused_depth_connection(self, branch_output, streams, *, h_post, h_res):
+        out = ops.stream_mix_expand(branch_output.to(streams.dtype), streams, h_post, h_res)
         return self.dropout(_fold_streams(out))
 
 
+ManifoldConstrainedHyperConnections._fused_base = ManifoldConstrainedHyperConnections
 mHC = ManifoldConstrainedHyperConnections
 ManifoldConstrainedHyperConnections.get_expand_reduce_stream_functions = staticmethod(mc_get_expand_reduce_stream_functions)
 ManifoldConstrainedHyperConnections.get_init_and_expand_reduce_stream_functions = staticmethod(

@@ -9,6 +9,8 @@ from .hyper_connections import (  # noqa: F401
     AttentionPoolReduceStream,
     mHC,
     add,
+    log_domain_sinkhorn_knopps,
+    sinkhorn_knopps,
 )
 from .hyper_connections import mc_get_expand_reduce_stream_functions as get_expand_reduce_stream_functions  # noqa: F401
 from .hyper_connections import (  # noqa: F401

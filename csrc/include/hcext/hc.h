@@ -1,7 +1,7 @@
 #pragma once
 // Per-stream coefficient math of the original Hyper-Connections (HC, arXiv 2409.19606v3,
 // Eq. 5-7 / Alg. 2), forward and backward: the ONE implementation that the CPU kernels
-// (csrc/cpu/hc.cpp) and the CUDA kernels (csrc/cuda/hc_kernels.cu) both call.
+// (csrc/hc/hc_cpu.cpp) and the CUDA kernels (csrc/hc/hc_kernels.cu) both call.
 // hcext/reference.py::hc_coeffs is the readable spec.
 //
 // The given dynamic weights are concatenated column-wise, W = [dynamic_alpha | dynamic_beta]
@@ -34,11 +34,12 @@
 //   d static_alpha = Σ g_α,  d static_beta = Σ g_β,  d s_α = Σ g_α act(z),  d s_β = Σ g_β act(z)
 // This file produces e, b and each token's share of the small sums (a "partial row").
 
+#include "hcext/dispatch.h"
 #include "hcext/macros.h"
 
 namespace hcext {
 
-constexpr int kHcMaxN = 32;
+constexpr int kHcMaxN = kMaxStreams;
 
 #if defined(__CUDA_ARCH__)
 HCEXT_HD float hc_tanh(float a) { return tanhf(a); }

@@ -7,8 +7,9 @@
 // Host compilers (g++/clang++): the lanes are a GCC vector type, so every operator is one
 // SIMD instruction when the function it is inlined into targets W * sizeof(T)-byte
 // registers (AVX-512: 16 floats, AVX2: 8), a few narrower ones otherwise. (Plain arrays
-// with per-lane loops were left mostly scalar by g++ -O3.) The sinkhorn CPU kernels pick
-// the instruction set at run time (csrc/cpu/sinkhorn.cpp).
+// with per-lane loops were left mostly scalar by g++ -O3.) Every CPU kernel family is
+// compiled for baseline x86-64, AVX2 and AVX-512 and picks one at run time
+// (csrc/common/cpu_isa.h).
 // nvcc: a plain array with per-lane loops (registers).
 //
 // Every lane computes exactly what the scalar code computes. One opt-in exception on the

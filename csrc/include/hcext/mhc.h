@@ -1,7 +1,7 @@
 #pragma once
 // Per-token coefficient math of mHC (mHC Eq. 7-9 with the reordered RMSNorm of
 // Eq. 14-15), forward and backward: the ONE implementation that the CPU kernels
-// (csrc/cpu/mhc.cpp) and the CUDA kernels (csrc/cuda/mhc_kernels.cu) both call.
+// (csrc/mhc/mhc_cpu.cpp) and the CUDA kernels (csrc/mhc/mhc_kernels.cu) both call.
 // hcext/reference.py::mhc_coeffs is the readable spec.
 //
 // Per token, with x̃ the flattened streams [n*C] and D = n*n + 2n:

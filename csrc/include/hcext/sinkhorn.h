@@ -1,7 +1,7 @@
 #pragma once
 // Sinkhorn-Knopp projection of one token's n x n logits, forward and backward.
 // This is the ONE implementation of the arithmetic: the CPU kernels
-// (csrc/cpu/sinkhorn.cpp) and the CUDA kernels (csrc/cuda/sinkhorn_kernels.cu)
+// (csrc/sinkhorn/sinkhorn_cpu.cpp) and the CUDA kernels (csrc/sinkhorn/sinkhorn_kernels.cu)
 // both call these functions; hcext/reference.py is the readable spec they match.
 //
 // Convention (mHC paper, DeepSeek's official kernels): P[i * n + j] = H[dst=i, src=j],
@@ -32,13 +32,14 @@
 // token per thread), hcext::Lanes<...> on the CPU (several tokens side by side).
 // Hist stores and loads the denominators: hist.store(t, k, d), hist.load(t, k).
 
+#include "hcext/dispatch.h"
 #include "hcext/macros.h"
 
 namespace hcext {
 
 // Largest n every backend supports (the CUDA kernels keep one token in registers or
 // thread-local memory).
-constexpr int kSinkhornMaxN = 32;
+constexpr int kSinkhornMaxN = kMaxStreams;
 
 HCEXT_HD constexpr int sinkhorn_half_steps(int iters) { return 2 * iters - 1; }
 

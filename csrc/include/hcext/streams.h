@@ -1,7 +1,7 @@
 #pragma once
 // Stream aggregation and mix-expand for one token, one channel (or one group of
 // channels) at a time. These are the only definitions of the arithmetic. The CPU kernels
-// (csrc/cpu/streams.cpp) and the CUDA kernels (csrc/cuda/streams_kernels.cu) both call
+// (csrc/streams/streams_cpu.cpp) and the CUDA kernels (csrc/streams/streams_kernels.cu) both call
 // them. The readable spec is hcext/reference.py (stream_aggregate, stream_mix_expand).
 //
 // Layout: the token's streams are x[i, c] (n rows of C channels). Coefficients are
@@ -25,12 +25,13 @@
 // returns row i of the streams (or of the gradient) as a V. It is called exactly once
 // per row and in the order i = 0..n-1, so a caller may load from memory lazily.
 
+#include "hcext/dispatch.h"
 #include "hcext/macros.h"
 
 namespace hcext {
 
 // Largest stream count every backend supports.
-constexpr int kStreamsMaxN = 32;
+constexpr int kStreamsMaxN = kMaxStreams;
 
 // sum_{i < n} w[i * stride] * row(i), accumulated in the order i = 0, 1, ..., n - 1.
 template <int kN, typename V, typename S, typename Load>

@@ -1,0 +1,300 @@
+#pragma once
+// The device-independent sequence of the mHC family, shared by the CPU and CUDA backends.
+// A Backend (CpuMhcBackend in mhc_cpu.cpp, CudaMhcBackend in mhc_cuda.cpp) supplies the
+// passes over memory (CPU loops or CUDA kernels) and names the streams backend it composes
+// (Backend::Streams), whose passes the layer input and the boundary's mix use through
+// streams_driver.h (never through the dispatcher). The GEMMs are at::mm on either device
+// (cuBLAS on CUDA, with TF32 only when the user enabled torch.backends.cuda.matmul.allow_tf32).
+//
+// Backend interface (T: the compute type):
+//   explicit Backend(const at::Tensor& x)              device guard, stream
+//   rows<T>(x, xf, rstd, tokens, len, norm_eps)        rstd of each row of contiguous x; xf
+//                                                      (nullable) receives x in T
+//   epilogue<T>(proj, rstd, alpha, bias, h_pre, h_post, h_res, d, s)
+//   layer_input_grad<T>(xf, gy, g_pre, out, d)
+//   epilogue_backward<T>(proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha, drstd, d, s)
+//   grad_x<T>(xf, dxp, proj, rstd, drstd, gy, alpha, bias, pre_eps, extra, dx, d)
+//
+// Forward (mhc_coeffs_fwd):
+//   xf   = x as [tokens, n*C] in fp32, rstd = 1/sqrt(mean(xf²) + norm_eps)    backend.rows
+//   proj = xf @ phi                                                             at::mm
+//   h_pre, h_post, h_res = epilogue(proj, rstd)   (hcext/mhc.h)                backend.epilogue
+// Backward (mhc_backward), from the saved proj and rstd:
+//   g_pre += sum_c gy * x_i            (only when the layer input has a gradient: mhc_pre)
+//   dl, dproj, dalpha, drstd = epilogue_backward(...)                           backend.epilogue_backward
+//   grad_phi = xfᵀ @ dproj, dxp = dproj @ phiᵀ                                  at::mm
+//   grad_x = dxp + rstd's share + h_pre ⊗ gy, in fp32, rounded once             backend.grad_x
+//            (dx may alias dxp: the passes read element k before writing element k)
+
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/no_autocast.h"
+#include "mhc/mhc_checks.h"
+#include "streams/streams_driver.h"
+
+namespace hcext {
+
+struct MhcScalars {
+  int iters;
+  double norm_eps, sinkhorn_eps, pre_eps, post_mult;
+};
+
+using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// x as fp32 (fp64) rows [tokens, n*C]; no copy for contiguous x in the compute dtype.
+inline at::Tensor rows_in_compute_dtype(const at::Tensor& x, const MhcDims& d) {
+  return x.reshape({d.tokens, d.n * d.C}).to(d.compute).contiguous();
+}
+
+// One read of x: rstd, and the copy in the compute dtype the GEMM needs when x is not in it
+// (otherwise x's own rows). -> the GEMM's rows [tokens, n*C].
+template <class Backend>
+at::Tensor rows_and_rstd(Backend& backend, const at::Tensor& x, at::Tensor& rstd, const MhcDims& d, double norm_eps) {
+  const at::Tensor xc = x.contiguous();
+  const int64_t len = d.n * d.C;
+  const bool copy = xc.scalar_type() != d.compute;
+  at::Tensor xf = copy ? at::empty({d.tokens, len}, x.options().dtype(d.compute)) : xc.reshape({d.tokens, len});
+  dispatch_compute(d.compute, [&](auto zero) {
+    using T = decltype(zero);
+    backend.template rows<T>(xc, copy ? xf.data_ptr<T>() : nullptr, rstd.data_ptr<T>(), d.tokens, len,
+                             static_cast<T>(norm_eps));
+  });
+  return xf;
+}
+
+// -> (h_pre [..., n], h_post [..., n], h_res [..., n, n], proj [..., D], rstd [...])
+template <class Backend>
+Tensor5 mhc_coeffs_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                            const at::Tensor& bias, int64_t iters, double norm_eps, double sinkhorn_eps,
+                            double pre_eps, double post_mult) {
+  const NoAutocast no_autocast;
+  const char* op = "hcext::mhc_coeffs";
+  const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
+  check_norm_eps(norm_eps, op);
+  check_mhc_scalars(pre_eps, post_mult, op);
+  Backend backend(x);
+  const MhcScalars s{static_cast<int>(iters), norm_eps, sinkhorn_eps, pre_eps, post_mult};
+  const auto opts = x.options().dtype(d.compute);
+  const int64_t n = d.n;
+  at::Tensor h_pre = at::empty(lead_shape(x, {n}), opts);
+  at::Tensor h_post = at::empty(lead_shape(x, {n}), opts);
+  at::Tensor h_res = at::empty(lead_shape(x, {n, n}), opts);
+  at::Tensor rstd = at::empty(lead_shape(x, {}), opts);
+  if (d.tokens == 0) return {h_pre, h_post, h_res, at::empty(lead_shape(x, {d.D}), opts), rstd};
+  const at::Tensor xf = rows_and_rstd(backend, x, rstd, d, norm_eps);
+  at::Tensor proj = at::mm(xf, phi).reshape(lead_shape(x, {d.D}));
+  const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
+  dispatch_compute(d.compute, [&](auto zero) {
+    using T = decltype(zero);
+    backend.template epilogue<T>(proj.data_ptr<T>(), rstd.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(),
+                                 h_pre.data_ptr<T>(), h_post.data_ptr<T>(), h_res.data_ptr<T>(), d, s);
+  });
+  return {h_pre, h_post, h_res, proj, rstd};
+}
+
+// mhc_pre = the coefficients, then the layer input by the streams backend's aggregate (the
+// same kernels users call as hcext::stream_aggregate). h_pre is not kept: the backward recomputes it from proj.
+// -> (layer_input [..., C], h_post, h_res, proj, rstd)
+template <class Backend>
+Tensor5 mhc_pre_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                         int64_t iters, double norm_eps, double sinkhorn_eps, double pre_eps, double post_mult) {
+  auto [h_pre, h_post, h_res, proj, rstd] =
+      mhc_coeffs_fwd_impl<Backend>(x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
+  return {stream_aggregate_impl<typename Backend::Streams>(x, h_pre), h_post, h_res, proj, rstd};
+}
+
+// -> (grad_x, grad_phi, grad_alpha, grad_bias). extra: undefined, or a gradient of x from
+// another consumer (x's shape and dtype), added to grad_x in fp32 before the one rounding.
+template <class Backend>
+Tensor4 mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                          const at::Tensor& bias, const at::Tensor& proj, const at::Tensor& rstd,
+                          const std::optional<at::Tensor>& grad_layer_input,
+                          const std::optional<at::Tensor>& grad_h_pre, const std::optional<at::Tensor>& grad_h_post,
+                          const std::optional<at::Tensor>& grad_h_res, int64_t iters, double sinkhorn_eps,
+                          double pre_eps, double post_mult, const at::Tensor& extra) {
+  const NoAutocast no_autocast;
+  const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
+  check_mhc_scalars(pre_eps, post_mult, op);
+  check_mhc_saved(d, x, proj, rstd, op);
+  check_optional_grad(grad_layer_input, d.tokens * d.C, x, op, "grad_layer_input");
+  check_optional_grad(grad_h_pre, d.tokens * d.n, x, op, "grad_h_pre");
+  check_optional_grad(grad_h_post, d.tokens * d.n, x, op, "grad_h_post");
+  check_optional_grad(grad_h_res, d.tokens * d.n * d.n, x, op, "grad_h_res");
+  Backend backend(x);
+  const MhcScalars s{static_cast<int>(iters), 0.0, sinkhorn_eps, pre_eps, post_mult};
+  const auto opts = x.options().dtype(d.compute);
+  if (d.tokens == 0) {
+    return {at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)), at::zeros_like(phi),
+            at::zeros_like(alpha), at::zeros_like(bias)};
+  }
+  const at::Tensor extra_rows = extra.defined() ? extra.reshape({d.tokens, d.n * d.C}).contiguous() : at::Tensor();
+  const int64_t T_ = d.tokens, n = d.n, D = d.D;
+  const at::Tensor xf = rows_in_compute_dtype(x, d);
+  const at::Tensor P = proj.reshape({T_, D}).contiguous(), R = rstd.reshape({T_}).contiguous();
+  const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
+  const at::Tensor gy = optional_rows(grad_layer_input, T_, d.C, d.compute);
+  at::Tensor gpre = optional_rows(grad_h_pre, T_, n, d.compute);
+  const at::Tensor gpost = optional_rows(grad_h_post, T_, n, d.compute);
+  const at::Tensor gres = optional_rows(grad_h_res, T_, n * n, d.compute);
+  at::Tensor dl = at::empty({T_, D}, opts), dproj = at::empty({T_, D}, opts);
+  at::Tensor dalpha = at::empty({T_, 3}, opts), drstd = at::empty({T_}, opts);
+  at::Tensor grad_phi, grad_x;
+  dispatch_compute(d.compute, [&](auto zero) {
+    using T = decltype(zero);
+    if (gy.defined()) {
+      at::Tensor total = at::empty({T_, n}, opts);
+      backend.template layer_input_grad<T>(xf.data_ptr<T>(), gy.data_ptr<T>(), ptr_or_null<T>(gpre),
+                                           total.data_ptr<T>(), d);
+      gpre = total;
+    }
+    backend.template epilogue_backward<T>(P.data_ptr<T>(), R.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(),
+                                          ptr_or_null<T>(gpre), ptr_or_null<T>(gpost), ptr_or_null<T>(gres),
+                                          dl.data_ptr<T>(), dproj.data_ptr<T>(), dalpha.data_ptr<T>(),
+                                          drstd.data_ptr<T>(), d, s);
+    grad_phi = at::mm(xf.t(), dproj);
+    const at::Tensor dxp = at::mm(dproj, phi.t());
+    // When x is already in the compute dtype, grad_x overwrites dxp in place: one fresh
+    // [tokens, n*C] buffer less (on the CPU a fresh buffer costs page faults).
+    grad_x = x.scalar_type() == d.compute ? dxp : at::empty({T_, d.n * d.C}, x.options());
+    backend.template grad_x<T>(xf.data_ptr<T>(), dxp.data_ptr<T>(), P.data_ptr<T>(), R.data_ptr<T>(),
+                               drstd.data_ptr<T>(), ptr_or_null<T>(gy), a.data_ptr<T>(), b.data_ptr<T>(), pre_eps,
+                               extra_rows, grad_x, d);
+  });
+  return {grad_x.view(x.sizes()), grad_phi, at::sum(dalpha, {0}), at::sum(dl, {0})};
+}
+
+template <class Backend>
+Tensor4 mhc_backward_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
+                          const at::Tensor& proj, const at::Tensor& rstd,
+                          const std::optional<at::Tensor>& grad_layer_input,
+                          const std::optional<at::Tensor>& grad_h_pre, const std::optional<at::Tensor>& grad_h_post,
+                          const std::optional<at::Tensor>& grad_h_res, int64_t iters, double sinkhorn_eps,
+                          double pre_eps, double post_mult) {
+  return mhc_backward_core<Backend>("hcext::mhc_backward", x, phi, alpha, bias, proj, rstd, grad_layer_input,
+                                    grad_h_pre, grad_h_post, grad_h_res, iters, sinkhorn_eps, pre_eps, post_mult,
+                                    at::Tensor());
+}
+
+// ---- The fused layer boundary (hcext::mhc_post_pre).
+//
+// Forward: x_next = mix_expand(f, x, h_post, h_res) in the pass that also reduces the stored
+//   x_next to rstd (and writes its fp32 copy for the GEMM when x is not fp32)
+//                                                      stream_mix_rows (the streams backend)
+//   proj = xf_next @ phi; epilogue -> h_pre, h_post_next, h_res_next; layer_input =
+//   stream_aggregate(x_next, h_pre): the rest of mhc_pre, unchanged.
+// Backward: grad of x_next = grad_x_next (from x_next's other consumers) + the coefficient
+//   path's share, summed in fp32 and rounded once (mhc_backward_core's extra); then
+//   stream_mix_expand_backward (the streams backend).
+
+using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensor7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// -> (x_next, layer_input, h_post_next, h_res_next, proj, rstd)
+template <class Backend>
+Tensor6 mhc_post_pre_fwd_impl(const at::Tensor& f, const at::Tensor& x, const at::Tensor& h_post,
+                              const at::Tensor& h_res, const at::Tensor& phi, const at::Tensor& alpha,
+                              const at::Tensor& bias, int64_t iters, double norm_eps, double sinkhorn_eps,
+                              double pre_eps, double post_mult) {
+  const NoAutocast no_autocast;
+  const char* op = "hcext::mhc_post_pre";
+  const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
+  check_norm_eps(norm_eps, op);
+  check_mhc_scalars(pre_eps, post_mult, op);
+  const StreamsProblem p = check_streams_x(x, op);
+  const at::Tensor fc = check_streams_f(f, x, p, op);
+  const StreamsCoef hp = check_streams_coef(h_post, "h_post", 1, x, p, op);
+  const StreamsCoef hr = check_streams_coef(h_res, "h_res", 2, x, p, op);
+  Backend backend(x);
+  const MhcScalars s{static_cast<int>(iters), norm_eps, sinkhorn_eps, pre_eps, post_mult};
+  const auto opts = x.options().dtype(d.compute);
+  const int64_t n = d.n;
+  at::Tensor x_next = at::empty(x.sizes(), p.x.options());
+  at::Tensor h_pre = at::empty(lead_shape(x, {n}), opts);
+  at::Tensor h_post_next = at::empty(lead_shape(x, {n}), opts);
+  at::Tensor h_res_next = at::empty(lead_shape(x, {n, n}), opts);
+  at::Tensor rstd = at::empty(lead_shape(x, {}), opts);
+  using Streams = typename Backend::Streams;
+  if (d.tokens == 0) {
+    return {x_next, stream_aggregate_impl<Streams>(x_next, h_pre), h_post_next, h_res_next,
+            at::empty(lead_shape(x, {d.D}), opts), rstd};
+  }
+  // The GEMM reads x_next's rows in the compute dtype: a copy written by the same pass when
+  // x is not in it, else x_next itself.
+  const bool copy = p.x.scalar_type() != d.compute;
+  at::Tensor xf = copy ? at::empty({d.tokens, d.n * d.C}, opts) : at::Tensor();
+  stream_mix_rows<Streams>(p, fc, hp, hr, x_next, xf, rstd, norm_eps);
+  if (!copy) xf = x_next.view({d.tokens, d.n * d.C});
+  at::Tensor proj = at::mm(xf, phi).reshape(lead_shape(x, {d.D}));
+  const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
+  dispatch_compute(d.compute, [&](auto zero) {
+    using T = decltype(zero);
+    backend.template epilogue<T>(proj.data_ptr<T>(), rstd.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(),
+                                 h_pre.data_ptr<T>(), h_post_next.data_ptr<T>(), h_res_next.data_ptr<T>(), d, s);
+  });
+  return {x_next, stream_aggregate_impl<Streams>(x_next, h_pre), h_post_next, h_res_next, proj, rstd};
+}
+
+// -> (grad_f, grad_x, grad_h_post, grad_h_res, grad_phi, grad_alpha, grad_bias)
+template <class Backend>
+Tensor7 mhc_post_pre_backward_impl(const std::optional<at::Tensor>& grad_x_next,
+                                   const std::optional<at::Tensor>& grad_layer_input,
+                                   const std::optional<at::Tensor>& grad_h_post_next,
+                                   const std::optional<at::Tensor>& grad_h_res_next, const at::Tensor& f,
+                                   const at::Tensor& x, const at::Tensor& h_post, const at::Tensor& h_res,
+                                   const at::Tensor& x_next, const at::Tensor& phi, const at::Tensor& alpha,
+                                   const at::Tensor& bias, const at::Tensor& proj, const at::Tensor& rstd,
+                                   int64_t iters, double sinkhorn_eps, double pre_eps, double post_mult,
+                                   std::array<bool, 4> output_mask) {
+  const NoAutocast no_autocast;
+  const char* op = "hcext::mhc_post_pre_backward";
+  TORCH_CHECK(x_next.sizes() == x.sizes() && x_next.scalar_type() == x.scalar_type(), op,
+              ": expected x_next with x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
+              x_next.sizes(), " ", x_next.scalar_type());
+  if (has_value(grad_x_next)) {
+    TORCH_CHECK(grad_x_next->sizes() == x.sizes() && grad_x_next->scalar_type() == x.scalar_type() &&
+                    grad_x_next->device() == x.device(),
+                op, ": expected grad_x_next with x's shape ", x.sizes(), ", dtype ", x.scalar_type(), " and device ",
+                x.device(), ", got ", grad_x_next->sizes(), " ", grad_x_next->scalar_type(), " on ",
+                grad_x_next->device());
+  }
+  at::Tensor g_next, grad_phi, grad_alpha, grad_bias;
+  if (has_value(grad_layer_input) || has_value(grad_h_post_next) || has_value(grad_h_res_next)) {
+    std::tie(g_next, grad_phi, grad_alpha, grad_bias) = mhc_backward_core<Backend>(
+        op, x_next, phi, alpha, bias, proj, rstd, grad_layer_input, std::nullopt, grad_h_post_next, grad_h_res_next,
+        iters, sinkhorn_eps, pre_eps, post_mult, has_value(grad_x_next) ? *grad_x_next : at::Tensor());
+  } else {
+    check_mhc_args(x_next, phi, alpha, bias, iters, sinkhorn_eps, op);
+    g_next = has_value(grad_x_next) ? *grad_x_next : at::zeros_like(x);
+    grad_phi = at::zeros_like(phi);
+    grad_alpha = at::zeros_like(alpha);
+    grad_bias = at::zeros_like(bias);
+  }
+  auto [grad_f, grad_x, grad_h_post, grad_h_res] = stream_mix_expand_backward_impl<typename Backend::Streams>(
+      g_next.view(x.sizes()), f, x, h_post, h_res, output_mask);
+  return {grad_f, grad_x, grad_h_post, grad_h_res, grad_phi, grad_alpha, grad_bias};
+}
+
+// The family's kernels on one backend: called from the backend's TORCH_LIBRARY_IMPL, so the
+// op list is written once for every backend.
+template <class Backend>
+void register_mhc_kernels(torch::Library& m) {
+  m.impl("mhc_post_pre_fwd", &mhc_post_pre_fwd_impl<Backend>);
+  m.impl("mhc_post_pre_backward", &mhc_post_pre_backward_impl<Backend>);
+  m.impl("mhc_coeffs_fwd", &mhc_coeffs_fwd_impl<Backend>);
+  m.impl("mhc_pre_fwd", &mhc_pre_fwd_impl<Backend>);
+  m.impl("mhc_backward", &mhc_backward_impl<Backend>);
+}
+
+}  // namespace hcext

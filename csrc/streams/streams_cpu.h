@@ -1,0 +1,44 @@
+#pragma once
+// The CPU backend of the streams family (see streams_driver.h for the interface): the
+// passes are defined, and instantiated for every (stream, compute) type pair, in
+// streams_cpu.cpp. Declared here because the mHC CPU backend composes it.
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#include "common/checks.h"
+
+namespace hcext {
+
+struct CpuStreamsBackend {
+  explicit CpuStreamsBackend(const at::Tensor&) {}
+
+  // fn(T{}, S{}): T = float, double, c10::BFloat16 or c10::Half; S the compute type.
+  template <typename Fn>
+  static void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
+    dispatch_stream_dtype<c10::BFloat16, c10::Half>(dtype, fn);
+  }
+
+  template <typename T, typename S>
+  void aggregate_forward(const T* x, const S* h, int64_t h_stride, T* y, int64_t tokens, int n, int64_t C);
+  template <typename T, typename S>
+  void aggregate_backward(const T* gy, const T* x, const S* h, int64_t h_stride, T* grad_x, S* gh_rows,
+                          int64_t tokens, int n, int64_t C);
+  template <typename T, typename S>
+  void mix_forward(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr, int64_t hr_stride, T* out,
+                   int64_t tokens, int n, int64_t C);
+  template <typename T, typename S>
+  void mix_backward(const T* g, const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr,
+                    int64_t hr_stride, T* grad_f, T* grad_x, S* ghp_rows, S* ghr_rows, int64_t tokens, int n,
+                    int64_t C);
+  template <typename T, typename S>
+  void mix_rows(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr, int64_t hr_stride, T* out,
+                S* xf, S* rstd, S norm_eps, int64_t tokens, int n, int64_t C);
+  template <typename S>
+  void sum_over_tokens(const S* partials, S* out, int64_t tokens, int64_t K);
+};
+
+}  // namespace hcext
