@@ -13,6 +13,10 @@
 
 #include "common/stream_dtype.h"
 
+// In a family's register_<family>_kernels<Backend>(torch::Library& m): registers the op
+// `op` as the driver's op_impl<Backend>. One name per op, from the schema to the driver.
+#define HCEXT_IMPL(op) m.impl(#op, &op##_impl<Backend>);
+
 namespace hcext {
 
 using OptTensor = std::optional<at::Tensor>;

@@ -207,8 +207,7 @@ HcTensor9 hc_coeffs_backward_impl(const at::Tensor& x, const at::Tensor& static_
 // op list is written once for every backend.
 template <class Backend>
 void register_hc_kernels(torch::Library& m) {
-  m.impl("hc_coeffs_fwd", &hc_coeffs_fwd_impl<Backend>);
-  m.impl("hc_coeffs_backward", &hc_coeffs_backward_impl<Backend>);
+  HCEXT_IMPL(hc_coeffs_fwd) HCEXT_IMPL(hc_coeffs_backward)
 }
 
 }  // namespace hcext

@@ -74,6 +74,37 @@ at::Tensor rows_and_rstd(Backend& backend, const at::Tensor& x, at::Tensor& rstd
   return xf;
 }
 
+// The coefficient outputs of a forward, allocated for x's leading dims (compute dtype).
+struct MhcCoeffs {
+  at::Tensor h_pre, h_post, h_res;  // [..., n], [..., n], [..., n, n]
+  at::Tensor proj, rstd;            // [..., D], [...]: what the backward needs
+
+  MhcCoeffs(const at::Tensor& x, const MhcDims& d) {
+    const auto opts = x.options().dtype(d.compute);
+    const int64_t n = d.n;
+    h_pre = at::empty(lead_shape(x, {n}), opts);
+    h_post = at::empty(lead_shape(x, {n}), opts);
+    h_res = at::empty(lead_shape(x, {n, n}), opts);
+    proj = at::empty(lead_shape(x, {d.D}), opts);
+    rstd = at::empty(lead_shape(x, {}), opts);
+  }
+
+  // From x's rows in the compute dtype (xf [tokens, n*C]) and the rstd already written:
+  // proj = xf @ phi (one GEMM), then the per-token epilogue.
+  template <class Backend>
+  void compute(Backend& backend, const at::Tensor& xf, const at::Tensor& phi, const at::Tensor& alpha,
+               const at::Tensor& bias, const MhcDims& d, const MhcScalars& s) {
+    at::Tensor proj_rows = proj.view({d.tokens, d.D});
+    at::mm_out(proj_rows, xf, phi);
+    const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
+    dispatch_compute(d.compute, [&](auto zero) {
+      using T = decltype(zero);
+      backend.template epilogue<T>(proj.data_ptr<T>(), rstd.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(),
+                                   h_pre.data_ptr<T>(), h_post.data_ptr<T>(), h_res.data_ptr<T>(), d, s);
+    });
+  }
+};
+
 // -> (h_pre [..., n], h_post [..., n], h_res [..., n, n], proj [..., D], rstd [...])
 template <class Backend>
 Tensor5 mhc_coeffs_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
@@ -86,22 +117,9 @@ Tensor5 mhc_coeffs_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at
   check_mhc_scalars(pre_eps, post_mult, op);
   Backend backend(x);
   const MhcScalars s{static_cast<int>(iters), norm_eps, sinkhorn_eps, pre_eps, post_mult};
-  const auto opts = x.options().dtype(d.compute);
-  const int64_t n = d.n;
-  at::Tensor h_pre = at::empty(lead_shape(x, {n}), opts);
-  at::Tensor h_post = at::empty(lead_shape(x, {n}), opts);
-  at::Tensor h_res = at::empty(lead_shape(x, {n, n}), opts);
-  at::Tensor rstd = at::empty(lead_shape(x, {}), opts);
-  if (d.tokens == 0) return {h_pre, h_post, h_res, at::empty(lead_shape(x, {d.D}), opts), rstd};
-  const at::Tensor xf = rows_and_rstd(backend, x, rstd, d, norm_eps);
-  at::Tensor proj = at::mm(xf, phi).reshape(lead_shape(x, {d.D}));
-  const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
-  dispatch_compute(d.compute, [&](auto zero) {
-    using T = decltype(zero);
-    backend.template epilogue<T>(proj.data_ptr<T>(), rstd.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(),
-                                 h_pre.data_ptr<T>(), h_post.data_ptr<T>(), h_res.data_ptr<T>(), d, s);
-  });
-  return {h_pre, h_post, h_res, proj, rstd};
+  MhcCoeffs c(x, d);
+  if (d.tokens > 0) c.compute(backend, rows_and_rstd(backend, x, c.rstd, d, norm_eps), phi, alpha, bias, d, s);
+  return {c.h_pre, c.h_post, c.h_res, c.proj, c.rstd};
 }
 
 // mhc_pre = the coefficients, then the layer input by the streams backend's aggregate (the
@@ -218,32 +236,18 @@ Tensor6 mhc_post_pre_fwd_impl(const at::Tensor& f, const at::Tensor& x, const at
   const StreamsCoef hr = check_streams_coef(h_res, "h_res", 2, x, p, op);
   Backend backend(x);
   const MhcScalars s{static_cast<int>(iters), norm_eps, sinkhorn_eps, pre_eps, post_mult};
-  const auto opts = x.options().dtype(d.compute);
-  const int64_t n = d.n;
-  at::Tensor x_next = at::empty(x.sizes(), p.x.options());
-  at::Tensor h_pre = at::empty(lead_shape(x, {n}), opts);
-  at::Tensor h_post_next = at::empty(lead_shape(x, {n}), opts);
-  at::Tensor h_res_next = at::empty(lead_shape(x, {n, n}), opts);
-  at::Tensor rstd = at::empty(lead_shape(x, {}), opts);
   using Streams = typename Backend::Streams;
-  if (d.tokens == 0) {
-    return {x_next, stream_aggregate_impl<Streams>(x_next, h_pre), h_post_next, h_res_next,
-            at::empty(lead_shape(x, {d.D}), opts), rstd};
+  at::Tensor x_next = at::empty(x.sizes(), p.x.options());
+  MhcCoeffs c(x, d);  // layer l+1's
+  if (d.tokens > 0) {
+    // The GEMM reads x_next's rows in the compute dtype: a copy written by the same pass
+    // when x is not in it, else x_next itself.
+    const bool copy = p.x.scalar_type() != d.compute;
+    at::Tensor xf = copy ? at::empty({d.tokens, d.n * d.C}, x.options().dtype(d.compute)) : at::Tensor();
+    stream_mix_rows<Streams>(p, fc, hp, hr, x_next, xf, c.rstd, norm_eps);
+    c.compute(backend, copy ? xf : x_next.view({d.tokens, d.n * d.C}), phi, alpha, bias, d, s);
   }
-  // The GEMM reads x_next's rows in the compute dtype: a copy written by the same pass when
-  // x is not in it, else x_next itself.
-  const bool copy = p.x.scalar_type() != d.compute;
-  at::Tensor xf = copy ? at::empty({d.tokens, d.n * d.C}, opts) : at::Tensor();
-  stream_mix_rows<Streams>(p, fc, hp, hr, x_next, xf, rstd, norm_eps);
-  if (!copy) xf = x_next.view({d.tokens, d.n * d.C});
-  at::Tensor proj = at::mm(xf, phi).reshape(lead_shape(x, {d.D}));
-  const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
-  dispatch_compute(d.compute, [&](auto zero) {
-    using T = decltype(zero);
-    backend.template epilogue<T>(proj.data_ptr<T>(), rstd.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(),
-                                 h_pre.data_ptr<T>(), h_post_next.data_ptr<T>(), h_res_next.data_ptr<T>(), d, s);
-  });
-  return {x_next, stream_aggregate_impl<Streams>(x_next, h_pre), h_post_next, h_res_next, proj, rstd};
+  return {x_next, stream_aggregate_impl<Streams>(x_next, c.h_pre), c.h_post, c.h_res, c.proj, c.rstd};
 }
 
 // -> (grad_f, grad_x, grad_h_post, grad_h_res, grad_phi, grad_alpha, grad_bias)
@@ -290,11 +294,8 @@ Tensor7 mhc_post_pre_backward_impl(const std::optional<at::Tensor>& grad_x_next,
 // op list is written once for every backend.
 template <class Backend>
 void register_mhc_kernels(torch::Library& m) {
-  m.impl("mhc_post_pre_fwd", &mhc_post_pre_fwd_impl<Backend>);
-  m.impl("mhc_post_pre_backward", &mhc_post_pre_backward_impl<Backend>);
-  m.impl("mhc_coeffs_fwd", &mhc_coeffs_fwd_impl<Backend>);
-  m.impl("mhc_pre_fwd", &mhc_pre_fwd_impl<Backend>);
-  m.impl("mhc_backward", &mhc_backward_impl<Backend>);
+  HCEXT_IMPL(mhc_coeffs_fwd) HCEXT_IMPL(mhc_pre_fwd) HCEXT_IMPL(mhc_backward)
+  HCEXT_IMPL(mhc_post_pre_fwd) HCEXT_IMPL(mhc_post_pre_backward)
 }
 
 }  // namespace hcext

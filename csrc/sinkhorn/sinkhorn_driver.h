@@ -60,8 +60,7 @@ at::Tensor sinkhorn_backward_impl(const at::Tensor& grad, const at::Tensor& logi
 // op list is written once for every backend.
 template <class Backend>
 void register_sinkhorn_kernels(torch::Library& m) {
-  m.impl("sinkhorn", &sinkhorn_impl<Backend>);
-  m.impl("sinkhorn_backward", &sinkhorn_backward_impl<Backend>);
+  HCEXT_IMPL(sinkhorn) HCEXT_IMPL(sinkhorn_backward)
 }
 
 }  // namespace hcext

@@ -172,10 +172,8 @@ void stream_mix_rows(const StreamsProblem& p, const at::Tensor& f, const Streams
 // op list is written once for every backend.
 template <class Backend>
 void register_streams_kernels(torch::Library& m) {
-  m.impl("stream_aggregate", &stream_aggregate_impl<Backend>);
-  m.impl("stream_aggregate_backward", &stream_aggregate_backward_impl<Backend>);
-  m.impl("stream_mix_expand", &stream_mix_expand_impl<Backend>);
-  m.impl("stream_mix_expand_backward", &stream_mix_expand_backward_impl<Backend>);
+  HCEXT_IMPL(stream_aggregate) HCEXT_IMPL(stream_aggregate_backward)
+  HCEXT_IMPL(stream_mix_expand) HCEXT_IMPL(stream_mix_expand_backward)
 }
 
 }  // namespace hcext
