@@ -35,3 +35,9 @@ __all__ = [
 for _qualname, _fake in FAKE_KERNELS:
     torch.library.register_fake(_qualname, _fake)
 del _qualname, _fake
+
+# DTensor sharding rules (hcext/ops/_sharding.py): registered when torch.distributed.tensor
+# is imported (now, if it already is), so that `import hcext` does not import it.
+from . import _sharding  # noqa: E402
+
+_sharding.register_when_dtensor_imported()

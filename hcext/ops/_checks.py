@@ -8,6 +8,7 @@ as Float rather than torch.float32). Tests match parts of these messages: change
 wording only together with the C++ side.
 """
 
+import functools
 import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -27,6 +28,62 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     and parameters, and of their gradients, for inputs of ``dtype``. fp64 stays fp64
     (gradcheck); fp32, bf16 and fp16 are computed in (and return) fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# double backward
+
+
+def first_order_only(op: str) -> Callable:
+    """Marks the backward formula of ``op`` as first-order only, loudly.
+
+    hcext's backward ops are fused kernels with no derivative of their own. Without this,
+    a second derivative through them (``torch.autograd.grad(..., create_graph=True)``
+    followed by another backward: gradient penalties, Hessian-vector products,
+    ``torch.func`` transforms of a gradient) would treat the first-order gradient as a
+    constant and silently come out as zero. With it, the gradient is computed as usual
+    (with no graph of its own), and every gradient it returns under ``create_graph=True``
+    is routed through a node that raises, when reached by the second backward, an error
+    naming the op. First-order training, including under ``create_graph=True`` when the
+    result is never differentiated again, is unaffected.
+    """
+    message = (
+        f"{op} does not support double backward: its gradient is computed by a fused kernel that has no "
+        "derivative of its own, so a second derivative through it (a gradient penalty, a Hessian-vector "
+        "product, torch.func.hessian or jacfwd of a gradient) is not available. Differentiate the pure-PyTorch "
+        "reference (hcext.reference) for such terms."
+    )
+
+    def decorate(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():  # a plain backward: nothing to guard
+                return outputs
+            # create_graph=True: the gradients would depend on the incoming gradients and on
+            # the saved inputs; when any of those requires grad, make every gradient an
+            # output of an error node instead of a silently constant tensor.
+            sources = list(grads) + list(getattr(ctx, "saved_tensors", ()))
+            if not any(isinstance(t, Tensor) and t.requires_grad for t in sources):
+                return outputs
+            single = not isinstance(outputs, tuple)
+            outs = (outputs,) if single else outputs
+            tensors = [i for i, o in enumerate(outs) if isinstance(o, Tensor)]
+            if not tensors:
+                return outputs
+            guarded = torch._C._functions.DelayedError(message, len(tensors))(
+                *[outs[i].detach().requires_grad_(True) for i in tensors]
+            )
+            guarded = guarded if isinstance(guarded, tuple) else (guarded,)
+            result = list(outs)
+            for i, g in zip(tensors, guarded):
+                result[i] = g
+            return result[0] if single else tuple(result)
+
+        return wrapper
+
+    return decorate
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from ._checks import (
     contiguous_like,
     fake_kernel,
     per_token,
+    first_order_only,
 )
 
 __all__ = ["hc_coeffs"]
@@ -192,8 +193,14 @@ def _static_hc_backward(ctx, g_pre, g_post, g_res):
 
 
 def _hc_coeffs_backward(ctx, g_pre, g_post, g_res, _g_proj, _g_stats):
+    # Static HC's gradient is plain torch ops on [n]-sized tensors: differentiable again.
     if ctx.static:
         return _static_hc_backward(ctx, g_pre, g_post, g_res)
+    return _dynamic_hc_backward(ctx, g_pre, g_post, g_res)
+
+
+@first_order_only("hcext::hc_coeffs")
+def _dynamic_hc_backward(ctx, g_pre, g_post, g_res):
     saved = list(ctx.saved_tensors)
     x, static_alpha, static_beta = saved[:3]
     optional = [saved.pop(3) if present else None for present in ctx.present]

@@ -28,6 +28,7 @@ from ._checks import (
     fake_kernel,
     grad_or_skipped,
     per_token,
+    first_order_only,
 )
 
 __all__ = ["mhc_coeffs", "mhc_pre", "mhc_post_pre"]
@@ -215,6 +216,7 @@ def _mhc_coeffs_setup_context(ctx, inputs, output):
     ctx.args = (sinkhorn_iters, sinkhorn_eps, pre_eps, post_mult)
 
 
+@first_order_only("hcext::mhc_coeffs")
 def _mhc_coeffs_backward(ctx, g_pre, g_post, g_res, _g_proj, _g_rstd):
     x, phi, alpha, bias, proj, rstd = ctx.saved_tensors
     gx, gphi, galpha, gbias = torch.ops.hcext.mhc_backward.default(
@@ -223,6 +225,7 @@ def _mhc_coeffs_backward(ctx, g_pre, g_post, g_res, _g_proj, _g_rstd):
     return gx, gphi, galpha, gbias, None, None, None, None, None
 
 
+@first_order_only("hcext::mhc_pre")
 def _mhc_pre_backward(ctx, g_layer_input, g_post, g_res, _g_proj, _g_rstd):
     # h_pre is not an output of mhc_pre: its gradient comes through layer_input instead.
     x, phi, alpha, bias, proj, rstd = ctx.saved_tensors
@@ -297,6 +300,7 @@ def _mhc_post_pre_setup_context(ctx, inputs, output):
     ctx.args = (sinkhorn_iters, sinkhorn_eps, pre_eps, post_mult)
 
 
+@first_order_only("hcext::mhc_post_pre")
 def _mhc_post_pre_backward(ctx, g_x_next, g_layer_input, g_post, g_res, _g_proj, _g_rstd):
     f, x, h_post, h_res, x_next, phi, alpha, bias, proj, rstd = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:4])

@@ -6,7 +6,15 @@ import math
 import torch
 from torch import Tensor
 
-from ._checks import MAX_N, check_device_like, check_iters, compute_dtype, contiguous_like, fake_kernel
+from ._checks import (
+    MAX_N,
+    check_device_like,
+    check_iters,
+    compute_dtype,
+    contiguous_like,
+    fake_kernel,
+    first_order_only,
+)
 
 __all__ = ["sinkhorn"]
 
@@ -78,6 +86,7 @@ def _sinkhorn_setup_context(ctx, inputs, output):
     ctx.iters, ctx.eps = iters, eps
 
 
+@first_order_only("hcext::sinkhorn")
 def _sinkhorn_backward(ctx, grad):
     (logits,) = ctx.saved_tensors
     return torch.ops.hcext.sinkhorn_backward.default(grad, logits, ctx.iters, ctx.eps), None, None

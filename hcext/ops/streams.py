@@ -19,6 +19,7 @@ from ._checks import (
     check_streams_x,
     fake_kernel,
     grad_or_skipped,
+    first_order_only,
 )
 
 __all__ = ["stream_aggregate", "stream_mix_expand"]
@@ -108,6 +109,7 @@ def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+@first_order_only("hcext::stream_aggregate")
 def _stream_aggregate_backward(ctx, grad):
     x, h_pre = ctx.saved_tensors
     mask = [bool(m) for m in ctx.needs_input_grad[:2]]
@@ -115,6 +117,7 @@ def _stream_aggregate_backward(ctx, grad):
     return (grad_x if mask[0] else None), (grad_h_pre if mask[1] else None)
 
 
+@first_order_only("hcext::stream_mix_expand")
 def _stream_mix_expand_backward(ctx, grad):
     f, x, h_post, h_res = ctx.saved_tensors
     mask = [bool(m) for m in ctx.needs_input_grad[:4]]
