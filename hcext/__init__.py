@@ -12,11 +12,22 @@ from . import _C  # noqa: F401  (registers the ops)
 from . import ops, reference  # noqa: F401
 from . import init  # noqa: F401  (Hyper-Connections initial values)
 from . import nn  # noqa: F401  (after ops and init, which it uses)
-from .ops import hc_coeffs, mhc_coeffs, mhc_post_pre, mhc_pre, sinkhorn, stream_aggregate, stream_mix_expand
+from .ops import (
+    hc_coeffs,
+    mhc_coeffs,
+    mhc_post_pre,
+    mhc_post_pre_shifted,
+    mhc_pre,
+    mhc_pre_shifted,
+    sinkhorn,
+    stream_aggregate,
+    stream_mix_expand,
+)
 
 __all__ = [
     "build_info", "has_cuda", "ops", "reference", "init", "nn",
-    "sinkhorn", "stream_aggregate", "stream_mix_expand", "mhc_coeffs", "mhc_pre", "mhc_post_pre", "hc_coeffs",
+    "sinkhorn", "stream_aggregate", "stream_mix_expand", "mhc_coeffs", "mhc_pre", "mhc_post_pre", "mhc_pre_shifted",
+    "mhc_post_pre_shifted", "hc_coeffs",
 ]
 __version__ = "0.1.0"
 

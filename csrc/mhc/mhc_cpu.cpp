@@ -71,12 +71,14 @@ template <typename S>
 }
 
 // dx = dxp (the projection GEMM's share) + rstd's share + the layer input's share
-// (h_pre[i] * gy, when gy) + extra (when non-null: a gradient from another consumer of x,
+// (h_i * gy, when gy: h_i = mix[t * mix_stride + i] for the shifted collapse, else h_pre[i]
+// recomputed from proj) + extra (when non-null: a gradient from another consumer of x,
 // in x's dtype), summed in S and rounded to x's dtype once. dx may alias dxp (block by
 // block, every element is read before it is written).
 template <typename S, typename X>
 [[gnu::always_inline]] inline void grad_x_range(const S* xf, const S* dxp, const S* proj, const S* rstd,
-                                                const S* drstd, const S* gy, const S* alpha, const S* bias, S pre_eps,
+                                                const S* drstd, const S* gy, const S* mix, int64_t mix_stride,
+                                                const S* alpha, const S* bias, S pre_eps,
                                                 const X* extra, X* dx, int n, int64_t C, int64_t D, int64_t t0,
                                                 int64_t t1) {
   const int64_t len = n * C;
@@ -84,7 +86,9 @@ template <typename S, typename X>
     const S factor = mhc_rstd_grad_factor<S>(drstd[t], rstd[t], S(len));
     for (int i = 0; i < n; ++i) {
       const int64_t row = t * len + i * C;
-      const S h = gy ? mhc_h_pre<S, S>(proj[t * D + i], rstd[t], alpha, bias[i], pre_eps) : S(0);
+      const S h = !gy ? S(0)
+                  : mix ? mix[t * mix_stride + i]
+                        : mhc_h_pre<S, S>(proj[t * D + i], rstd[t], alpha, bias[i], pre_eps);
       for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
         Lanes<S, kVec> v = load_block<S>(dxp + row + c, valid) + factor * load_block<S>(xf + row + c, valid);
         if (gy) v = v + h * load_block<S>(gy + t * C + c, valid);
@@ -219,15 +223,16 @@ struct CpuMhcBackend {
   }
   // extra: undefined, or a [tokens, n*C]-sized contiguous gradient in dx's dtype.
   template <typename T>
-  void grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy, const T* alpha,
-              const T* bias, double pre_eps, const at::Tensor& extra, at::Tensor& dx, const MhcDims& d) {
+  void grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy, const T* mix,
+              int64_t mix_stride, const T* alpha, const T* bias, double pre_eps, const at::Tensor& extra,
+              at::Tensor& dx, const MhcDims& d) {
     Streams::dispatch_dtype(dx.scalar_type(), [&](auto xtag, auto stag) {
       using X = decltype(xtag);
       if constexpr (std::is_same_v<decltype(stag), T>) {
         const X* e = extra.defined() ? extra.data_ptr<X>() : nullptr;
         dispatch_row_kernels([&](auto k) {
           at::parallel_for(0, d.tokens, row_grain(d.n * d.C), [&](int64_t t0, int64_t t1) {
-            decltype(k)::grad_x(xf, dxp, proj, rstd, drstd, gy, alpha, bias, static_cast<T>(pre_eps), e,
+            decltype(k)::grad_x(xf, dxp, proj, rstd, drstd, gy, mix, mix_stride, alpha, bias, static_cast<T>(pre_eps), e,
                                 dx.data_ptr<X>(), d.n, d.C, d.D, t0, t1);
           });
         });

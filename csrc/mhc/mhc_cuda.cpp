@@ -44,9 +44,10 @@ struct CudaMhcBackend : CudaContext {
                                                   T(s.sinkhorn_eps), T(s.post_mult), stream));
   }
   template <typename T>
-  void grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy, const T* alpha,
+  void grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy, const T* mix,
+              int64_t mix_stride, const T* alpha,
               const T* bias, double pre_eps, const at::Tensor& extra, at::Tensor& dx, const MhcDims& d) {
-    C10_CUDA_CHECK(cuda::mhc_grad_x<T>(xf, dxp, proj, rstd, drstd, gy, alpha, bias, T(pre_eps),
+    C10_CUDA_CHECK(cuda::mhc_grad_x<T>(xf, dxp, proj, rstd, drstd, gy, mix, mix_stride, alpha, bias, T(pre_eps),
                                        extra.defined() ? extra.data_ptr() : nullptr, dx.data_ptr(),
                                        stream_dtype(dx.scalar_type()), d.tokens, d.n, d.C, d.D, stream));
   }

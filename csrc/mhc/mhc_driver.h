@@ -31,6 +31,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 
 #include <array>
@@ -107,11 +108,10 @@ struct MhcCoeffs {
 
 // -> (h_pre [..., n], h_post [..., n], h_res [..., n, n], proj [..., D], rstd [...])
 template <class Backend>
-Tensor5 mhc_coeffs_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+Tensor5 mhc_coeffs_fwd_core(const char* op, const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
                             const at::Tensor& bias, int64_t iters, double norm_eps, double sinkhorn_eps,
                             double pre_eps, double post_mult) {
   const NoAutocast no_autocast;
-  const char* op = "hcext::mhc_coeffs";
   const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
   check_norm_eps(norm_eps, op);
   check_mhc_scalars(pre_eps, post_mult, op);
@@ -120,6 +120,14 @@ Tensor5 mhc_coeffs_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at
   MhcCoeffs c(x, d);
   if (d.tokens > 0) c.compute(backend, rows_and_rstd(backend, x, c.rstd, d, norm_eps), phi, alpha, bias, d, s);
   return {c.h_pre, c.h_post, c.h_res, c.proj, c.rstd};
+}
+
+template <class Backend>
+Tensor5 mhc_coeffs_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                            const at::Tensor& bias, int64_t iters, double norm_eps, double sinkhorn_eps,
+                            double pre_eps, double post_mult) {
+  return mhc_coeffs_fwd_core<Backend>("hcext::mhc_coeffs", x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps,
+                                      pre_eps, post_mult);
 }
 
 // mhc_pre = the coefficients, then the layer input by the streams backend's aggregate (the
@@ -133,29 +141,74 @@ Tensor5 mhc_pre_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::T
   return {stream_aggregate_impl<typename Backend::Streams>(x, h_pre), h_post, h_res, proj, rstd};
 }
 
-// -> (grad_x, grad_phi, grad_alpha, grad_bias). extra: undefined, or a gradient of x from
-// another consumer (x's shape and dtype), added to grad_x in fp32 before the one rounding.
+// ---- DeepSeek-V4.1's shifted collapse (hcext::mhc_pre_shifted): the coefficients of x as
+// above, but the layer input collapsed with the previous sublayer's h_pre (pre_mix; e_0 for
+// the first sublayer) instead of x's own; x's h_pre is returned as next_pre_mix, for the
+// next sublayer. pre_mix follows the streams family's coefficient rules (per token [..., n]
+// or shared [n], compute dtype).
+
+using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensor7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensor8 =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// -> (layer_input, h_post, h_res, next_pre_mix, proj, rstd)
 template <class Backend>
-Tensor4 mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
-                          const at::Tensor& bias, const at::Tensor& proj, const at::Tensor& rstd,
-                          const std::optional<at::Tensor>& grad_layer_input,
-                          const std::optional<at::Tensor>& grad_h_pre, const std::optional<at::Tensor>& grad_h_post,
-                          const std::optional<at::Tensor>& grad_h_res, int64_t iters, double sinkhorn_eps,
-                          double pre_eps, double post_mult, const at::Tensor& extra) {
+Tensor6 mhc_pre_shifted_fwd_impl(const at::Tensor& x, const at::Tensor& pre_mix, const at::Tensor& phi,
+                                 const at::Tensor& alpha, const at::Tensor& bias, int64_t iters, double norm_eps,
+                                 double sinkhorn_eps, double pre_eps, double post_mult) {
+  const char* op = "hcext::mhc_pre_shifted";
+  auto [h_pre, h_post, h_res, proj, rstd] =
+      mhc_coeffs_fwd_core<Backend>(op, x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
+  check_streams_coef(pre_mix, "pre_mix", 1, x, check_streams_x(x, op), op);
+  return {stream_aggregate_impl<typename Backend::Streams>(x, pre_mix), h_post, h_res, h_pre, proj, rstd};
+}
+
+struct MhcGrads {
+  at::Tensor x, phi, alpha, bias;
+  at::Tensor pre_mix;  // shifted collapse only: pre_mix's shape (per token or shared)
+};
+
+// The gradients of the coefficients' inputs and of x. extra: undefined, or a gradient of x
+// from another consumer (x's shape and dtype), added to grad_x in fp32 before the one
+// rounding. pre_mix: null for the standard collapse (the layer input is Σ h_pre[i] x_i, so
+// its gradient reaches h_pre), or the shifted collapse's pre_mix (the layer input is
+// Σ pre_mix[i] x_i: its gradient reaches pre_mix instead, and grad_h_pre is the gradient of
+// next_pre_mix).
+template <class Backend>
+MhcGrads mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                           const at::Tensor& bias, const at::Tensor& proj, const at::Tensor& rstd,
+                           const std::optional<at::Tensor>& grad_layer_input,
+                           const std::optional<at::Tensor>& grad_h_pre, const std::optional<at::Tensor>& grad_h_post,
+                           const std::optional<at::Tensor>& grad_h_res, int64_t iters, double sinkhorn_eps,
+                           double pre_eps, double post_mult, const at::Tensor& extra,
+                           const StreamsCoef* pre_mix = nullptr) {
   const NoAutocast no_autocast;
   const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
   check_mhc_scalars(pre_eps, post_mult, op);
   check_mhc_saved(d, x, proj, rstd, op);
   check_optional_grad(grad_layer_input, d.tokens * d.C, x, op, "grad_layer_input");
-  check_optional_grad(grad_h_pre, d.tokens * d.n, x, op, "grad_h_pre");
+  check_optional_grad(grad_h_pre, d.tokens * d.n, x, op, pre_mix ? "grad_next_pre_mix" : "grad_h_pre");
   check_optional_grad(grad_h_post, d.tokens * d.n, x, op, "grad_h_post");
   check_optional_grad(grad_h_res, d.tokens * d.n * d.n, x, op, "grad_h_res");
   Backend backend(x);
   const MhcScalars s{static_cast<int>(iters), 0.0, sinkhorn_eps, pre_eps, post_mult};
   const auto opts = x.options().dtype(d.compute);
+  MhcGrads out;
+  // pre_mix's gradient: per-token rows Σ_c gy[t, c] x[t, i, c] (summed over tokens in a
+  // fixed order when pre_mix is shared); zero without a layer-input gradient.
+  CoefGrad gmix;
+  if (pre_mix) {
+    gmix = make_coef_grad(true, *pre_mix, d.tokens, d.n);
+    if (!has_value(grad_layer_input) || d.tokens == 0) gmix.out.zero_();
+  }
   if (d.tokens == 0) {
-    return {at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)), at::zeros_like(phi),
-            at::zeros_like(alpha), at::zeros_like(bias)};
+    out.x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    out.phi = at::zeros_like(phi);
+    out.alpha = at::zeros_like(alpha);
+    out.bias = at::zeros_like(bias);
+    out.pre_mix = gmix.out;
+    return out;
   }
   const at::Tensor extra_rows = extra.defined() ? extra.reshape({d.tokens, d.n * d.C}).contiguous() : at::Tensor();
   const int64_t T_ = d.tokens, n = d.n, D = d.D;
@@ -171,7 +224,9 @@ Tensor4 mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor&
   at::Tensor grad_phi, grad_x;
   dispatch_compute(d.compute, [&](auto zero) {
     using T = decltype(zero);
-    if (gy.defined()) {
+    if (gy.defined() && pre_mix) {
+      backend.template layer_input_grad<T>(xf.data_ptr<T>(), gy.data_ptr<T>(), nullptr, gmix.rows<T>(), d);
+    } else if (gy.defined()) {
       at::Tensor total = at::empty({T_, n}, opts);
       backend.template layer_input_grad<T>(xf.data_ptr<T>(), gy.data_ptr<T>(), ptr_or_null<T>(gpre),
                                            total.data_ptr<T>(), d);
@@ -186,11 +241,22 @@ Tensor4 mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor&
     // When x is already in the compute dtype, grad_x overwrites dxp in place: one fresh
     // [tokens, n*C] buffer less (on the CPU a fresh buffer costs page faults).
     grad_x = x.scalar_type() == d.compute ? dxp : at::empty({T_, d.n * d.C}, x.options());
+    // The layer input's coefficient: pre_mix's (shifted) or h_pre recomputed from proj (null).
+    const T* mix = pre_mix && gy.defined() ? pre_mix->h.data_ptr<T>() : nullptr;
     backend.template grad_x<T>(xf.data_ptr<T>(), dxp.data_ptr<T>(), P.data_ptr<T>(), R.data_ptr<T>(),
-                               drstd.data_ptr<T>(), ptr_or_null<T>(gy), a.data_ptr<T>(), b.data_ptr<T>(), pre_eps,
-                               extra_rows, grad_x, d);
+                               drstd.data_ptr<T>(), ptr_or_null<T>(gy), mix, pre_mix ? pre_mix->token_stride : 0,
+                               a.data_ptr<T>(), b.data_ptr<T>(), pre_eps, extra_rows, grad_x, d);
   });
-  return {grad_x.view(x.sizes()), grad_phi, at::sum(dalpha, {0}), at::sum(dl, {0})};
+  if (pre_mix && gy.defined()) {
+    typename Backend::Streams streams(x);
+    finish_coef_grad(streams, gmix, *pre_mix, T_, n);
+  }
+  out.x = grad_x.view(x.sizes());
+  out.phi = grad_phi;
+  out.alpha = at::sum(dalpha, {0});
+  out.bias = at::sum(dl, {0});
+  out.pre_mix = gmix.out;
+  return out;
 }
 
 template <class Backend>
@@ -200,9 +266,29 @@ Tensor4 mhc_backward_impl(const at::Tensor& x, const at::Tensor& phi, const at::
                           const std::optional<at::Tensor>& grad_h_pre, const std::optional<at::Tensor>& grad_h_post,
                           const std::optional<at::Tensor>& grad_h_res, int64_t iters, double sinkhorn_eps,
                           double pre_eps, double post_mult) {
-  return mhc_backward_core<Backend>("hcext::mhc_backward", x, phi, alpha, bias, proj, rstd, grad_layer_input,
-                                    grad_h_pre, grad_h_post, grad_h_res, iters, sinkhorn_eps, pre_eps, post_mult,
-                                    at::Tensor());
+  const MhcGrads g =
+      mhc_backward_core<Backend>("hcext::mhc_backward", x, phi, alpha, bias, proj, rstd, grad_layer_input, grad_h_pre,
+                                 grad_h_post, grad_h_res, iters, sinkhorn_eps, pre_eps, post_mult, at::Tensor());
+  return {g.x, g.phi, g.alpha, g.bias};
+}
+
+// -> (grad_x, grad_pre_mix, grad_phi, grad_alpha, grad_bias); grad_next_pre_mix is the
+// gradient of next_pre_mix (x's h_pre).
+template <class Backend>
+Tensor5 mhc_shifted_backward_impl(const at::Tensor& x, const at::Tensor& pre_mix, const at::Tensor& phi,
+                                  const at::Tensor& alpha, const at::Tensor& bias, const at::Tensor& proj,
+                                  const at::Tensor& rstd, const std::optional<at::Tensor>& grad_layer_input,
+                                  const std::optional<at::Tensor>& grad_next_pre_mix,
+                                  const std::optional<at::Tensor>& grad_h_post,
+                                  const std::optional<at::Tensor>& grad_h_res, int64_t iters, double sinkhorn_eps,
+                                  double pre_eps, double post_mult) {
+  const char* op = "hcext::mhc_shifted_backward";
+  check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
+  const StreamsCoef mix = check_streams_coef(pre_mix, "pre_mix", 1, x, check_streams_x(x, op), op);
+  const MhcGrads g = mhc_backward_core<Backend>(op, x, phi, alpha, bias, proj, rstd, grad_layer_input,
+                                                grad_next_pre_mix, grad_h_post, grad_h_res, iters, sinkhorn_eps,
+                                                pre_eps, post_mult, at::Tensor(), &mix);
+  return {g.x, g.pre_mix, g.phi, g.alpha, g.bias};
 }
 
 // ---- The fused layer boundary (hcext::mhc_post_pre).
@@ -216,17 +302,14 @@ Tensor4 mhc_backward_impl(const at::Tensor& x, const at::Tensor& phi, const at::
 //   path's share, summed in fp32 and rounded once (mhc_backward_core's extra); then
 //   stream_mix_expand_backward (the streams backend).
 
-using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using Tensor7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// -> (x_next, layer_input, h_post_next, h_res_next, proj, rstd)
+// -> (x_next, layer_input, h_post_next, h_res_next, next h_pre, proj, rstd). pre_mix: null
+// (the layer input is collapsed with x_next's own h_pre) or the shifted collapse's pre_mix.
 template <class Backend>
-Tensor6 mhc_post_pre_fwd_impl(const at::Tensor& f, const at::Tensor& x, const at::Tensor& h_post,
-                              const at::Tensor& h_res, const at::Tensor& phi, const at::Tensor& alpha,
-                              const at::Tensor& bias, int64_t iters, double norm_eps, double sinkhorn_eps,
-                              double pre_eps, double post_mult) {
+Tensor7 mhc_post_pre_fwd_core(const char* op, const at::Tensor& f, const at::Tensor& x, const at::Tensor& h_post,
+                              const at::Tensor& h_res, const at::Tensor* pre_mix, const at::Tensor& phi,
+                              const at::Tensor& alpha, const at::Tensor& bias, int64_t iters, double norm_eps,
+                              double sinkhorn_eps, double pre_eps, double post_mult) {
   const NoAutocast no_autocast;
-  const char* op = "hcext::mhc_post_pre";
   const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
   check_norm_eps(norm_eps, op);
   check_mhc_scalars(pre_eps, post_mult, op);
@@ -234,6 +317,7 @@ Tensor6 mhc_post_pre_fwd_impl(const at::Tensor& f, const at::Tensor& x, const at
   const at::Tensor fc = check_streams_f(f, x, p, op);
   const StreamsCoef hp = check_streams_coef(h_post, "h_post", 1, x, p, op);
   const StreamsCoef hr = check_streams_coef(h_res, "h_res", 2, x, p, op);
+  if (pre_mix) check_streams_coef(*pre_mix, "pre_mix", 1, x, p, op);
   Backend backend(x);
   const MhcScalars s{static_cast<int>(iters), norm_eps, sinkhorn_eps, pre_eps, post_mult};
   using Streams = typename Backend::Streams;
@@ -247,7 +331,85 @@ Tensor6 mhc_post_pre_fwd_impl(const at::Tensor& f, const at::Tensor& x, const at
     stream_mix_rows<Streams>(p, fc, hp, hr, x_next, xf, c.rstd, norm_eps);
     c.compute(backend, copy ? xf : x_next.view({d.tokens, d.n * d.C}), phi, alpha, bias, d, s);
   }
-  return {x_next, stream_aggregate_impl<Streams>(x_next, c.h_pre), c.h_post, c.h_res, c.proj, c.rstd};
+  const at::Tensor layer_input = stream_aggregate_impl<Streams>(x_next, pre_mix ? *pre_mix : c.h_pre);
+  return {x_next, layer_input, c.h_post, c.h_res, c.h_pre, c.proj, c.rstd};
+}
+
+// -> (x_next, layer_input, h_post_next, h_res_next, proj, rstd)
+template <class Backend>
+Tensor6 mhc_post_pre_fwd_impl(const at::Tensor& f, const at::Tensor& x, const at::Tensor& h_post,
+                              const at::Tensor& h_res, const at::Tensor& phi, const at::Tensor& alpha,
+                              const at::Tensor& bias, int64_t iters, double norm_eps, double sinkhorn_eps,
+                              double pre_eps, double post_mult) {
+  auto [x_next, layer_input, h_post_next, h_res_next, h_pre, proj, rstd] =
+      mhc_post_pre_fwd_core<Backend>("hcext::mhc_post_pre", f, x, h_post, h_res, nullptr, phi, alpha, bias, iters,
+                                     norm_eps, sinkhorn_eps, pre_eps, post_mult);
+  return {x_next, layer_input, h_post_next, h_res_next, proj, rstd};
+}
+
+// The shifted collapse at the boundary (hcext::mhc_post_pre_shifted).
+// -> (x_next, layer_input, h_post_next, h_res_next, next_pre_mix, proj, rstd)
+template <class Backend>
+Tensor7 mhc_post_pre_shifted_fwd_impl(const at::Tensor& f, const at::Tensor& x, const at::Tensor& h_post,
+                                      const at::Tensor& h_res, const at::Tensor& pre_mix, const at::Tensor& phi,
+                                      const at::Tensor& alpha, const at::Tensor& bias, int64_t iters, double norm_eps,
+                                      double sinkhorn_eps, double pre_eps, double post_mult) {
+  return mhc_post_pre_fwd_core<Backend>("hcext::mhc_post_pre_shifted", f, x, h_post, h_res, &pre_mix, phi, alpha,
+                                        bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
+}
+
+// The boundary's gradients: the coefficient path's (MhcGrads), then the mix's.
+struct MhcPostPreGrads {
+  at::Tensor f, x, h_post, h_res;
+  MhcGrads next;  // x_next's coefficient path: phi, alpha, bias (and pre_mix when shifted)
+};
+
+// output_mask: f, x, h_post, h_res. pre_mix: null (standard collapse) or the shifted
+// collapse's pre_mix, whose gradient is then computed, with grad_next_pre_mix the gradient of
+// x_next's h_pre.
+template <class Backend>
+MhcPostPreGrads mhc_post_pre_backward_core(
+    const char* op, const std::optional<at::Tensor>& grad_x_next, const std::optional<at::Tensor>& grad_layer_input,
+    const std::optional<at::Tensor>& grad_h_post_next, const std::optional<at::Tensor>& grad_h_res_next,
+    const std::optional<at::Tensor>& grad_next_pre_mix, const at::Tensor& f, const at::Tensor& x,
+    const at::Tensor& h_post, const at::Tensor& h_res, const at::Tensor* pre_mix, const at::Tensor& x_next,
+    const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias, const at::Tensor& proj,
+    const at::Tensor& rstd, int64_t iters, double sinkhorn_eps, double pre_eps, double post_mult,
+    std::array<bool, 4> output_mask) {
+  const NoAutocast no_autocast;
+  TORCH_CHECK(x_next.sizes() == x.sizes() && x_next.scalar_type() == x.scalar_type(), op,
+              ": expected x_next with x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
+              x_next.sizes(), " ", x_next.scalar_type());
+  if (has_value(grad_x_next)) {
+    TORCH_CHECK(grad_x_next->sizes() == x.sizes() && grad_x_next->scalar_type() == x.scalar_type() &&
+                    grad_x_next->device() == x.device(),
+                op, ": expected grad_x_next with x's shape ", x.sizes(), ", dtype ", x.scalar_type(), " and device ",
+                x.device(), ", got ", grad_x_next->sizes(), " ", grad_x_next->scalar_type(), " on ",
+                grad_x_next->device());
+  }
+  check_mhc_args(x_next, phi, alpha, bias, iters, sinkhorn_eps, op);
+  StreamsCoef mix;
+  if (pre_mix) mix = check_streams_coef(*pre_mix, "pre_mix", 1, x_next, check_streams_x(x_next, op), op);
+  MhcPostPreGrads out;
+  at::Tensor g_next;
+  const bool coefficient_path = has_value(grad_layer_input) || has_value(grad_h_post_next) ||
+                                has_value(grad_h_res_next) || (pre_mix && has_value(grad_next_pre_mix));
+  if (coefficient_path) {
+    out.next = mhc_backward_core<Backend>(op, x_next, phi, alpha, bias, proj, rstd, grad_layer_input,
+                                          pre_mix ? grad_next_pre_mix : std::nullopt, grad_h_post_next,
+                                          grad_h_res_next, iters, sinkhorn_eps, pre_eps, post_mult,
+                                          has_value(grad_x_next) ? *grad_x_next : at::Tensor(), pre_mix ? &mix : nullptr);
+    g_next = out.next.x;
+  } else {
+    g_next = has_value(grad_x_next) ? *grad_x_next : at::zeros_like(x);
+    out.next.phi = at::zeros_like(phi);
+    out.next.alpha = at::zeros_like(alpha);
+    out.next.bias = at::zeros_like(bias);
+    if (pre_mix) out.next.pre_mix = at::zeros(mix.h.sizes(), mix.h.options());
+  }
+  std::tie(out.f, out.x, out.h_post, out.h_res) = stream_mix_expand_backward_impl<typename Backend::Streams>(
+      g_next.view(x.sizes()), f, x, h_post, h_res, output_mask);
+  return out;
 }
 
 // -> (grad_f, grad_x, grad_h_post, grad_h_res, grad_phi, grad_alpha, grad_bias)
@@ -261,33 +423,30 @@ Tensor7 mhc_post_pre_backward_impl(const std::optional<at::Tensor>& grad_x_next,
                                    const at::Tensor& bias, const at::Tensor& proj, const at::Tensor& rstd,
                                    int64_t iters, double sinkhorn_eps, double pre_eps, double post_mult,
                                    std::array<bool, 4> output_mask) {
-  const NoAutocast no_autocast;
-  const char* op = "hcext::mhc_post_pre_backward";
-  TORCH_CHECK(x_next.sizes() == x.sizes() && x_next.scalar_type() == x.scalar_type(), op,
-              ": expected x_next with x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
-              x_next.sizes(), " ", x_next.scalar_type());
-  if (has_value(grad_x_next)) {
-    TORCH_CHECK(grad_x_next->sizes() == x.sizes() && grad_x_next->scalar_type() == x.scalar_type() &&
-                    grad_x_next->device() == x.device(),
-                op, ": expected grad_x_next with x's shape ", x.sizes(), ", dtype ", x.scalar_type(), " and device ",
-                x.device(), ", got ", grad_x_next->sizes(), " ", grad_x_next->scalar_type(), " on ",
-                grad_x_next->device());
-  }
-  at::Tensor g_next, grad_phi, grad_alpha, grad_bias;
-  if (has_value(grad_layer_input) || has_value(grad_h_post_next) || has_value(grad_h_res_next)) {
-    std::tie(g_next, grad_phi, grad_alpha, grad_bias) = mhc_backward_core<Backend>(
-        op, x_next, phi, alpha, bias, proj, rstd, grad_layer_input, std::nullopt, grad_h_post_next, grad_h_res_next,
-        iters, sinkhorn_eps, pre_eps, post_mult, has_value(grad_x_next) ? *grad_x_next : at::Tensor());
-  } else {
-    check_mhc_args(x_next, phi, alpha, bias, iters, sinkhorn_eps, op);
-    g_next = has_value(grad_x_next) ? *grad_x_next : at::zeros_like(x);
-    grad_phi = at::zeros_like(phi);
-    grad_alpha = at::zeros_like(alpha);
-    grad_bias = at::zeros_like(bias);
-  }
-  auto [grad_f, grad_x, grad_h_post, grad_h_res] = stream_mix_expand_backward_impl<typename Backend::Streams>(
-      g_next.view(x.sizes()), f, x, h_post, h_res, output_mask);
-  return {grad_f, grad_x, grad_h_post, grad_h_res, grad_phi, grad_alpha, grad_bias};
+  const MhcPostPreGrads g = mhc_post_pre_backward_core<Backend>(
+      "hcext::mhc_post_pre_backward", grad_x_next, grad_layer_input, grad_h_post_next, grad_h_res_next, std::nullopt,
+      f, x, h_post, h_res, nullptr, x_next, phi, alpha, bias, proj, rstd, iters, sinkhorn_eps, pre_eps, post_mult,
+      output_mask);
+  return {g.f, g.x, g.h_post, g.h_res, g.next.phi, g.next.alpha, g.next.bias};
+}
+
+// output_mask: f, x, h_post, h_res, pre_mix.
+// -> (grad_f, grad_x, grad_h_post, grad_h_res, grad_pre_mix, grad_phi, grad_alpha, grad_bias)
+template <class Backend>
+Tensor8 mhc_post_pre_shifted_backward_impl(
+    const std::optional<at::Tensor>& grad_x_next, const std::optional<at::Tensor>& grad_layer_input,
+    const std::optional<at::Tensor>& grad_h_post_next, const std::optional<at::Tensor>& grad_h_res_next,
+    const std::optional<at::Tensor>& grad_next_pre_mix, const at::Tensor& f, const at::Tensor& x,
+    const at::Tensor& h_post, const at::Tensor& h_res, const at::Tensor& pre_mix, const at::Tensor& x_next,
+    const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias, const at::Tensor& proj,
+    const at::Tensor& rstd, int64_t iters, double sinkhorn_eps, double pre_eps, double post_mult,
+    std::array<bool, 5> output_mask) {
+  const MhcPostPreGrads g = mhc_post_pre_backward_core<Backend>(
+      "hcext::mhc_post_pre_shifted_backward", grad_x_next, grad_layer_input, grad_h_post_next, grad_h_res_next,
+      grad_next_pre_mix, f, x, h_post, h_res, &pre_mix, x_next, phi, alpha, bias, proj, rstd, iters, sinkhorn_eps,
+      pre_eps, post_mult, {output_mask[0], output_mask[1], output_mask[2], output_mask[3]});
+  const at::Tensor grad_pre_mix = output_mask[4] ? g.next.pre_mix : at::empty({0}, g.next.phi.options());
+  return {g.f, g.x, g.h_post, g.h_res, grad_pre_mix, g.next.phi, g.next.alpha, g.next.bias};
 }
 
 // The family's kernels on one backend: called from the backend's TORCH_LIBRARY_IMPL, so the
@@ -296,6 +455,8 @@ template <class Backend>
 void register_mhc_kernels(torch::Library& m) {
   HCEXT_IMPL(mhc_coeffs_fwd) HCEXT_IMPL(mhc_pre_fwd) HCEXT_IMPL(mhc_backward)
   HCEXT_IMPL(mhc_post_pre_fwd) HCEXT_IMPL(mhc_post_pre_backward)
+  HCEXT_IMPL(mhc_pre_shifted_fwd) HCEXT_IMPL(mhc_shifted_backward)
+  HCEXT_IMPL(mhc_post_pre_shifted_fwd) HCEXT_IMPL(mhc_post_pre_shifted_backward)
 }
 
 }  // namespace hcext

@@ -110,7 +110,8 @@ __global__ void __launch_bounds__(kTokenThreads)
 template <typename T, typename X, int VEC>
 __global__ void __launch_bounds__(kRowThreads)
     grad_x_kernel(const T* __restrict__ xf, const T* dxp, const T* __restrict__ proj, const T* __restrict__ rstd,
-                  const T* __restrict__ drstd, const T* __restrict__ gy, const T* __restrict__ alpha,
+                  const T* __restrict__ drstd, const T* __restrict__ gy, const T* __restrict__ mix,
+                  int64_t mix_stride, const T* __restrict__ alpha,
                   const T* __restrict__ bias, T pre_eps, const X* __restrict__ extra, X* dx, int n, int64_t C,
                   int64_t D) {
   // dx may alias dxp (each element read, then written, by one thread): no __restrict__ on them.
@@ -118,7 +119,9 @@ __global__ void __launch_bounds__(kRowThreads)
   const int64_t t = blockIdx.x;
   const int64_t len = n * C;
   if (gy && threadIdx.x < n) {
-    h_pre[threadIdx.x] = mhc_h_pre<T, T>(proj[t * D + threadIdx.x], rstd[t], alpha, bias[threadIdx.x], pre_eps);
+    // The layer input's coefficient: the shifted collapse's pre_mix, or h_pre from proj.
+    h_pre[threadIdx.x] = mix ? mix[t * mix_stride + threadIdx.x]
+                             : mhc_h_pre<T, T>(proj[t * D + threadIdx.x], rstd[t], alpha, bias[threadIdx.x], pre_eps);
   }
   __syncthreads();
   const T factor = mhc_rstd_grad_factor<T>(drstd[t], rstd[t], T(len));
@@ -193,7 +196,7 @@ cudaError_t mhc_epilogue_backward(const T* proj, const T* rstd, const T* alpha, 
 
 template <typename T>
 cudaError_t mhc_grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy,
-                       const T* alpha, const T* bias, T pre_eps, const void* extra, void* dx, StreamDtype xtype,
+                       const T* mix, int64_t mix_stride, const T* alpha, const T* bias, T pre_eps, const void* extra, void* dx, StreamDtype xtype,
                        int64_t tokens, int n, int64_t C, int64_t D, cudaStream_t stream) {
   if (tokens == 0) return cudaSuccess;
   with_stream_ptr<T>(xtype, dx, [&](auto* dxp_out) {
@@ -203,7 +206,7 @@ cudaError_t mhc_grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, 
     const bool vectorize = can_vectorize<X>(C, {dxp_out, extra_x}) && can_vectorize<T>(C, {xf, dxp, gy});
     with_vec<X>(vectorize, [&]<int VEC>() {
       grad_x_kernel<T, X, VEC><<<static_cast<unsigned int>(tokens), kRowThreads, 0, stream>>>(
-          xf, dxp, proj, rstd, drstd, gy, alpha, bias, pre_eps, extra_x, dxp_out, n, C, D);
+          xf, dxp, proj, rstd, drstd, gy, mix, mix_stride, alpha, bias, pre_eps, extra_x, dxp_out, n, C, D);
     });
   });
   return cudaGetLastError();
@@ -219,8 +222,8 @@ cudaError_t mhc_grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, 
                                                 const T*, T*, T*, T*, T*, T*, int64_t, int, int, T, T,             \
                                                 cudaStream_t);                                                    \
   template cudaError_t mhc_grad_x<T>(const T*, const T*, const T*, const T*, const T*, const T*, const T*,         \
-                                     const T*, T, const void*, void*, StreamDtype, int64_t, int, int64_t, int64_t,  \
-                                     cudaStream_t);
+                                     int64_t, const T*, const T*, T, const void*, void*, StreamDtype, int64_t, int,  \
+                                     int64_t, int64_t, cudaStream_t);
 HCEXT_INSTANTIATE_MHC(float)
 HCEXT_INSTANTIATE_MHC(double)
 #undef HCEXT_INSTANTIATE_MHC

@@ -35,11 +35,13 @@ cudaError_t mhc_epilogue_backward(const T* proj, const T* rstd, const T* alpha, 
                                   T* workspace, int64_t tokens, int n, int iters, T sinkhorn_eps, T post_mult,
                                   cudaStream_t stream);
 
-// dx = dxp + (-drstd*rstd³/len) * xf + (gy ? h_pre[i] * gy : 0) + (extra ? extra : 0), summed
-// in T and written in x's dtype; extra (nullable) is [tokens, len] in x's dtype.
+// dx = dxp + (-drstd*rstd³/len) * xf + (gy ? h_i * gy : 0) + (extra ? extra : 0), summed in T
+// and written in x's dtype; h_i = mix[t * mix_stride + i] when mix is non-null (the shifted
+// collapse's pre_mix; stride 0 when shared), else h_pre[i] recomputed from proj; extra
+// (nullable) is [tokens, len] in x's dtype.
 template <typename T>
 cudaError_t mhc_grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy,
-                       const T* alpha, const T* bias, T pre_eps, const void* extra, void* dx, StreamDtype xtype,
+                       const T* mix, int64_t mix_stride, const T* alpha, const T* bias, T pre_eps, const void* extra, void* dx, StreamDtype xtype,
                        int64_t tokens, int n, int64_t C, int64_t D, cudaStream_t stream);
 
 }  // namespace hcext::cuda

@@ -62,6 +62,43 @@ inline void define_mhc_ops(torch::Library& m) {
       "Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
 
+  // DeepSeek-V4.1's shifted collapse: the coefficients of x as mhc_pre, but the layer input
+  // is collapsed with pre_mix (the previous sublayer's h_pre; e_0 for the first), and x's own
+  // h_pre is returned as next_pre_mix. pre_mix: [..., n] per token or [n] shared.
+#define HCEXT_MHC_SCALARS                                                                         \
+  "int sinkhorn_iters=20, float norm_eps=1e-06, float sinkhorn_eps=1e-06, float pre_eps=1e-06, " \
+  "float post_mult=2.0"
+  m.def("mhc_pre_shifted(Tensor x, Tensor pre_mix, Tensor phi, Tensor alpha, Tensor bias, " HCEXT_MHC_SCALARS
+        ") -> (Tensor layer_input, Tensor h_post, Tensor h_res, Tensor next_pre_mix)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("mhc_pre_shifted_fwd(Tensor x, Tensor pre_mix, Tensor phi, Tensor alpha, Tensor bias, " HCEXT_MHC_SCALARS
+        ") -> (Tensor layer_input, Tensor h_post, Tensor h_res, Tensor next_pre_mix, Tensor proj, Tensor rstd)",
+        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "mhc_shifted_backward(Tensor x, Tensor pre_mix, Tensor phi, Tensor alpha, Tensor bias, Tensor proj, "
+      "Tensor rstd, Tensor? grad_layer_input, Tensor? grad_next_pre_mix, Tensor? grad_h_post, Tensor? grad_h_res, "
+      "int sinkhorn_iters, float sinkhorn_eps, float pre_eps, float post_mult) -> (Tensor grad_x, "
+      "Tensor grad_pre_mix, Tensor grad_phi, Tensor grad_alpha, Tensor grad_bias)",
+      {at::Tag::pt2_compliant_tag});
+  m.def("mhc_post_pre_shifted(Tensor f, Tensor x, Tensor h_post, Tensor h_res, Tensor pre_mix, Tensor phi, "
+        "Tensor alpha, Tensor bias, " HCEXT_MHC_SCALARS
+        ") -> (Tensor x_next, Tensor layer_input, Tensor h_post_next, Tensor h_res_next, Tensor next_pre_mix)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("mhc_post_pre_shifted_fwd(Tensor f, Tensor x, Tensor h_post, Tensor h_res, Tensor pre_mix, Tensor phi, "
+        "Tensor alpha, Tensor bias, " HCEXT_MHC_SCALARS
+        ") -> (Tensor x_next, Tensor layer_input, Tensor h_post_next, Tensor h_res_next, Tensor next_pre_mix, "
+        "Tensor proj, Tensor rstd)",
+        {at::Tag::pt2_compliant_tag});
+#undef HCEXT_MHC_SCALARS
+  // output_mask: f, x, h_post, h_res, pre_mix (the parameters' gradients are always computed).
+  m.def(
+      "mhc_post_pre_shifted_backward(Tensor? grad_x_next, Tensor? grad_layer_input, Tensor? grad_h_post_next, "
+      "Tensor? grad_h_res_next, Tensor? grad_next_pre_mix, Tensor f, Tensor x, Tensor h_post, Tensor h_res, "
+      "Tensor pre_mix, Tensor x_next, Tensor phi, Tensor alpha, Tensor bias, Tensor proj, Tensor rstd, "
+      "int sinkhorn_iters, float sinkhorn_eps, float pre_eps, float post_mult, "
+      "bool[5] output_mask=[True, True, True, True, True]) -> (Tensor grad_f, Tensor grad_x, Tensor grad_h_post, "
+      "Tensor grad_h_res, Tensor grad_pre_mix, Tensor grad_phi, Tensor grad_alpha, Tensor grad_bias)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 namespace mhc_detail {
@@ -102,6 +139,37 @@ inline T4 mhc_post_pre_composite(const at::Tensor& f, const at::Tensor& x, const
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)};
 }
 
+using T5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using T7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using MhcPreShiftedFwdOp = T6(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, int64_t, double, double, double, double);
+using MhcPostPreShiftedFwdOp = T7(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                  double, double, double, double);
+
+// mhc_pre_shifted = the first four outputs of mhc_pre_shifted_fwd.
+inline T4 mhc_pre_shifted_composite(const at::Tensor& x, const at::Tensor& pre_mix, const at::Tensor& phi,
+                                    const at::Tensor& alpha, const at::Tensor& bias, int64_t iters, double norm_eps,
+                                    double sinkhorn_eps, double pre_eps, double post_mult) {
+  static const auto fwd =
+      c10::Dispatcher::singleton().findSchemaOrThrow("hcext::mhc_pre_shifted_fwd", "").typed<MhcPreShiftedFwdOp>();
+  auto out = fwd.call(x, pre_mix, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)};
+}
+
+// mhc_post_pre_shifted = the first five outputs of mhc_post_pre_shifted_fwd.
+inline T5 mhc_post_pre_shifted_composite(const at::Tensor& f, const at::Tensor& x, const at::Tensor& h_post,
+                                         const at::Tensor& h_res, const at::Tensor& pre_mix, const at::Tensor& phi,
+                                         const at::Tensor& alpha, const at::Tensor& bias, int64_t iters,
+                                         double norm_eps, double sinkhorn_eps, double pre_eps, double post_mult) {
+  static const auto fwd = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("hcext::mhc_post_pre_shifted_fwd", "")
+                              .typed<MhcPostPreShiftedFwdOp>();
+  auto out =
+      fwd.call(f, x, h_post, h_res, pre_mix, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out)};
+}
+
 }  // namespace mhc_detail
 
 // The public ops on every backend (CompositeImplicitAutograd).
@@ -109,6 +177,8 @@ inline void register_mhc_composites(torch::Library& m) {
   m.impl("mhc_coeffs", &mhc_detail::first_three_outputs<mhc_detail::kMhcCoeffsFwd>);
   m.impl("mhc_pre", &mhc_detail::first_three_outputs<mhc_detail::kMhcPreFwd>);
   m.impl("mhc_post_pre", &mhc_detail::mhc_post_pre_composite);
+  m.impl("mhc_pre_shifted", &mhc_detail::mhc_pre_shifted_composite);
+  m.impl("mhc_post_pre_shifted", &mhc_detail::mhc_post_pre_shifted_composite);
 }
 
 }  // namespace hcext

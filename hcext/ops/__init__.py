@@ -7,7 +7,7 @@ kernel of every op of the family (forward and backward ops) and its autograd for
 
     sinkhorn.py   sinkhorn
     streams.py    stream_aggregate, stream_mix_expand
-    mhc.py        mhc_coeffs, mhc_pre, mhc_post_pre
+    mhc.py        mhc_coeffs, mhc_pre, mhc_post_pre, mhc_pre_shifted, mhc_post_pre_shifted
     hc.py         hc_coeffs
 
 _checks.py is what the families share: the compute-dtype rule (``compute_dtype``) and the
@@ -25,11 +25,12 @@ import torch
 from ._checks import FAKE_KERNELS, compute_dtype  # noqa: F401  (compute_dtype: the one rule, for hcext.nn)
 from .sinkhorn import sinkhorn
 from .streams import stream_aggregate, stream_mix_expand
-from .mhc import mhc_coeffs, mhc_pre, mhc_post_pre
+from .mhc import mhc_coeffs, mhc_post_pre, mhc_post_pre_shifted, mhc_pre, mhc_pre_shifted
 from .hc import hc_coeffs
 
 __all__ = [
-    "sinkhorn", "stream_aggregate", "stream_mix_expand", "mhc_coeffs", "mhc_pre", "mhc_post_pre", "hc_coeffs",
+    "sinkhorn", "stream_aggregate", "stream_mix_expand", "mhc_coeffs", "mhc_pre", "mhc_post_pre", "mhc_pre_shifted",
+    "mhc_post_pre_shifted", "hc_coeffs",
 ]
 
 for _qualname, _fake in FAKE_KERNELS:

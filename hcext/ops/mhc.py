@@ -1,7 +1,8 @@
 """mHC's ops: hcext::mhc_coeffs, hcext::mhc_pre and the fused layer boundary
-hcext::mhc_post_pre (with their _fwd and backward ops): the wrappers, the fake kernels and
-the autograd formulas. The spec in code is ``hcext.reference.mhc_coeffs`` / ``mhc_pre`` /
-``mhc_post_pre``.
+hcext::mhc_post_pre, and DeepSeek-V4.1's shifted collapse hcext::mhc_pre_shifted /
+hcext::mhc_post_pre_shifted (with their _fwd and backward ops): the wrappers, the fake
+kernels and the autograd formulas. The spec in code is ``hcext.reference.mhc_coeffs`` /
+``mhc_pre`` / ``mhc_post_pre`` / ``mhc_pre_shifted`` / ``mhc_post_pre_shifted``.
 
 The public ops are composites over the _fwd ops, which also return the saved
 intermediates: ``proj = x̃ @ phi`` (n*n+2n values per token, in the compute dtype) and
@@ -31,7 +32,7 @@ from ._checks import (
     first_order_only,
 )
 
-__all__ = ["mhc_coeffs", "mhc_pre", "mhc_post_pre"]
+__all__ = ["mhc_coeffs", "mhc_pre", "mhc_post_pre", "mhc_pre_shifted", "mhc_post_pre_shifted"]
 
 
 def mhc_coeffs(
@@ -111,6 +112,62 @@ def mhc_post_pre(
     """
     return torch.ops.hcext.mhc_post_pre.default(
         f, x, h_post, h_res, phi, alpha, bias, sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps, post_mult
+    )
+
+
+def mhc_pre_shifted(
+    x: Tensor,
+    pre_mix: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    sinkhorn_iters: int = 20,
+    norm_eps: float = 1e-6,
+    sinkhorn_eps: float = 1e-6,
+    pre_eps: float = 1e-6,
+    post_mult: float = 2.0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """DeepSeek-V4.1's shifted collapse: :func:`mhc_pre` with the layer input collapsed with
+    the previous sub-layer's pre instead of x's own. Returns ``(layer_input [..., C],
+    h_post [..., n], h_res [..., n, n], next_pre_mix [..., n])``::
+
+        h_pre, h_post, h_res = mhc_coeffs(x, phi, alpha, bias, ...)   # from x, as mhc_pre
+        layer_input = sum_i pre_mix[..., i] * x[..., i, :]             # the given pre_mix
+        next_pre_mix = h_pre                                           # for the next sub-layer
+
+    ``pre_mix`` is per token ``[..., n]`` or shared ``[n]``, fp32 (fp64 with fp64 x); the
+    first sub-layer uses ``e_0`` (``torch.eye(n)[0]``). Gradients: x gets ``pre_mix[i] * g``
+    from the layer input (summed with the coefficient path in fp32, rounded once), pre_mix
+    gets ``sum_c g[c] * x[i, c]``, and next_pre_mix's gradient flows into the coefficients.
+    See ``hcext.reference.mhc_pre_shifted``.
+    """
+    return torch.ops.hcext.mhc_pre_shifted.default(
+        x, pre_mix, phi, alpha, bias, sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps, post_mult
+    )
+
+
+def mhc_post_pre_shifted(
+    f: Tensor,
+    x: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    pre_mix: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    sinkhorn_iters: int = 20,
+    norm_eps: float = 1e-6,
+    sinkhorn_eps: float = 1e-6,
+    pre_eps: float = 1e-6,
+    post_mult: float = 2.0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The fused boundary with the shifted collapse: ``x_next = stream_mix_expand(f, x,
+    h_post, h_res)``, then :func:`mhc_pre_shifted` of x_next with ``pre_mix`` (the pre of the
+    sub-layer whose branch produced f). Returns ``(x_next, layer_input, h_post_next,
+    h_res_next, next_pre_mix)``; see ``hcext.reference.mhc_post_pre_shifted``.
+    """
+    return torch.ops.hcext.mhc_post_pre_shifted.default(
+        f, x, h_post, h_res, pre_mix, phi, alpha, bias, sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps, post_mult
     )
 
 
@@ -317,4 +374,135 @@ def _mhc_post_pre_backward(ctx, g_x_next, g_layer_input, g_post, g_res, _g_proj,
 
 torch.library.register_autograd(
     "hcext::mhc_post_pre_fwd", _mhc_post_pre_backward, setup_context=_mhc_post_pre_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------
+# The shifted collapse (DeepSeek-V4.1): fake kernels and autograd
+
+
+@fake_kernel("hcext::mhc_pre_shifted_fwd")
+def _mhc_pre_shifted_fwd_fake(
+    x, pre_mix, phi, alpha, bias, sinkhorn_iters=20, norm_eps=1e-6, sinkhorn_eps=1e-6, pre_eps=1e-6, post_mult=2.0
+):
+    op = "hcext::mhc_pre_shifted"
+    n, C, D, compute = _check_mhc_args(x, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, op)
+    _check_mhc_scalars(pre_eps, post_mult, op, norm_eps)
+    check_streams_x(x, op)
+    check_streams_coef(pre_mix, "pre_mix", 1, x, op)
+    return (per_token(x, x.dtype, C), per_token(x, compute, n), per_token(x, compute, n, n), per_token(x, compute, n),
+            per_token(x, compute, D), per_token(x, compute))
+
+
+@fake_kernel("hcext::mhc_shifted_backward")
+def _mhc_shifted_backward_fake(
+    x, pre_mix, phi, alpha, bias, proj, rstd, grad_layer_input, grad_next_pre_mix, grad_h_post, grad_h_res,
+    sinkhorn_iters, sinkhorn_eps, pre_eps, post_mult,
+):
+    op = "hcext::mhc_shifted_backward"
+    n, C, D, compute = _check_mhc_args(x, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, op)
+    check_streams_x(x, op)
+    check_streams_coef(pre_mix, "pre_mix", 1, x, op)
+    _check_mhc_scalars(pre_eps, post_mult, op)
+    grads = (("grad_layer_input", grad_layer_input, C), ("grad_next_pre_mix", grad_next_pre_mix, n),
+             ("grad_h_post", grad_h_post, n), ("grad_h_res", grad_h_res, n * n))
+    _check_mhc_saved(x, n, D, compute, proj, rstd, grads, op)
+    return (contiguous_like(x), contiguous_like(pre_mix), contiguous_like(phi), contiguous_like(alpha),
+            contiguous_like(bias))
+
+
+def _mhc_pre_shifted_setup_context(ctx, inputs, output):
+    x, pre_mix, phi, alpha, bias, sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps, post_mult = inputs
+    proj, rstd = output[4], output[5]
+    # Saved: the inputs (alive anyway), proj and rstd; next_pre_mix is recomputed from proj.
+    ctx.save_for_backward(x, pre_mix, phi, alpha, bias, proj, rstd)
+    ctx.mark_non_differentiable(proj, rstd)
+    ctx.args = (sinkhorn_iters, sinkhorn_eps, pre_eps, post_mult)
+
+
+@first_order_only("hcext::mhc_pre_shifted")
+def _mhc_pre_shifted_backward(ctx, g_layer_input, g_post, g_res, g_next_pre_mix, _g_proj, _g_rstd):
+    x, pre_mix, phi, alpha, bias, proj, rstd = ctx.saved_tensors
+    gx, gmix, gphi, galpha, gbias = torch.ops.hcext.mhc_shifted_backward.default(
+        x, pre_mix, phi, alpha, bias, proj, rstd, g_layer_input, g_next_pre_mix, g_post, g_res, *ctx.args
+    )
+    return gx, gmix, gphi, galpha, gbias, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "hcext::mhc_pre_shifted_fwd", _mhc_pre_shifted_backward, setup_context=_mhc_pre_shifted_setup_context
+)
+
+
+@fake_kernel("hcext::mhc_post_pre_shifted_fwd")
+def _mhc_post_pre_shifted_fwd_fake(
+    f, x, h_post, h_res, pre_mix, phi, alpha, bias, sinkhorn_iters=20, norm_eps=1e-6, sinkhorn_eps=1e-6,
+    pre_eps=1e-6, post_mult=2.0,
+):
+    op = "hcext::mhc_post_pre_shifted"
+    n, C, D, compute = _check_mhc_post_pre_args(f, x, h_post, h_res, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, op)
+    check_streams_coef(pre_mix, "pre_mix", 1, x, op)
+    _check_mhc_scalars(pre_eps, post_mult, op, norm_eps)
+    return (contiguous_like(x), per_token(x, x.dtype, C), per_token(x, compute, n), per_token(x, compute, n, n),
+            per_token(x, compute, n), per_token(x, compute, D), per_token(x, compute))
+
+
+@fake_kernel("hcext::mhc_post_pre_shifted_backward")
+def _mhc_post_pre_shifted_backward_fake(
+    grad_x_next, grad_layer_input, grad_h_post_next, grad_h_res_next, grad_next_pre_mix, f, x, h_post, h_res, pre_mix,
+    x_next, phi, alpha, bias, proj, rstd, sinkhorn_iters, sinkhorn_eps, pre_eps, post_mult,
+    output_mask=(True, True, True, True, True),
+):
+    op = "hcext::mhc_post_pre_shifted_backward"
+    n, C, D, compute = _check_mhc_post_pre_args(f, x, h_post, h_res, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, op)
+    check_streams_coef(pre_mix, "pre_mix", 1, x, op)
+    _check_mhc_scalars(pre_eps, post_mult, op)
+    torch._check(
+        x_next.shape == x.shape and x_next.dtype == x.dtype,
+        lambda: f"{op}: expected x_next with x's shape {list(x.shape)} and dtype {x.dtype}, got "
+        f"{list(x_next.shape)} {x_next.dtype}",
+    )
+    g = grad_x_next
+    torch._check(
+        g is None or (g.shape == x.shape and g.dtype == x.dtype and g.device == x.device),
+        lambda: f"{op}: expected grad_x_next with x's shape {list(x.shape)}, dtype {x.dtype} and device {x.device}, "
+        f"got {list(g.shape)} {g.dtype} on {g.device}",
+    )
+    grads = (("grad_layer_input", grad_layer_input, C), ("grad_h_post", grad_h_post_next, n),
+             ("grad_h_res", grad_h_res_next, n * n), ("grad_next_pre_mix", grad_next_pre_mix, n))
+    _check_mhc_saved(x_next, n, D, compute, proj, rstd, grads, op)
+    return (
+        *(grad_or_skipped(m, t) for m, t in zip(output_mask, (f, x, h_post, h_res, pre_mix))),
+        contiguous_like(phi),
+        contiguous_like(alpha),
+        contiguous_like(bias),
+    )
+
+
+def _mhc_post_pre_shifted_setup_context(ctx, inputs, output):
+    (f, x, h_post, h_res, pre_mix, phi, alpha, bias, sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps,
+     post_mult) = inputs
+    x_next, proj, rstd = output[0], output[5], output[6]
+    ctx.save_for_backward(f, x, h_post, h_res, pre_mix, x_next, phi, alpha, bias, proj, rstd)
+    ctx.mark_non_differentiable(proj, rstd)
+    ctx.args = (sinkhorn_iters, sinkhorn_eps, pre_eps, post_mult)
+
+
+@first_order_only("hcext::mhc_post_pre_shifted")
+def _mhc_post_pre_shifted_backward(ctx, g_x_next, g_layer_input, g_post, g_res, g_next_pre_mix, _g_proj, _g_rstd):
+    f, x, h_post, h_res, pre_mix, x_next, phi, alpha, bias, proj, rstd = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:5])
+    gf, gx, ghp, ghr, gmix, gphi, galpha, gbias = torch.ops.hcext.mhc_post_pre_shifted_backward.default(
+        g_x_next, g_layer_input, g_post, g_res, g_next_pre_mix, f, x, h_post, h_res, pre_mix, x_next, phi, alpha,
+        bias, proj, rstd, *ctx.args, mask,
+    )
+    keep = lambda g, wanted: g if wanted else None  # noqa: E731
+    return (
+        keep(gf, mask[0]), keep(gx, mask[1]), keep(ghp, mask[2]), keep(ghr, mask[3]), keep(gmix, mask[4]), gphi,
+        galpha, gbias, None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "hcext::mhc_post_pre_shifted_fwd", _mhc_post_pre_shifted_backward, setup_context=_mhc_post_pre_shifted_setup_context
 )
