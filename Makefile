@@ -8,6 +8,8 @@
 #   make bench   set up, build, run every benchmark (python -m benchmarks: JSON in benchmarks/results/,
 #                then benchmarks/RESULTS.md and the README table regenerated)
 #   make cmake   the whole library through CMake as well (IDEs, sanitizers; not needed otherwise)
+#   make mutation-test  plant each bug of tests/mutation/mutants.py, rebuild (CPU kernels, ccache), run
+#                the tests that must catch it, write tests/mutation/results.md (tens of minutes; not in CI)
 #
 # The build is in place (hcext/_C*.so, objects in build/): every source compiles once per
 # clone. A later target reuses it (setuptools skips an extension newer than its sources and
@@ -18,7 +20,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 VENV_PY = "$$(bash .ci/venv.sh)/bin/python"
 
-.PHONY: setup build ctest cmake test demo bench clean
+.PHONY: setup build ctest cmake test demo bench mutation-test clean
 
 setup:
 	bash .ci/venv.sh
@@ -67,6 +69,11 @@ bench: build
 	py=$(VENV_PY)
 	"$$py" -m pip install -q -r requirements-demo.txt  # the report's charts
 	"$$py" -m benchmarks
+
+mutation-test: build
+	source .ci/env.sh
+	py=$(VENV_PY)
+	"$$py" -m tests.mutation.run
 
 clean:
 	rm -rf build build-cmake build-cmake.log build-setup.log hcext/_C*.so *.egg-info
