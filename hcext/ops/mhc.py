@@ -228,6 +228,21 @@ def _check_mhc_post_pre_args(f, x, h_post, h_res, phi, alpha, bias, sinkhorn_ite
     return dims
 
 
+def _check_boundary_backward(x, x_next, grad_x_next, op):
+    """The boundary backward ops' saved x_next and incoming grad_x_next: x's shape and dtype."""
+    torch._check(
+        x_next.shape == x.shape and x_next.dtype == x.dtype,
+        lambda: f"{op}: expected x_next with x's shape {list(x.shape)} and dtype {x.dtype}, got "
+        f"{list(x_next.shape)} {x_next.dtype}",
+    )
+    g = grad_x_next
+    torch._check(
+        g is None or (g.shape == x.shape and g.dtype == x.dtype and g.device == x.device),
+        lambda: f"{op}: expected grad_x_next with x's shape {list(x.shape)}, dtype {x.dtype} and device {x.device}, "
+        f"got {list(g.shape)} {g.dtype} on {g.device}",
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # mhc_coeffs / mhc_pre: fake kernels and autograd
 
@@ -270,6 +285,9 @@ def _mhc_coeffs_setup_context(ctx, inputs, output):
     # Saved: the inputs (alive anyway), proj (n*n+2n fp32 per token) and rstd (1 per token).
     ctx.save_for_backward(x, phi, alpha, bias, proj, rstd)
     ctx.mark_non_differentiable(proj, rstd)
+    # An unused output's gradient stays None (the backward ops take None as zero) instead of
+    # materialised zeros, which would be plain tensors next to DTensor inputs.
+    ctx.set_materialize_grads(False)
     ctx.args = (sinkhorn_iters, sinkhorn_eps, pre_eps, post_mult)
 
 
@@ -325,17 +343,7 @@ def _mhc_post_pre_backward_fake(
     op = "hcext::mhc_post_pre_backward"
     n, C, D, compute = _check_mhc_post_pre_args(f, x, h_post, h_res, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, op)
     _check_mhc_scalars(pre_eps, post_mult, op)
-    torch._check(
-        x_next.shape == x.shape and x_next.dtype == x.dtype,
-        lambda: f"{op}: expected x_next with x's shape {list(x.shape)} and dtype {x.dtype}, got "
-        f"{list(x_next.shape)} {x_next.dtype}",
-    )
-    g = grad_x_next
-    torch._check(
-        g is None or (g.shape == x.shape and g.dtype == x.dtype and g.device == x.device),
-        lambda: f"{op}: expected grad_x_next with x's shape {list(x.shape)}, dtype {x.dtype} and device {x.device}, "
-        f"got {list(g.shape)} {g.dtype} on {g.device}",
-    )
+    _check_boundary_backward(x, x_next, grad_x_next, op)
     grads = (("grad_layer_input", grad_layer_input, C), ("grad_h_post", grad_h_post_next, n),
              ("grad_h_res", grad_h_res_next, n * n))
     _check_mhc_saved(x_next, n, D, compute, proj, rstd, grads, op)
@@ -354,6 +362,9 @@ def _mhc_post_pre_setup_context(ctx, inputs, output):
     # proj (n*n+2n fp32 per token) and rstd (1 per token).
     ctx.save_for_backward(f, x, h_post, h_res, x_next, phi, alpha, bias, proj, rstd)
     ctx.mark_non_differentiable(proj, rstd)
+    # An unused output's gradient stays None (the backward ops take None as zero) instead of
+    # materialised zeros, which would be plain tensors next to DTensor inputs.
+    ctx.set_materialize_grads(False)
     ctx.args = (sinkhorn_iters, sinkhorn_eps, pre_eps, post_mult)
 
 
@@ -417,6 +428,9 @@ def _mhc_pre_shifted_setup_context(ctx, inputs, output):
     # Saved: the inputs (alive anyway), proj and rstd; next_pre_mix is recomputed from proj.
     ctx.save_for_backward(x, pre_mix, phi, alpha, bias, proj, rstd)
     ctx.mark_non_differentiable(proj, rstd)
+    # An unused output's gradient stays None (the backward ops take None as zero) instead of
+    # materialised zeros, which would be plain tensors next to DTensor inputs.
+    ctx.set_materialize_grads(False)
     ctx.args = (sinkhorn_iters, sinkhorn_eps, pre_eps, post_mult)
 
 
@@ -457,17 +471,7 @@ def _mhc_post_pre_shifted_backward_fake(
     n, C, D, compute = _check_mhc_post_pre_args(f, x, h_post, h_res, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, op)
     check_streams_coef(pre_mix, "pre_mix", 1, x, op)
     _check_mhc_scalars(pre_eps, post_mult, op)
-    torch._check(
-        x_next.shape == x.shape and x_next.dtype == x.dtype,
-        lambda: f"{op}: expected x_next with x's shape {list(x.shape)} and dtype {x.dtype}, got "
-        f"{list(x_next.shape)} {x_next.dtype}",
-    )
-    g = grad_x_next
-    torch._check(
-        g is None or (g.shape == x.shape and g.dtype == x.dtype and g.device == x.device),
-        lambda: f"{op}: expected grad_x_next with x's shape {list(x.shape)}, dtype {x.dtype} and device {x.device}, "
-        f"got {list(g.shape)} {g.dtype} on {g.device}",
-    )
+    _check_boundary_backward(x, x_next, grad_x_next, op)
     grads = (("grad_layer_input", grad_layer_input, C), ("grad_h_post", grad_h_post_next, n),
              ("grad_h_res", grad_h_res_next, n * n), ("grad_next_pre_mix", grad_next_pre_mix, n))
     _check_mhc_saved(x_next, n, D, compute, proj, rstd, grads, op)
@@ -485,6 +489,9 @@ def _mhc_post_pre_shifted_setup_context(ctx, inputs, output):
     x_next, proj, rstd = output[0], output[5], output[6]
     ctx.save_for_backward(f, x, h_post, h_res, pre_mix, x_next, phi, alpha, bias, proj, rstd)
     ctx.mark_non_differentiable(proj, rstd)
+    # An unused output's gradient stays None (the backward ops take None as zero) instead of
+    # materialised zeros, which would be plain tensors next to DTensor inputs.
+    ctx.set_materialize_grads(False)
     ctx.args = (sinkhorn_iters, sinkhorn_eps, pre_eps, post_mult)
 
 
