@@ -43,6 +43,8 @@ def run_tests(tests, timeout: int) -> str:
         return "timeout (counted as killed)"
     if proc.returncode in (1, 2, 3):  # test failures, interruption, internal error: the bug was seen
         return "killed"
+    if proc.returncode < 0:  # the tests crashed the interpreter (e.g. a write out of bounds)
+        return f"killed (crash: signal {-proc.returncode})"
     if proc.returncode == 0:
         return "survived"
     return f"no tests ran (pytest exit {proc.returncode})"
