@@ -14,6 +14,7 @@ Not part of CI: it takes tens of minutes. Results: tests/mutation/results.md.
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +57,8 @@ def main() -> int:
     p.add_argument("--timeout", type=int, default=900, help="seconds per mutant's test run (default 900)")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     a = p.parse_args()
+    # A kill (SIGTERM) unwinds like Ctrl-C, so that the mutated file is restored.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     mutants = [m for m in MUTANTS if a.only is None or a.only in m.name]
     if a.list:
         for m in mutants:
