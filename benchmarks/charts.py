@@ -78,7 +78,8 @@ def finite(v) -> Optional[float]:
 
 
 LABEL_KEYS = {"sinkhorn": ("tokens", "n", "mode"), "mhc": ("tokens", "C", "dtype", "mode"),
-              "hc": ("kind", "tokens", "C", "dtype", "mode"), "block": ("tokens", "dim", "dtype")}
+              "hc": ("kind", "tokens", "C", "dtype", "mode"), "block": ("tokens", "dim", "dtype"),
+              "streams": ("tokens", "C", "dtype", "op", "mode")}
 PREFIX = {"tokens": "T=", "n": "n=", "C": "C=", "dim": "dim="}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -114,6 +115,11 @@ def bandwidth_series(bench: str, data: dict) -> Tuple[List[str], str, Dict[str, 
     series = {"hcext sub-layer": [], "stream_aggregate": [], "stream_mix_expand": []}
     for r in rows:
         bw = r["bandwidth"]
+        if bench == "streams":  # bench_streams: one op per row
+            for op in ("aggregate", "mix_expand"):
+                series[f"stream_{op}"].append(bw.get("fraction_of_copy") if r.get("op") == op else None)
+            series["hcext sub-layer"].append(None)
+            continue
         ops = r.get("mode") == "ops"
         series["hcext sub-layer"].append(None if ops else bw.get("fraction_of_copy"))
         series["stream_aggregate"].append(bw["aggregate"]["fraction_of_copy"] if ops else None)

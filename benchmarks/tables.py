@@ -13,8 +13,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from benchmarks import harness
 
-ORDER = ("sinkhorn", "mhc", "hc", "block")  # report order; other benchmarks follow by name
-TITLES = {"sinkhorn": "Sinkhorn-Knopp", "mhc": "mHC sub-layer", "hc": "HC sub-layer", "block": "Transformer block"}
+ORDER = ("sinkhorn", "mhc", "hc", "block", "streams")  # report order; other benchmarks follow by name
+TITLES = {"sinkhorn": "Sinkhorn-Knopp", "mhc": "mHC sub-layer", "hc": "HC sub-layer", "block": "Transformer block",
+          "streams": "Stream ops"}
 AUX = ("copy", "clone")  # yardsticks timed with the variants: columns of their own, not variants
 SINKHORN_TARGET = (65536, 4, "fwd+bwd")  # the issue's target case: bold in the table
 OPS_INTRO = ("Stream ops alone (forward, no grad, fixed coefficients; aggregate moves `(n + 1)·C·s` per token, "
@@ -124,6 +125,23 @@ def hc_tables(data: dict) -> str:
     return md_table(header, rows)
 
 
+def streams_tables(data: dict) -> str:
+    """bench_streams: per op and mode, every variant, the copy, hcext's speed-ups, and the bytes
+    the op must move against its time (GB/s, fraction of the copy's)."""
+    vs = variants(data)
+    header = (["T", "C", "dtype", "op", "mode"] + [f"{v} ms" for v in vs] + ["copy ms"]
+              + [f"hcext vs {b}" for b in vs if b != "hcext"] + ["MB moved", "hcext GB/s", "copy GB/s", "of copy"])
+    rows = []
+    for r in data["results"]:
+        t, bw = r["timings"], r.get("bandwidth")
+        moved = r.get("bytes_must_move")
+        rows.append([str(r["tokens"]), str(r["C"]), r["dtype"], r["op"], r["mode"]] + [ms(t.get(v)) for v in vs]
+                    + [ms(t.get("copy"))] + [ratio(r, b) for b in vs if b != "hcext"]
+                    + ["-" if moved is None else f"{moved / 1e6:.1f}", num(bw, "gbps", ".1f"),
+                       num(bw, "copy_gbps", ".1f"), num(bw, "fraction_of_copy", ".2f")])
+    return md_table(header, rows)
+
+
 BLOCK_VARIANTS = ("residual", "hcext_mhc", "ref_mhc")
 
 
@@ -173,4 +191,5 @@ def _cell(v) -> str:
 
 TABLES: Dict[str, Callable[[dict], str]] = {
     "sinkhorn": sinkhorn_tables, "mhc": mhc_tables, "hc": hc_tables, "block": block_tables,
+    "streams": streams_tables,
 }

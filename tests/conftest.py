@@ -1,4 +1,5 @@
-"""Fixtures shared by every hcext test: the device parametrisation and a fixed seed."""
+"""Fixtures shared by every hcext test: the device parametrisation (the suite's one device
+fixture), a fixed seed, and a fresh torch.compile state for the compile tests."""
 
 import zlib
 
@@ -11,7 +12,8 @@ from helpers import requires_cuda
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=requires_cuda)])
 def device(request):
-    """Every test that takes ``device`` runs on the CPU and, when a GPU is present, on CUDA."""
+    """Every test that takes ``device`` runs on the CPU and, when a GPU and hcext's CUDA kernels
+    are present, on CUDA."""
     return request.param
 
 
@@ -21,3 +23,11 @@ def _fixed_seed(request):
     # failure reproduces when the test is run alone.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean dynamo cache before and after the test (torch.compile tests count frames)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

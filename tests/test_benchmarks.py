@@ -18,7 +18,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # `pytest` (not `python -m pytest`) does not put the root on sys.path
     sys.path.insert(0, REPO_ROOT)
 
-from benchmarks import bench_block, bench_hc, bench_mhc, report, run_all  # noqa: E402
+from benchmarks import bench_block, bench_hc, bench_mhc, bench_streams, report, run_all  # noqa: E402
 
 TIMING_KEYS = {"min_ms", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "repeats", "inner"}
 BANDWIDTH_KEYS = {"gbps", "copy_gbps", "fraction_of_copy", "gbps_min", "copy_gbps_min", "fraction_of_copy_min"}
@@ -121,6 +121,33 @@ def test_bench_block_quick(tmp_path):
     assert row["speedup_hcext_vs_ref"] > 0
 
 
+def test_bench_streams_quick(tmp_path):
+    data = _run(bench_streams.main, tmp_path, "streams")
+    _check_common(data, "streams")
+    rows = data["results"]
+    assert [(r["op"], r["mode"]) for r in rows] == [
+        ("aggregate", "fwd"), ("aggregate", "fwd+bwd"), ("mix_expand", "fwd"), ("mix_expand", "fwd+bwd")
+    ]
+    for r in rows:
+        assert (r["tokens"], r["n"], r["C"], r["dtype"]) == (64, 4, 64, "float32")
+        _check_timings(r["timings"], {"hcext", "eager", "copy"})
+        assert r["speedup_vs_eager"] > 0 and r["speedup_vs_eager_min"] > 0 and "speedup_vs_compiled" not in r
+        # checked against the reference before timing
+        assert 0 <= r["max_rel_diff_vs_reference"] <= bench_streams.CHECK_TOL["float32"]
+        assert r["bytes_must_move"] == bench_streams.bytes_must_move(64, 4, 64, 4, r["op"], r["mode"])
+        assert r["copy_bytes"] == 2 * 64 * 4 * 64 * 4
+        _check_bandwidth(r["bandwidth"])
+
+
+def test_bench_streams_bytes_must_move():
+    # Per token, in elements of x: aggregate fwd (n + 1) C, fwd+bwd (3n + 2) C; mix_expand fwd
+    # (2n + 1) C, fwd+bwd (5n + 3) C; n = 4, C = 10, fp32.
+    assert bench_streams.bytes_must_move(1, 4, 10, 4, "aggregate", "fwd") == 5 * 10 * 4
+    assert bench_streams.bytes_must_move(1, 4, 10, 4, "aggregate", "fwd+bwd") == 14 * 10 * 4
+    assert bench_streams.bytes_must_move(1, 4, 10, 4, "mix_expand", "fwd") == 9 * 10 * 4
+    assert bench_streams.bytes_must_move(3, 4, 10, 2, "mix_expand", "fwd+bwd") == 3 * 23 * 10 * 2
+
+
 # ---------------------------------------------------------------------------------------
 # python -m benchmarks (run_all) and the report
 
@@ -148,7 +175,7 @@ def _mtimes(paths):
 def test_run_all_quick(tmp_path):
     threads = torch.get_num_threads()
     names = list(run_all.discover())
-    assert names[:4] == ["sinkhorn", "mhc", "hc", "block"]
+    assert names[:5] == ["sinkhorn", "mhc", "hc", "block", "streams"]
     ids = {name: run_all.output_name(name, "cpu", threads)[: -len(".json")] for name in names}
     # The committed files of the same names, and the report: untouched by a run elsewhere.
     committed = [os.path.join(report.RESULTS_DIR, f"{rid}.json") for rid in ids.values()] + [report.RESULTS_MD]
@@ -193,6 +220,13 @@ def test_run_all_quick(tmp_path):
     header, rows = _table_rows(regions[ids["block"]], "| tokens |")
     assert header.startswith("| tokens | dim | n | dtype | residual ms | hcext_mhc ms | ref_mhc ms | hcext vs reference mHC |")
     assert len(rows) == 1 and rows[0].startswith("| 256 | 64 | 4 | float32 |")
+
+    header, rows = _table_rows(regions[ids["streams"]], "| T | C | dtype | op |")
+    assert header == ("| T | C | dtype | op | mode | hcext ms | eager ms | copy ms | hcext vs eager | MB moved | "
+                      "hcext GB/s | copy GB/s | of copy |")
+    assert [tuple(r.split(" | ")[3:5]) for r in rows] == [
+        ("aggregate", "fwd"), ("aggregate", "fwd+bwd"), ("mix_expand", "fwd"), ("mix_expand", "fwd+bwd")
+    ]
 
 
 def test_run_all_options():

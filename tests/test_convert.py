@@ -11,8 +11,9 @@ from torch import nn
 
 from hcext import convert
 from hcext.nn import HyperConnection, StreamHead
+from helpers import TOLERANCES
 
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL = TOLERANCES[torch.float32]  # the suite's one table (tests/helpers.py)
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,13 +7,14 @@ determinism; torch.compile of a whole HC sub-layer; static HC through the stream
 argument errors (real and fake kernels); the HC initialisation (hcext.init) against a
 Pre-Norm network; CUDA vs CPU (when a GPU is present).
 
-Tolerances: fp32 / fp64 results are compared with the fp64 reference using the dtype's row
-of helpers.TOLERANCES, with the atol scaled by the largest |expected| of the tensor (at
-least 1): gradients are sums with cancellation (the norm's backward, sums over tokens and
-channels), so their rounding error follows their largest terms, not each element.
-bf16 / fp16 x: the op's error vs the fp64 reference (on the same rounded x) is at most twice
-the error of the reference run on the low-precision x (fp32 parameters), plus LOWP_ATOL
-times the tensor's scale.
+Parity runs through the shared scaffold (helpers.check_parity). Tolerances: fp32 / fp64
+results are compared with the fp64 reference using the dtype's row of helpers.TOLERANCES,
+with the atol scaled by the largest |expected| of the tensor (at least 1;
+helpers.assert_scaled_close): gradients are sums with cancellation (the norm's backward, sums
+over tokens and channels), so their rounding error follows their largest terms, not each
+element. bf16 / fp16 x: helpers' low-precision rule: the op's error vs the fp64 reference (on
+the same rounded x) is at most twice the error of the reference run on the low-precision x
+(fp32 parameters), plus the fp32 row's atol times the tensor's scale.
 """
 
 import pytest
@@ -23,7 +24,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import hcext
 from hcext import reference
-from helpers import TOLERANCES, requires_cuda
+from helpers import (
+    NONCONTIGUOUS, BadCase, Result, assert_rejects, assert_scaled_close, check_parity, compare_results,
+    forward_backward, layout, layout_cases, requires_cuda, run_opcheck, sample,
+)
 
 OP = torch.ops.hcext.hc_coeffs.default
 FWD_OP = torch.ops.hcext.hc_coeffs_fwd.default
@@ -33,7 +37,7 @@ BACKWARD_OP = torch.ops.hcext.hc_coeffs_backward.default
 # x, static_alpha, static_beta).
 OPTIONAL = ("dynamic_alpha", "dynamic_beta", "alpha_scale", "beta_scale", "norm_weight", "norm_bias")
 PARAM_NAMES = ("static_alpha", "static_beta") + OPTIONAL
-LOWP_ATOL = 1e-5
+OUT_NAMES = ("h_pre", "h_post", "h_res")
 
 # Which dynamic weights a case has.
 PARTS = {"static": (), "both": ("alpha", "beta"), "alpha-only": ("alpha",), "beta-only": ("beta",)}
@@ -64,73 +68,43 @@ def make_params(n, C, device, dtype=torch.float32, parts="both", affine="weight"
     return p
 
 
-# name -> x of shape [..., n, C], possibly a non-contiguous view
-LAYOUTS = {
-    "lead=()": lambda n, C, **kw: torch.randn(n, C, **kw),
-    "lead=(0,)": lambda n, C, **kw: torch.randn(0, n, C, **kw),
-    "lead=(5,)": lambda n, C, **kw: torch.randn(5, n, C, **kw),
-    "lead=(2,3)": lambda n, C, **kw: torch.randn(2, 3, n, C, **kw),
-    # tokens not outermost in memory: [n, 5, C] seen as [5, n, C]
-    "tokens-strided": lambda n, C, **kw: torch.randn(n, 5, C, **kw).transpose(0, 1),
-    # channels outermost: [5, C, n] seen as [5, n, C]
-    "streams-transposed": lambda n, C, **kw: torch.randn(5, C, n, **kw).transpose(-1, -2),
-    # every other channel of [5, n, 2C]
-    "sliced": lambda n, C, **kw: torch.randn(5, n, 2 * C, **kw)[..., ::2],
-}
-NONCONTIGUOUS = {"tokens-strided", "streams-transposed", "sliced"}
+# id -> (leading shape, layout of x [*lead, n, C]): the leading shapes contiguous, then every
+# shared layout (helpers.LAYOUTS) at 5 tokens: "lead-permuted" is [n, 5, C] seen as [5, n, C]
+# (tokens not outermost), "transposed" [5, C, n] seen as [5, n, C].
+LAYOUT_CASES = layout_cases(
+    {"lead=()": (), "lead=(0,)": (0,), "lead=(5,)": (5,), "lead=(2,3)": (2, 3)},
+    ["lead-permuted", "transposed", "sliced", "expanded", "offset"],
+    lead=(5,),
+)
 
 
-def output_weights(x, dynamic, dtype):
-    """Random weights w_k for the loss sum_k sum(w_k * out_k), in the outputs' shapes."""
-    lead = x.shape[:-2] if dynamic else ()
-    n = x.shape[-2]
-    return [torch.randn(*lead, *tail, device=x.device, dtype=dtype) for tail in ((n,), (n,), (n, n))]
+def _x(layout_case, n, C, device, dtype=torch.float32):
+    """x [*lead, n, C] for a LAYOUT_CASES id, as an Input (a leaf and the view the op sees)."""
+    lead, kind = LAYOUT_CASES[layout_case]
+    return layout(torch.randn(*lead, n, C, device=device, dtype=dtype), kind)
 
 
-def forward_backward(fn, x, params, weights, **kwargs):
-    """(outputs, {name: grad}) of sum_k sum(w_k * fn(x, **params)_k) for fresh leaves.
-    Inputs the outputs do not depend on get zero gradients."""
-    x = x.detach().requires_grad_(True)  # detach keeps x's strides
-    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    outs = fn(x, **leaves, **kwargs)
-    loss = sum((o * w).sum() for o, w in zip(outs, weights))
-    grads = torch.autograd.grad(loss, [x, *leaves.values()], allow_unused=True, materialize_grads=True)
-    return [o.detach() for o in outs], dict(zip(["x", *leaves], grads))
-
-
-def to64(params):
-    return {k: v.detach().double() for k, v in params.items()}
-
-
-def assert_scaled_close(actual, expected, dtype, name):
-    """expected's dtype row of TOLERANCES, atol scaled by max(1, max|expected|)."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    tol = TOLERANCES[dtype]
-    torch.testing.assert_close(
-        actual.double(), expected.double(), atol=tol["atol"] * scale, rtol=tol["rtol"], msg=lambda m: f"{name}: {m}"
-    )
+def hc_sample(x, params, **kwargs):
+    """hc_coeffs(x, **params, **kwargs) as a Sample: gradients of x and every parameter."""
+    return sample(x, **params, **kwargs, names=["x"])
 
 
 def check_against_reference(x, params, dtype, **kwargs):
-    """The op (through autograd) vs the fp64 reference: every output and every gradient."""
+    """The op (through autograd) vs the fp64 reference, through the shared runner: every output
+    and every gradient. x: a tensor or an Input. Returns (outputs, {name: grad})."""
+    s = hc_sample(x, params, **kwargs)
+    got, _ = check_parity(hcext.ops.hc_coeffs, reference.hc_coeffs, s, out_names=OUT_NAMES)
+    view = s.tensors()[0]
     dynamic = "dynamic_alpha" in params or "dynamic_beta" in params
-    weights = output_weights(x, dynamic, dtype)
-    outs, grads = forward_backward(hcext.ops.hc_coeffs, x, params, weights, **kwargs)
-    ref_outs, ref_grads = forward_backward(
-        reference.hc_coeffs, x.detach().double(), to64(params), [w.double() for w in weights], **kwargs
-    )
-    lead, n = (x.shape[:-2] if dynamic else ()), x.shape[-2]
-    for name, out, ref, tail in zip(("h_pre", "h_post", "h_res"), outs, ref_outs, ((n,), (n,), (n, n))):
-        assert out.dtype == dtype and out.device == x.device, name
+    lead, n = (view.shape[:-2] if dynamic else ()), view.shape[-2]
+    for name, out, tail in zip(OUT_NAMES, got.outs, ((n,), (n,), (n, n))):
+        assert out.dtype == dtype and out.device == view.device, name
         assert out.shape == (*lead, *tail), name
         assert out.is_contiguous(), name
-        assert_scaled_close(out, ref, dtype, name)
-    assert grads["x"].dtype == x.dtype and grads["x"].shape == x.shape
-    for name, g in grads.items():
-        assert g.dtype == (x.dtype if name == "x" else params[name].dtype), name
-        assert_scaled_close(g, ref_grads[name], dtype, f"grad_{name}")
-    return outs, grads
+    assert got.grads["x"].dtype == view.dtype
+    for name, g in got.grads.items():
+        assert g.dtype == (view.dtype if name == "x" else params[name].dtype), name
+    return got.outs, got.grads
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,22 +133,22 @@ def test_matches_reference_norm_affine(device, parts, norm, affine):
     check_against_reference(x, make_params(n, C, device, parts=parts, affine=affine), torch.float32, norm=norm)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout_case", list(LAYOUT_CASES))
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 @pytest.mark.parametrize("n", [1, 4])
-def test_matches_reference_layouts(device, n, norm, layout):
+def test_matches_reference_layouts(device, n, norm, layout_case):
     C = 16
-    x = LAYOUTS[layout](n, C, device=device)
-    if layout in NONCONTIGUOUS and n > 1:
-        assert not x.is_contiguous()  # the case tests what it says
+    x = _x(layout_case, n, C, device)
+    if LAYOUT_CASES[layout_case][1] in NONCONTIGUOUS and n > 1:
+        assert not x.tensor().is_contiguous()  # the case tests what it says
     check_against_reference(x, make_params(n, C, device, affine="weight+bias"), torch.float32, norm=norm)
 
 
-@pytest.mark.parametrize("layout", ["lead=(5,)", "lead=(0,)", "streams-transposed", "lead=(2,3)"])
+@pytest.mark.parametrize("layout_case", ["lead=(5,)", "lead=(0,)", "transposed", "lead=(2,3)"])
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 @pytest.mark.parametrize("n,C", [(1, 3), (3, 7), (4, 64), (8, 5)])
-def test_matches_reference_fp64(device, n, C, norm, layout):
-    x = LAYOUTS[layout](n, C, device=device, dtype=torch.float64)
+def test_matches_reference_fp64(device, n, C, norm, layout_case):
+    x = _x(layout_case, n, C, device, torch.float64)
     params = make_params(n, C, device, torch.float64, affine="weight+bias")
     check_against_reference(x, params, torch.float64, norm=norm, use_tanh=(n % 2 == 0))
 
@@ -227,16 +201,8 @@ def test_large_mean_layer_norm(device):
     n, C = 4, 64
     x = 100.0 + 0.01 * torch.randn(6, n, C, device=device)
     params = make_params(n, C, device, affine="weight+bias")
-    weights = output_weights(x, True, torch.float32)
-    outs, grads = forward_backward(hcext.ops.hc_coeffs, x, params, weights, norm="layer")
-    f32_outs, f32_grads = forward_backward(reference.hc_coeffs, x, params, weights, norm="layer")
-    ref_outs, ref_grads = forward_backward(
-        reference.hc_coeffs, x.double(), to64(params), [w.double() for w in weights], norm="layer"
-    )
-    for name, out, ref, f32 in zip(("h_pre", "h_post", "h_res"), outs, ref_outs, f32_outs):
-        _assert_within_twice_reference_error(name, out, ref, f32)
-    for name in grads:
-        _assert_within_twice_reference_error(f"grad_{name}", grads[name], ref_grads[name], f32_grads[name])
+    check_parity(hcext.ops.hc_coeffs, reference.hc_coeffs, hc_sample(x, params, norm="layer"), twice=True,
+                 out_names=OUT_NAMES)
 
 
 def test_zero_stream(device):
@@ -304,17 +270,6 @@ def test_init_values_make_identity_coefficients(device):
 # bf16 / fp16 x: fp32 coefficients, gradient in x's dtype
 
 
-def _assert_within_twice_reference_error(name, actual, ref64, ref_lowp):
-    if actual.numel() == 0:
-        return
-    err = (actual.double() - ref64).abs().max().item()
-    ref_err = (ref_lowp.double() - ref64).abs().max().item()
-    scale = max(1.0, ref64.abs().max().item())
-    assert err <= 2 * ref_err + LOWP_ATOL * scale, (
-        f"{name}: error {err:.3e} vs the low-precision reference's {ref_err:.3e}"
-    )
-
-
 @pytest.mark.parametrize("parts", ["both", "beta-only"])
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -322,18 +277,10 @@ def test_low_precision_x(device, dtype, norm, parts):
     n, C = 4, 64
     x = torch.randn(9, n, C, device=device).to(dtype)
     params = make_params(n, C, device, parts=parts, affine="weight+bias")
-    weights = output_weights(x, True, torch.float32)
-    outs, grads = forward_backward(hcext.ops.hc_coeffs, x, params, weights, norm=norm)
-    low_outs, low_grads = forward_backward(reference.hc_coeffs, x, params, weights, norm=norm)
-    ref_outs, ref_grads = forward_backward(
-        reference.hc_coeffs, x.double(), to64(params), [w.double() for w in weights], norm=norm
-    )
-    assert all(o.dtype == torch.float32 for o in outs)
-    assert grads["x"].dtype == dtype and all(g.dtype == torch.float32 for k, g in grads.items() if k != "x")
-    for name, out, ref, low in zip(("h_pre", "h_post", "h_res"), outs, ref_outs, low_outs):
-        _assert_within_twice_reference_error(name, out, ref, low)
-    for name in grads:
-        _assert_within_twice_reference_error(f"grad_{name}", grads[name], ref_grads[name], low_grads[name])
+    got, _ = check_parity(hcext.ops.hc_coeffs, reference.hc_coeffs, hc_sample(x, params, norm=norm),
+                          out_names=OUT_NAMES)
+    assert all(o.dtype == torch.float32 for o in got.outs)
+    assert got.grads["x"].dtype == dtype and all(g.dtype == torch.float32 for k, g in got.grads.items() if k != "x")
 
 
 # ---------------------------------------------------------------------------------------
@@ -372,35 +319,33 @@ def test_gradcheck(device, norm, use_tanh, parts, affine):
 def _samples(device):
     """(name, args, kwargs) samples for hcext::hc_coeffs and hcext::hc_coeffs_fwd."""
 
-    def sample(x, parts="both", affine="weight", dtype=torch.float32, **kwargs):
+    def args_kwargs(x, parts="both", affine="weight", dtype=torch.float32, **kwargs):
         p = make_params(x.shape[-2], x.shape[-1], device, dtype, parts=parts, affine=affine)
         args = (x, p.pop("static_alpha"), p.pop("static_beta"))
         return args, dict(p, **kwargs)
 
-    yield "static", sample(torch.randn(3, 4, 8, device=device), parts="static")
-    yield "rms", sample(torch.randn(6, 4, 8, device=device))
-    yield "layer+bias-no-tanh", sample(torch.randn(6, 4, 8, device=device), affine="weight+bias", norm="layer",
-                                       use_tanh=False)
-    yield "alpha-only", sample(torch.randn(2, 3, 2, 5, device=device), parts="alpha-only", affine="none")
-    yield "beta-only", sample(torch.randn(6, 4, 8, device=device), parts="beta-only", norm="layer")
-    yield "bf16", sample(torch.randn(5, 4, 8, device=device).to(torch.bfloat16), norm="layer")
-    yield "fp64", sample(torch.randn(2, 3, 5, device=device, dtype=torch.float64), dtype=torch.float64)
-    yield "empty", sample(torch.randn(0, 4, 8, device=device))
-    yield "noncontiguous", sample(torch.randn(6, 8, 3, device=device).transpose(-1, -2), affine="bias")
+    yield "static", args_kwargs(torch.randn(3, 4, 8, device=device), parts="static")
+    yield "rms", args_kwargs(torch.randn(6, 4, 8, device=device))
+    yield "layer+bias-no-tanh", args_kwargs(torch.randn(6, 4, 8, device=device), affine="weight+bias", norm="layer",
+                                            use_tanh=False)
+    yield "alpha-only", args_kwargs(torch.randn(2, 3, 2, 5, device=device), parts="alpha-only", affine="none")
+    yield "beta-only", args_kwargs(torch.randn(6, 4, 8, device=device), parts="beta-only", norm="layer")
+    yield "bf16", args_kwargs(torch.randn(5, 4, 8, device=device).to(torch.bfloat16), norm="layer")
+    yield "fp64", args_kwargs(torch.randn(2, 3, 5, device=device, dtype=torch.float64), dtype=torch.float64)
+    yield "empty", args_kwargs(torch.randn(0, 4, 8, device=device))
+    yield "noncontiguous", args_kwargs(torch.randn(6, 8, 3, device=device).transpose(-1, -2), affine="bias")
+    yield "offset", args_kwargs(layout(torch.randn(6, 4, 8, device=device), "offset").tensor(), norm="layer")
 
 
 SAMPLES = [name for name, _ in _samples("cpu")]
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
-@pytest.mark.parametrize("sample", SAMPLES)
+@pytest.mark.parametrize("name", SAMPLES)
 @pytest.mark.parametrize("op", [OP, FWD_OP], ids=["hc_coeffs", "hc_coeffs_fwd"])
-def test_opcheck_forward(device, op, sample, requires_grad):
-    args, kwargs = dict(_samples(device))[sample]
-    if requires_grad:
-        args = tuple(a.detach().requires_grad_(True) for a in args)
-        kwargs = {k: (v.detach().requires_grad_(True) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-    torch.library.opcheck(op, args, kwargs)
+def test_opcheck_forward(device, op, name, requires_grad):
+    args, kwargs = dict(_samples(device))[name]
+    run_opcheck(op, args, kwargs, requires_grad=requires_grad)
 
 
 def _backward_args(x, params, norm="rms", use_tanh=True, grads=(True, True, True), mask=(True,) * 9):
@@ -422,22 +367,22 @@ BACKWARD_SAMPLES = {
 }
 
 
-@pytest.mark.parametrize("sample", [*BACKWARD_SAMPLES, "alpha-only", "bf16", "fp64", "empty", "noncontiguous"])
-def test_opcheck_backward(device, sample):
+@pytest.mark.parametrize("case", [*BACKWARD_SAMPLES, "alpha-only", "bf16", "fp64", "empty", "noncontiguous"])
+def test_opcheck_backward(device, case):
     n, C, dtype, parts = 4, 8, torch.float32, "both"
     x = torch.randn(3, n, C, device=device)
-    if sample == "bf16":
+    if case == "bf16":
         x = x.to(torch.bfloat16)
-    elif sample == "fp64":
+    elif case == "fp64":
         x, dtype = x.double(), torch.float64
-    elif sample == "empty":
+    elif case == "empty":
         x = x[:0]
-    elif sample == "noncontiguous":
+    elif case == "noncontiguous":
         x = torch.randn(3, C, n, device=device).transpose(-1, -2)
-    elif sample == "alpha-only":
+    elif case == "alpha-only":
         parts = "alpha-only"
     params = make_params(n, C, device, dtype, parts=parts, affine="weight+bias")
-    torch.library.opcheck(BACKWARD_OP, _backward_args(x, params, **BACKWARD_SAMPLES.get(sample, {})))
+    run_opcheck(BACKWARD_OP, _backward_args(x, params, **BACKWARD_SAMPLES.get(case, {})))
 
 
 # ---------------------------------------------------------------------------------------
@@ -480,13 +425,12 @@ def test_autograd_uses_backward_op(device):
     n, C = 3, 9
     x = torch.randn(4, n, C, device=device)
     params = make_params(n, C, device, affine="weight+bias")
-    weights = output_weights(x, True, torch.float32)
-    _, grads = forward_backward(hcext.ops.hc_coeffs, x, params, weights, norm="layer")
+    autograd = forward_backward(hcext.ops.hc_coeffs, hc_sample(x, params, norm="layer"))
     args = list(_backward_args(x, params, norm="layer"))
-    args[11:14] = weights
+    args[11:14] = autograd.weights
     direct = BACKWARD_OP(*args)
     for name, g in zip(["x", *PARAM_NAMES], direct):
-        assert torch.equal(grads[name], g), name
+        assert torch.equal(autograd.grads[name], g), name
 
 
 def test_no_grad_inputs_record_no_graph(device):
@@ -518,14 +462,13 @@ def test_autograd_saves_only_proj_and_stats(device, norm):
     # proj [T, n, n+2] and stats [T, n, 2] in fp32: O(tokens * n * (n+2)), never [..., n, C]
     assert sum(t.numel() * t.element_size() for t in extra) == T * n * (n + 2) * 4 + T * n * 2 * 4, description
     assert all(t.dtype == torch.float32 and t.shape[-1] != C for t in extra), description
-    # and they suffice for a correct backward
-    weights = output_weights(x, True, torch.float32)
-    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
-    _, ref_grads = forward_backward(reference.hc_coeffs, x, params, weights, norm=norm)
+    # and they suffice for a correct backward: the saved tensors' grads vs the reference's on
+    # the same bf16 x, with the shared loss weights
+    ref = forward_backward(reference.hc_coeffs, hc_sample(x, params, norm=norm))
+    sum((o * w).sum() for o, w in zip(outs, ref.weights)).backward()
     assert x.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(x.grad, ref_grads["x"], **TOLERANCES[torch.bfloat16])
-    for name, p in params.items():
-        assert_scaled_close(p.grad, ref_grads[name], torch.float32, name)
+    grads = {"x": x.grad, **{name: p.grad for name, p in params.items()}}
+    compare_results(Result(ref.outs, grads, []), ref, scales={"grad_x": None})
 
 
 def test_static_saves_nothing(device):
@@ -543,19 +486,18 @@ def test_deterministic_and_thread_count_independent():
     # CPU: the same bits run after run and with 1 or 2 threads (fixed-order reductions).
     n, C = 4, 8
     x = torch.randn(1500, n, C)
-    params = make_params(n, C, "cpu", affine="weight+bias")
-    weights = output_weights(x, True, torch.float32)
+    s = hc_sample(x, make_params(n, C, "cpu", affine="weight+bias"), norm="layer")
     threads = torch.get_num_threads()
     results = []
     try:
         for t in (threads, threads, 1):
             torch.set_num_threads(t)
-            results.append(forward_backward(hcext.ops.hc_coeffs, x, params, weights, norm="layer"))
+            results.append(forward_backward(hcext.ops.hc_coeffs, s))
     finally:
         torch.set_num_threads(threads)
-    for outs, grads in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(outs, results[0][0]))
-        assert all(torch.equal(grads[k], results[0][1][k]) for k in grads)
+    for r in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(r.outs, results[0].outs))
+        assert all(torch.equal(r.grads[k], results[0].grads[k]) for k in r.grads)
 
 
 # ---------------------------------------------------------------------------------------
@@ -599,20 +541,12 @@ def sublayer_inputs(tokens, n=4, C=16, device="cpu", parts="both"):
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_sublayer_matches_reference(device, norm, parts):
     # Static HC goes through the stream ops with shared [n] / [n, n] coefficients; their
-    # gradients are summed over tokens by the stream ops' backward.
+    # gradients are summed over tokens by the stream ops' backward. The shared runner, the
+    # reference sub-layer in fp64.
     x, weight, params = sublayer_inputs(9, device=device, parts=parts)
-    out, grads = run_sublayer(hc_sublayer, x, weight, params, norm)
-    want, want_grads = run_sublayer(reference_sublayer, x, weight, params, norm)
-    assert_scaled_close(out, want, torch.float32, "out")
-    for name in grads:
-        assert_scaled_close(grads[name], want_grads[name], torch.float32, f"grad_{name}")
-
-
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+    check_parity(lambda x, weight, **p: hc_sublayer(x, weight, p, norm),
+                 lambda x, weight, **p: reference_sublayer(x, weight, p, norm),
+                 sample(x, weight, **params, names=["x", "weight"]), out_names=["out"])
 
 
 def _assert_compiled_equals_eager(compiled, x, weight, params, norm, dynamic_tokens=False):
@@ -736,9 +670,10 @@ def test_hc_network_at_init_equals_pre_norm(device, kind):
 
 
 def _bad_calls():
-    """(id, make(device) -> (x, params dict, kwargs), message regex) with x [2, 4, 8] unless changed."""
+    """BadCases: make(device) gives the call hc_coeffs(x, **params, **kwargs) as a Sample, with x
+    [2, 4, 8] unless changed."""
 
-    def valid(n=4, C=8, x_dtype=torch.float32, parts="both", **changes):
+    def valid(name, match, n=4, C=8, x_dtype=torch.float32, parts="both", **changes):
         def make(d):
             x = torch.randn(2, n, C, device=d).to(x_dtype)
             params = make_params(n, C, d, parts=parts, affine="weight+bias")
@@ -750,104 +685,107 @@ def _bad_calls():
                     params[key] = value(d)
                 else:
                     kwargs[key] = value
-            return x, params, kwargs
+            return sample(x, **params, **kwargs)
 
-        return make
+        return BadCase(name, make, match)
 
     def randn(*shape, dtype=torch.float32):
         return lambda d: torch.randn(shape, device=d, dtype=dtype)
 
     return [
-        ("static_alpha-square", valid(static_alpha=randn(4, 4)), r"static_alpha of shape \[n, n\+1\] = \[4, 5\]"),
-        ("static_alpha-n-mismatch", valid(static_alpha=randn(3, 4)), r"static_alpha of shape \[n, n\+1\] = \[4, 5\]"),
-        ("static_alpha-static-hc", valid(parts="static", static_alpha=randn(5, 6)), r"static_alpha of shape"),
-        ("static_beta-n-mismatch", valid(static_beta=randn(5)), r"static_beta of shape \[n\] = \[4\]"),
-        ("static_beta-2d", valid(static_beta=randn(1, 4)), r"static_beta of shape \[n\] = \[4\]"),
-        ("dynamic_alpha-cols", valid(dynamic_alpha=randn(8, 4)), r"dynamic_alpha of shape \[C, n\+1\] = \[8, 5\]"),
-        ("dynamic_alpha-rows", valid(dynamic_alpha=randn(9, 5)), r"dynamic_alpha of shape \[C, n\+1\] = \[8, 5\]"),
-        ("dynamic_beta-C", valid(dynamic_beta=randn(7)), r"dynamic_beta of shape \[C\] = \[8\]"),
-        ("dynamic_beta-2d", valid(dynamic_beta=randn(8, 1)), r"dynamic_beta of shape \[C\] = \[8\]"),
-        ("alpha_scale-1d", valid(alpha_scale=randn(1)), r"alpha_scale of shape \[\] \(0-dim\)"),
-        ("beta_scale-1d", valid(beta_scale=randn(2)), r"beta_scale of shape \[\] \(0-dim\)"),
-        ("norm_weight-C", valid(norm_weight=randn(9)), r"norm_weight of shape \[C\] = \[8\]"),
-        ("norm_bias-C", valid(norm_bias=randn(4)), r"norm_bias of shape \[C\] = \[8\]"),
-        ("unknown-norm", valid(norm="batch"), r'norm to be "rms" or "layer", got "batch"'),
-        ("unknown-norm-static", valid(parts="static", norm="RMS"), r'norm to be "rms" or "layer", got "RMS"'),
-        ("static_alpha-fp64", valid(static_alpha=randn(4, 5, dtype=torch.float64)), r"static_alpha of dtype"),
-        ("dynamic_alpha-bf16", valid(dynamic_alpha=randn(8, 5, dtype=torch.bfloat16)), r"dynamic_alpha of dtype"),
-        ("alpha_scale-fp16", valid(alpha_scale=randn(dtype=torch.float16)), r"alpha_scale of dtype"),
-        ("norm_weight-fp64", valid(norm_weight=randn(8, dtype=torch.float64)), r"norm_weight of dtype"),
-        ("fp64-x-fp32-params", valid(x_dtype=torch.float64), r"static_alpha of dtype"),
-        ("x-int", valid(x=lambda d: torch.randint(0, 5, (2, 4, 8), device=d)), r"x of dtype .*got \S*(Long|int64)"),
-        ("x-1d", valid(x=randn(8)), r"x of shape \[\.\.\., n, C\] with at least 2 dims"),
-        ("n=33", valid(n=33, C=1), r"n = x.size\(-2\) in \[1, 32\], got 33"),
-        ("n=0", valid(x=randn(2, 0, 8)), r"n = x.size\(-2\) in \[1, 32\], got 0"),
-        ("C=0", valid(x=randn(2, 4, 0)), r"C = x.size\(-1\) >= 1, got 0"),
-        ("norm_eps<0", valid(norm_eps=-1e-6), r"norm_eps finite and >= 0"),
-        ("norm_eps=nan", valid(norm_eps=float("nan")), r"norm_eps finite and >= 0, got nan"),
+        valid("static_alpha-square", r"static_alpha of shape \[n, n\+1\] = \[4, 5\]", static_alpha=randn(4, 4)),
+        valid("static_alpha-n-mismatch", r"static_alpha of shape \[n, n\+1\] = \[4, 5\]",
+              static_alpha=randn(3, 4)),
+        valid("static_alpha-static-hc", r"static_alpha of shape", parts="static", static_alpha=randn(5, 6)),
+        valid("static_beta-n-mismatch", r"static_beta of shape \[n\] = \[4\]", static_beta=randn(5)),
+        valid("static_beta-2d", r"static_beta of shape \[n\] = \[4\]", static_beta=randn(1, 4)),
+        valid("dynamic_alpha-cols", r"dynamic_alpha of shape \[C, n\+1\] = \[8, 5\]", dynamic_alpha=randn(8, 4)),
+        valid("dynamic_alpha-rows", r"dynamic_alpha of shape \[C, n\+1\] = \[8, 5\]", dynamic_alpha=randn(9, 5)),
+        valid("dynamic_beta-C", r"dynamic_beta of shape \[C\] = \[8\]", dynamic_beta=randn(7)),
+        valid("dynamic_beta-2d", r"dynamic_beta of shape \[C\] = \[8\]", dynamic_beta=randn(8, 1)),
+        valid("alpha_scale-1d", r"alpha_scale of shape \[\] \(0-dim\)", alpha_scale=randn(1)),
+        valid("beta_scale-1d", r"beta_scale of shape \[\] \(0-dim\)", beta_scale=randn(2)),
+        valid("norm_weight-C", r"norm_weight of shape \[C\] = \[8\]", norm_weight=randn(9)),
+        valid("norm_bias-C", r"norm_bias of shape \[C\] = \[8\]", norm_bias=randn(4)),
+        valid("unknown-norm", r'norm to be "rms" or "layer", got "batch"', norm="batch"),
+        valid("unknown-norm-static", r'norm to be "rms" or "layer", got "RMS"', parts="static", norm="RMS"),
+        valid("static_alpha-fp64", r"static_alpha of dtype", static_alpha=randn(4, 5, dtype=torch.float64)),
+        valid("dynamic_alpha-bf16", r"dynamic_alpha of dtype", dynamic_alpha=randn(8, 5, dtype=torch.bfloat16)),
+        valid("alpha_scale-fp16", r"alpha_scale of dtype", alpha_scale=randn(dtype=torch.float16)),
+        valid("norm_weight-fp64", r"norm_weight of dtype", norm_weight=randn(8, dtype=torch.float64)),
+        valid("fp64-x-fp32-params", r"static_alpha of dtype", x_dtype=torch.float64),
+        valid("x-int", r"x of dtype .*got \S*(Long|int64)", x=lambda d: torch.randint(0, 5, (2, 4, 8), device=d)),
+        valid("x-1d", r"x of shape \[\.\.\., n, C\] with at least 2 dims", x=randn(8)),
+        valid("n=33", r"n = x.size\(-2\) in \[1, 32\], got 33", n=33, C=1),
+        valid("n=0", r"n = x.size\(-2\) in \[1, 32\], got 0", x=randn(2, 0, 8)),
+        valid("C=0", r"C = x.size\(-1\) >= 1, got 0", x=randn(2, 4, 0)),
+        valid("norm_eps<0", r"norm_eps finite and >= 0", norm_eps=-1e-6),
+        valid("norm_eps=nan", r"norm_eps finite and >= 0, got nan", norm_eps=float("nan")),
     ]
 
 
-BAD_CALLS = {case[0]: case[1:] for case in _bad_calls()}
+BAD_CALLS = {case.id: case for case in _bad_calls()}
 
 
 @pytest.mark.parametrize("entry", ["op", "fwd_op", "wrapper"])
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_arguments_raise(device, case, entry):
-    make, match = BAD_CALLS[case]
-    x, params, kwargs = make(device)
     fn = {"op": OP, "fwd_op": FWD_OP, "wrapper": hcext.ops.hc_coeffs}[entry]
-    with pytest.raises(RuntimeError, match=r"hcext::hc_coeffs: .*" + match):
-        fn(x, **params, **kwargs)
+    assert_rejects(fn, BAD_CALLS[case], device, prefix=r"hcext::hc_coeffs: .*")
 
 
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_arguments_raise_in_fake_kernel(case):
     # torch.compile / export see the fake kernel: it rejects the same inputs, with the same words.
-    make, match = BAD_CALLS[case]
-    x, params, kwargs = make("meta")
-    with pytest.raises(RuntimeError, match=r"hcext::hc_coeffs: .*" + match):
-        OP(x, **params, **kwargs)
+    assert_rejects(OP, BAD_CALLS[case], "meta", prefix=r"hcext::hc_coeffs: .*")
 
 
 def _bad_backward_calls():
-    """(id, index of the argument to replace, replacement(device), message regex) for x [3, 4, 8]."""
+    """BadCases of hc_coeffs_backward: valid arguments for x [3, 4, 8] (dynamic HC; on meta built
+    from the fake kernel's shapes) with the argument at an index replaced."""
+
+    def replace(name, index, replacement, match):
+        def make(d):
+            n, C = 4, 8
+            params = make_params(n, C, d, parts="alpha-only" if name == "static-hc" else "both")
+            x = torch.randn(3, n, C, device=d)
+            if d == "meta":
+                outs = FWD_OP(x, **params)  # fake kernel: shapes only
+                optional = [params.get(k) for k in OPTIONAL]
+                grads = [torch.randn(o.shape, device=d) for o in outs[:3]]
+                args = [x, params["static_alpha"], params["static_beta"], *optional, outs[3], outs[4], *grads, "rms",
+                        True, [True] * 9]
+            else:
+                args = list(_backward_args(x, params))
+                BACKWARD_OP(*args)  # valid as built
+            args[index] = replacement(d)
+            return sample(*args)
+
+        return BadCase(name, make, match)
+
     return [
-        ("proj-K", 9, lambda d: torch.randn(3, 4, 5, device=d), r"proj of shape \[\.\.\., n, K\] = \[\.\.\., 4, 6\]"),
-        ("proj-tokens", 9, lambda d: torch.randn(2, 4, 6, device=d), r"proj of shape \[\.\.\., n, K\]"),
-        ("proj-fp64", 9, lambda d: torch.randn(3, 4, 6, device=d, dtype=torch.float64), r"proj of dtype"),
-        ("stats-shape", 10, lambda d: torch.rand(3, 4, 3, device=d), r"stats of shape \[\.\.\., n, 2\]"),
-        ("grad_h_pre-numel", 11, lambda d: torch.randn(3, 5, device=d), r"grad_h_pre with 12 elements"),
-        ("grad_h_res-numel", 13, lambda d: torch.randn(3, 4, 3, device=d), r"grad_h_res with 48 elements"),
-        ("grad_h_post-int", 12, lambda d: torch.ones(3, 4, device=d, dtype=torch.int64), r"grad_h_post .*floating"),
-        ("norm", 14, lambda d: "group", r'norm to be "rms" or "layer", got "group"'),
-        ("static-hc", 3, lambda d: None, r"expected dynamic_alpha or dynamic_beta"),
+        replace("proj-K", 9, lambda d: torch.randn(3, 4, 5, device=d),
+                r"proj of shape \[\.\.\., n, K\] = \[\.\.\., 4, 6\]"),
+        replace("proj-tokens", 9, lambda d: torch.randn(2, 4, 6, device=d), r"proj of shape \[\.\.\., n, K\]"),
+        replace("proj-fp64", 9, lambda d: torch.randn(3, 4, 6, device=d, dtype=torch.float64), r"proj of dtype"),
+        replace("stats-shape", 10, lambda d: torch.rand(3, 4, 3, device=d), r"stats of shape \[\.\.\., n, 2\]"),
+        replace("grad_h_pre-numel", 11, lambda d: torch.randn(3, 5, device=d), r"grad_h_pre with 12 elements"),
+        replace("grad_h_res-numel", 13, lambda d: torch.randn(3, 4, 3, device=d), r"grad_h_res with 48 elements"),
+        replace("grad_h_post-int", 12, lambda d: torch.ones(3, 4, device=d, dtype=torch.int64),
+                r"grad_h_post .*floating"),
+        replace("norm", 14, lambda d: "group", r'norm to be "rms" or "layer", got "group"'),
+        replace("static-hc", 3, lambda d: None, r"expected dynamic_alpha or dynamic_beta"),
     ]
 
 
-BAD_BACKWARD = {case[0]: case[1:] for case in _bad_backward_calls()}
+BAD_BACKWARD = {case.id: case for case in _bad_backward_calls()}
 
 
 @pytest.mark.parametrize("case", list(BAD_BACKWARD))
 @pytest.mark.parametrize("dev", ["device", "meta"])
 def test_backward_bad_arguments_raise(device, case, dev):
-    dev = device if dev == "device" else "meta"
-    index, replacement, match = BAD_BACKWARD[case]
-    n, C = 4, 8
-    params = make_params(n, C, dev, parts="alpha-only" if case == "static-hc" else "both")
-    x = torch.randn(3, n, C, device=dev)
-    if dev == "meta":
-        outs = FWD_OP(x, **params)  # fake kernel: shapes only
-        optional = [params.get(k) for k in OPTIONAL]
-        grads = [torch.randn(o.shape, device=dev) for o in outs[:3]]
-        args = [x, params["static_alpha"], params["static_beta"], *optional, outs[3], outs[4], *grads, "rms", True,
-                [True] * 9]
-    else:
-        args = list(_backward_args(x, params))
-        BACKWARD_OP(*args)  # valid as built
-    args[index] = replacement(dev)
-    with pytest.raises(RuntimeError, match=r"hcext::hc_coeffs_backward: .*" + match):
-        BACKWARD_OP(*args)
+    assert_rejects(BACKWARD_OP, BAD_BACKWARD[case], device if dev == "device" else "meta",
+                   prefix=r"hcext::hc_coeffs_backward: .*")
 
 
 # ---------------------------------------------------------------------------------------
@@ -857,12 +795,13 @@ def test_backward_bad_arguments_raise(device, case, dev):
 @requires_cuda
 @pytest.mark.parametrize("name", ["static_alpha", "dynamic_alpha", "norm_bias", "alpha_scale"])
 def test_cuda_parameter_on_cpu_raises(name):
-    n, C = 4, 8
-    x = torch.randn(3, n, C, device="cuda")
-    params = make_params(n, C, "cuda", affine="weight+bias")
-    params[name] = params[name].cpu()
-    with pytest.raises(RuntimeError, match=rf"expected {name} on cuda"):
-        OP(x, **params)
+    def make(d):
+        n, C = 4, 8
+        params = make_params(n, C, d, affine="weight+bias")
+        params[name] = params[name].cpu()
+        return hc_sample(torch.randn(3, n, C, device=d), params)
+
+    assert_rejects(OP, BadCase(f"{name}-on-cpu", make, rf"expected {name} on cuda"), "cuda")
 
 
 @requires_cuda
@@ -873,33 +812,23 @@ def test_cuda_parameter_on_cpu_raises(name):
 def test_cuda_matches_cpu(n, C, parts, norm, dtype):
     tokens = 300  # several chunks of the CUDA parameter-gradient reduction
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    x_cpu = torch.randn(tokens, n, C).to(dtype)
-    params_cpu = make_params(n, C, "cpu", pdtype, parts=parts, affine="weight+bias")
-    weights_cpu = output_weights(x_cpu, True, pdtype)
-    results = {}
-    for dev in ("cpu", "cuda"):
-        x = x_cpu.to(dev)
-        params = {k: v.to(dev) for k, v in params_cpu.items()}
-        results[dev] = forward_backward(hcext.ops.hc_coeffs, x, params, [w.to(dev) for w in weights_cpu], norm=norm)
-    for a, b in zip(results["cuda"][0], results["cpu"][0]):
-        assert a.device.type == "cuda"
-        assert_scaled_close(a.cpu(), b, pdtype, "output")
-    for name, g in results["cuda"][1].items():
-        want = results["cpu"][1][name]
-        assert g.dtype == want.dtype
-        if name == "x" and dtype == torch.bfloat16:  # both round an fp32 value once
-            torch.testing.assert_close(g.cpu(), want, **TOLERANCES[torch.bfloat16])
-        else:
-            assert_scaled_close(g.cpu(), want, pdtype, f"grad_{name}")
+    s = hc_sample(torch.randn(tokens, n, C).to(dtype), make_params(n, C, "cpu", pdtype, parts=parts,
+                                                                    affine="weight+bias"), norm=norm)
+    cpu = forward_backward(hcext.ops.hc_coeffs, s)
+    gpu = forward_backward(hcext.ops.hc_coeffs, s.to("cuda"))
+    assert all(o.device.type == "cuda" for o in gpu.outs)
+    assert all(gpu.grads[k].dtype == cpu.grads[k].dtype for k in cpu.grads)
+    # bf16 grad_x: both round an fp32 value once (the bf16 row, unscaled)
+    compare_results(gpu.to("cpu"), cpu, scales={"grad_x": None} if dtype == torch.bfloat16 else {},
+                    out_names=OUT_NAMES)
 
 
 @requires_cuda
 def test_cuda_deterministic():
     n, C = 4, 64
-    x = torch.randn(5000, n, C, device="cuda")
-    params = make_params(n, C, "cuda", affine="weight+bias")
-    weights = output_weights(x, True, torch.float32)
-    first = forward_backward(hcext.ops.hc_coeffs, x, params, weights, norm="layer")
-    second = forward_backward(hcext.ops.hc_coeffs, x, params, weights, norm="layer")
-    assert all(torch.equal(a, b) for a, b in zip(first[0], second[0]))
-    assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
+    s = hc_sample(torch.randn(5000, n, C, device="cuda"), make_params(n, C, "cuda", affine="weight+bias"),
+                  norm="layer")
+    first = forward_backward(hcext.ops.hc_coeffs, s)
+    second = forward_backward(hcext.ops.hc_coeffs, s)
+    assert all(torch.equal(a, b) for a, b in zip(first.outs, second.outs))
+    assert all(torch.equal(first.grads[k], second.grads[k]) for k in first.grads)

@@ -5,17 +5,21 @@ n, C, leading shapes, strides, Sinkhorn iterations and scalars; the dtype contra
 gradcheck; opcheck; what autograd saves; mhc_backward's optional gradients and its
 layer-input path (the fused mhc_pre's backward); torch.compile; argument errors; CUDA vs CPU.
 
-Tolerances (fp32 and fp64 compare against the reference run in fp64):
-- outputs and the parameter gradients: the dtype's row of helpers.TOLERANCES.
+Parity runs through the shared scaffold (helpers.check_parity: the op and the reference on
+the same sample, the same loss weights). Tolerances (fp32 and fp64 compare against the
+reference run in fp64), all from helpers.TOLERANCES:
+- outputs and the parameter gradients: the dtype's row (helpers.assert_scaled_close with
+  scale None: torch.testing.assert_close's rule).
 - grad_x: RMSNorm is scale invariant, so grad_x is the sum of a term through x̃ @ phi and
   a term through rstd that cancel along x. When n*C is tiny (n = C = 1: grad_x is zero up
   to norm_eps) the sum is far below either term and its rounding error is relative to the
-  terms, not to the sum. The bound is GRAD_X_TERM_TOL[dtype] times the token's largest
+  terms, not to the sum. The atol is scaled by the token's largest
   |term_proj| + |term_rstd| + |term_layer_input| (per token, not per element: the GEMM
-  dproj @ phi^T cancels internally too), plus the table's rtol * |expected|.
-- bf16 / fp16 x: the op's error vs the fp64 reference (on the same rounded x) is at most
-  twice the error of the reference run in that dtype (bf16 x, fp32 parameters), plus a
-  small atol; for grad_x the atol scales with the terms as above.
+  dproj @ phi^T cancels internally too; the largest over all tokens for x in a layout other
+  than contiguous), plus the row's rtol * |expected|.
+- bf16 / fp16 x: helpers' rule: the op's error vs the fp64 reference (on the same rounded x)
+  is at most twice the error of the reference run in that dtype (bf16 x, fp32 parameters),
+  plus the fp32 row's atol (for grad_x scaled by the terms as above).
 """
 
 import math
@@ -26,22 +30,17 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import hcext
 from hcext import reference
-from helpers import TOLERANCES, assert_close_dtype, requires_cuda
+from helpers import (
+    NONCONTIGUOUS, BadCase, Input, Result, assert_close_dtype, assert_rejects, assert_scaled_close, check_parity,
+    compare_results, forward_backward, layout, layout_cases, requires_cuda, run_opcheck, sample,
+)
 
 OP = torch.ops.hcext.mhc_coeffs.default
 FWD_OP = torch.ops.hcext.mhc_coeffs_fwd.default
 BACKWARD_OP = torch.ops.hcext.mhc_backward.default
 
-# grad_x error bound per unit of its token's largest cancelling term (see the docstring).
-# Measured on this file's CPU cases: fp32 <= 8e-7, fp64 <= 7e-16.
-GRAD_X_TERM_TOL = {torch.float32: 1e-5, torch.float64: 1e-13}
-
-# bf16 / fp16 x: "twice the reference's own error" plus a small atol. The coefficients and the
-# parameter gradients are fp32 computations on the same (rounded) x in the op and in the
-# low-precision reference, so the atol is fp32-sized: LOWP_ATOL absolute for the coefficients,
-# LOWP_ATOL * 10 relative to the largest value for the parameter gradients (sums over tokens),
-# GRAD_X_TERM_TOL[fp32] of the largest term for grad_x (measured slack: < 40% of these).
-LOWP_ATOL = 1e-6
+OUT_NAMES = ("h_pre", "h_post", "h_res")
+INPUT_NAMES = ("x", "phi", "alpha", "bias")
 
 
 def _width(n):
@@ -61,44 +60,24 @@ def _make_params(n, C, device, dtype=torch.float32):
     return phi, alpha, bias
 
 
-# name -> x of shape [..., n, C], possibly a non-contiguous view
-LAYOUTS = {
-    "lead=()": lambda n, C, **kw: torch.randn(n, C, **kw),
-    "lead=(0,)": lambda n, C, **kw: torch.randn(0, n, C, **kw),
-    "lead=(5,)": lambda n, C, **kw: torch.randn(5, n, C, **kw),
-    "lead=(2,3)": lambda n, C, **kw: torch.randn(2, 3, n, C, **kw),
-    # tokens not outermost in memory: [n, 5, C] seen as [5, n, C]
-    "tokens-strided": lambda n, C, **kw: torch.randn(n, 5, C, **kw).transpose(0, 1),
-    # channels outermost: [5, C, n] seen as [5, n, C] (inner stride n)
-    "streams-transposed": lambda n, C, **kw: torch.randn(5, C, n, **kw).transpose(-1, -2),
-    # every other channel of [5, n, 2C]: inner stride 2
-    "sliced": lambda n, C, **kw: torch.randn(5, n, 2 * C, **kw)[..., ::2],
-}
-NONCONTIGUOUS = {"tokens-strided", "streams-transposed", "sliced"}
+# id -> (leading shape, layout of x [*lead, n, C]): the leading shapes contiguous, then every
+# shared layout (helpers.LAYOUTS) at 5 tokens: "lead-permuted" is [n, 5, C] seen as [5, n, C]
+# (tokens not outermost), "transposed" [5, C, n] seen as [5, n, C] (inner stride n).
+LAYOUT_CASES = layout_cases(
+    {"lead=()": (), "lead=(0,)": (0,), "lead=(5,)": (5,), "lead=(2,3)": (2, 3)},
+    ["lead-permuted", "transposed", "sliced", "expanded", "offset"],
+    lead=(5,),
+)
 
 
-def _output_weights(x, dtype):
-    """Random weights for the three outputs of x [..., n, C]: the loss is sum_k sum(w_k * out_k)."""
-    lead, n = x.shape[:-2], x.shape[-2]
-    return [torch.randn(*lead, *tail, device=x.device, dtype=dtype) for tail in ((n,), (n,), (n, n))]
-
-
-def _forward_backward(fn, x, params, weights, **kwargs):
-    """(outputs, [grad_x, grad_phi, grad_alpha, grad_bias]) of sum_k sum(w_k * fn(...)_k) for fresh leaves."""
-    leaves = [t.detach().requires_grad_(True) for t in (x, *params)]  # detach keeps x's strides
-    outs = fn(*leaves, **kwargs)
-    loss = sum((o * w).sum() for o, w in zip(outs, weights))
-    grads = torch.autograd.grad(loss, leaves)
-    return [o.detach() for o in outs], list(grads)
+def _x(layout_case, n, C, device, dtype=torch.float32):
+    """x [*lead, n, C] for a LAYOUT_CASES id, as an Input (a leaf and the view the op sees)."""
+    lead, kind = LAYOUT_CASES[layout_case]
+    return layout(torch.randn(*lead, n, C, device=device, dtype=dtype), kind)
 
 
 def _to64(tensors):
     return [t.detach().double() for t in tensors]
-
-
-def _reference64(x, params, weights, **kwargs):
-    """The reference in fp64 on the same (possibly rounded) values."""
-    return _forward_backward(reference.mhc_coeffs, x.detach().double(), _to64(params), _to64(weights), **kwargs)
 
 
 def _grad_x_terms(x, params, weights, grad_layer_input=None, sinkhorn_iters=20, norm_eps=1e-6, sinkhorn_eps=1e-6,
@@ -135,38 +114,44 @@ def _grad_x_terms(x, params, weights, grad_layer_input=None, sinkhorn_iters=20, 
     return sum(t.abs() for t in terms)
 
 
-def _assert_grad_x_close(actual, expected, terms, dtype):
-    """grad_x vs the fp64 reference: error <= GRAD_X_TERM_TOL * (the token's largest term) + rtol * |expected|."""
-    assert actual.shape == expected.shape and actual.device == expected.device
-    err = (actual.double() - expected.double()).abs()
-    # Per token: the GEMM dproj @ phi^T has its own cancellation, so an element's error follows
-    # the token's largest terms rather than its own.
-    token_terms = terms.amax(dim=(-2, -1), keepdim=True) if terms.numel() else terms
-    bound = GRAD_X_TERM_TOL[dtype] * token_terms.to(err.device) + TOLERANCES[dtype]["rtol"] * expected.double().abs()
-    bad = err > bound
-    assert not bad.any(), (
-        f"grad_x: {int(bad.sum())} of {err.numel()} elements off; worst error {err.max().item():.3e}, "
-        f"largest term {terms.max().item():.3e}, largest |grad| {expected.abs().max().item():.3e}"
-    )
+def _token_terms(terms):
+    """The atol scale of grad_x: per token, the largest of its cancelling terms (see the docstring)."""
+    return terms.amax(dim=(-2, -1), keepdim=True) if terms.numel() else terms
+
+
+def _grad_x_scale(x, params, weights, **kwargs):
+    """The scale of grad_x's rounding error for x (a tensor or an Input): per token for a tensor
+    or a contiguous Input; through any other view, the largest over all tokens (the terms,
+    carried back to the leaf, can no longer be split by token)."""
+    view = x.tensor() if isinstance(x, Input) else x
+    terms = _grad_x_terms(view, params, weights, **kwargs)
+    if not isinstance(x, Input) or x.base.shape == view.shape:
+        return _token_terms(terms)
+    base = x.base.detach().double().requires_grad_(True)
+    (base_terms,) = torch.autograd.grad(x.view(base), base, terms)  # a gather's adjoint: sums of magnitudes
+    return base_terms.max() if base_terms.numel() else 1.0
+
+
+def _sample(x, params, **kwargs):
+    return sample(x, *params, names=INPUT_NAMES, **kwargs)
 
 
 def _check_against_reference(x, params, dtype, **kwargs):
-    """The op (through autograd) vs the fp64 reference for fp32 / fp64 x: values and all four gradients."""
-    weights = _output_weights(x, dtype)
-    outs, grads = _forward_backward(hcext.ops.mhc_coeffs, x, params, weights, **kwargs)
-    ref_outs, ref_grads = _reference64(x, params, weights, **kwargs)
-    n = x.shape[-2]
-    for out, ref, tail in zip(outs, ref_outs, ((n,), (n,), (n, n))):
-        assert out.dtype == dtype and out.device == x.device
-        assert out.shape == (*x.shape[:-2], *tail)
-        assert_close_dtype(out, ref.to(dtype))
-    grad_x, grad_params = grads[0], grads[1:]
-    assert grad_x.dtype == x.dtype and grad_x.shape == x.shape
-    _assert_grad_x_close(grad_x, ref_grads[0].to(dtype), _grad_x_terms(x, params, weights, **kwargs), dtype)
-    for name, g, ref, p in zip(("phi", "alpha", "bias"), grad_params, ref_grads[1:], params):
-        assert g.dtype == p.dtype and g.shape == p.shape
-        assert_close_dtype(g, ref.to(dtype), msg=lambda m, name=name: f"grad_{name}: {m}")
-    return outs, grads
+    """The op (through autograd) vs the fp64 reference for fp32 / fp64 x (a tensor or an Input):
+    values and all four gradients, through the shared runner."""
+    got, _ = check_parity(
+        hcext.ops.mhc_coeffs, reference.mhc_coeffs, _sample(x, params, **kwargs), scale=None, out_names=OUT_NAMES,
+        scales={"grad_x": lambda want: _grad_x_scale(x, params, want.weights, **kwargs)},
+    )
+    view = x.tensor() if isinstance(x, Input) else x
+    n = view.shape[-2]
+    for out, tail in zip(got.outs, ((n,), (n,), (n, n))):
+        assert out.dtype == dtype and out.device == view.device
+        assert out.shape == (*view.shape[:-2], *tail)
+    assert got.grads["x"].dtype == view.dtype
+    for name, p in zip(INPUT_NAMES[1:], params):
+        assert got.grads[name].dtype == p.dtype and got.grads[name].shape == p.shape
+    return got.outs, list(got.grads.values())
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,12 +161,12 @@ def _check_against_reference(x, params, dtype, **kwargs):
 NC_GRID = [(n, C) for C in (7, 64) for n in (1, 2, 3, 4, 8)] + [(1, 1), (3, 1), (4, 1), (1, 1280), (4, 1280)]
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout_case", list(LAYOUT_CASES))
 @pytest.mark.parametrize("n,C", NC_GRID)
-def test_matches_reference_fp32(device, n, C, layout):
-    x = LAYOUTS[layout](n, C, device=device)
-    if layout in NONCONTIGUOUS and n > 1 and C > 1:
-        assert not x.is_contiguous()  # the case tests what it says
+def test_matches_reference_fp32(device, n, C, layout_case):
+    x = _x(layout_case, n, C, device)
+    if LAYOUT_CASES[layout_case][1] in NONCONTIGUOUS and n > 1 and C > 1:
+        assert not x.tensor().is_contiguous()  # the case tests what it says
     _check_against_reference(x, _make_params(n, C, device), torch.float32)
 
 
@@ -241,10 +226,10 @@ def test_large_alpha_and_zero_token(device):
     torch.testing.assert_close(h_post[3], 2 * torch.sigmoid(bias[n : 2 * n]))
 
 
-@pytest.mark.parametrize("layout", ["lead=(5,)", "lead=(0,)", "streams-transposed"])
+@pytest.mark.parametrize("layout_case", ["lead=(5,)", "lead=(0,)", "transposed"])
 @pytest.mark.parametrize("n,C", [(1, 3), (3, 7), (4, 64), (8, 5)])
-def test_matches_reference_fp64(device, n, C, layout):
-    x = LAYOUTS[layout](n, C, device=device, dtype=torch.float64)
+def test_matches_reference_fp64(device, n, C, layout_case):
+    x = _x(layout_case, n, C, device, torch.float64)
     _check_against_reference(x, _make_params(n, C, device, torch.float64), torch.float64, sinkhorn_iters=7)
 
 
@@ -280,32 +265,20 @@ def test_forward_op_returns_proj_and_rstd(device):
 # bf16 / fp16 x: fp32 coefficients, gradient in x's dtype
 
 
-def _assert_within_twice_reference_error(name, actual, ref64, ref_lowp, atol):
-    err = (actual.double() - ref64).abs().max().item() if actual.numel() else 0.0
-    ref_err = (ref_lowp.double() - ref64).abs().max().item() if actual.numel() else 0.0
-    assert err <= 2 * ref_err + atol, f"{name}: error {err:.3e} vs the low-precision reference's {ref_err:.3e}"
-
-
 @pytest.mark.parametrize("iters", [1, 20])
 @pytest.mark.parametrize("n,C", [(1, 7), (4, 64), (8, 7), (4, 1280)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_x(device, dtype, n, C, iters):
+    # helpers' low-precision rule (twice the error of the reference run on the same bf16 / fp16
+    # x, fp32 parameters); the atol for grad_x scales with its largest cancelling term.
     x = torch.randn(6, n, C, device=device).to(dtype)
     params = _make_params(n, C, device)
-    weights = _output_weights(x, torch.float32)
-    outs, grads = _forward_backward(hcext.ops.mhc_coeffs, x, params, weights, sinkhorn_iters=iters)
-    lowp_outs, lowp_grads = _forward_backward(reference.mhc_coeffs, x, params, weights, sinkhorn_iters=iters)
-    ref_outs, ref_grads = _reference64(x, params, weights, sinkhorn_iters=iters)
-    assert all(o.dtype == torch.float32 for o in outs)
-    assert grads[0].dtype == dtype and all(g.dtype == torch.float32 for g in grads[1:])
-    for name, out, ref, lowp in zip(("h_pre", "h_post", "h_res"), outs, ref_outs, lowp_outs):
-        _assert_within_twice_reference_error(name, out, ref, lowp, LOWP_ATOL)
-    terms = _grad_x_terms(x, params, weights, sinkhorn_iters=iters)
-    grad_x_atol = GRAD_X_TERM_TOL[torch.float32] * terms.max().item()
-    _assert_within_twice_reference_error("grad_x", grads[0], ref_grads[0], lowp_grads[0], grad_x_atol)
-    for name, g, ref, lowp in zip(("phi", "alpha", "bias"), grads[1:], ref_grads[1:], lowp_grads[1:]):
-        scale = ref.abs().max().item()
-        _assert_within_twice_reference_error(f"grad_{name}", g, ref, lowp, 10 * LOWP_ATOL * max(scale, 1.0))
+    got, _ = check_parity(
+        hcext.ops.mhc_coeffs, reference.mhc_coeffs, _sample(x, params, sinkhorn_iters=iters), out_names=OUT_NAMES,
+        scales={"grad_x": lambda want: _grad_x_terms(x, params, want.weights, sinkhorn_iters=iters).max().item()},
+    )
+    assert all(o.dtype == torch.float32 for o in got.outs)
+    assert got.grads["x"].dtype == dtype and all(got.grads[k].dtype == torch.float32 for k in INPUT_NAMES[1:])
 
 
 # ---------------------------------------------------------------------------------------
@@ -346,6 +319,7 @@ def _mhc_samples(device):
     yield "fp64", args(torch.randn(2, 3, 5, device=device, dtype=torch.float64), torch.float64, 4)
     yield "empty", args(torch.randn(0, 4, 8, device=device))
     yield "noncontiguous", args(torch.randn(4, 8, 3, device=device).transpose(-1, -2))
+    yield "offset", args(layout(torch.randn(3, 4, 8, device=device), "offset").tensor())
     yield "lead=(2,3),n=1", args(torch.randn(2, 3, 1, 6, device=device))
 
 
@@ -353,13 +327,10 @@ MHC_SAMPLES = [name for name, _ in _mhc_samples("cpu")]
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
-@pytest.mark.parametrize("sample", MHC_SAMPLES)
+@pytest.mark.parametrize("name", MHC_SAMPLES)
 @pytest.mark.parametrize("op", [OP, FWD_OP], ids=["mhc_coeffs", "mhc_coeffs_fwd"])
-def test_opcheck_forward(device, op, sample, requires_grad):
-    args = dict(_mhc_samples(device))[sample]
-    if requires_grad:
-        args = tuple(a.detach().requires_grad_(True) for a in args[:4]) + args[4:]
-    torch.library.opcheck(op, args)
+def test_opcheck_forward(device, op, name, requires_grad):
+    run_opcheck(op, dict(_mhc_samples(device))[name], requires_grad=requires_grad)
 
 
 # which of (grad_layer_input, grad_h_pre, grad_h_post, grad_h_res) are passed
@@ -384,24 +355,24 @@ def _backward_args(x, params, present, iters=5, pre_eps=1e-6, post_mult=2.0):
 
 
 @pytest.mark.parametrize(
-    "sample", [*BACKWARD_GRADS, "bf16", "fp64", "empty", "noncontiguous-x", "grad-expanded"]
+    "case", [*BACKWARD_GRADS, "bf16", "fp64", "empty", "noncontiguous-x", "grad-expanded"]
 )
-def test_opcheck_backward(device, sample):
+def test_opcheck_backward(device, case):
     n, C, dtype = 4, 8, torch.float32
     x = torch.randn(3, n, C, device=device)
-    present = BACKWARD_GRADS.get(sample, (True, True, True, True))
-    if sample == "bf16":
+    present = BACKWARD_GRADS.get(case, (True, True, True, True))
+    if case == "bf16":
         x = x.to(torch.bfloat16)
-    elif sample == "fp64":
+    elif case == "fp64":
         x, dtype = x.double(), torch.float64
-    elif sample == "empty":
+    elif case == "empty":
         x = x[:0]
-    elif sample == "noncontiguous-x":
+    elif case == "noncontiguous-x":
         x = torch.randn(3, C, n, device=device).transpose(-1, -2)
     args = list(_backward_args(x, _make_params(n, C, device, dtype), present))
-    if sample == "grad-expanded":  # autograd may pass expanded gradients (e.g. from .sum())
+    if case == "grad-expanded":  # autograd may pass expanded gradients (e.g. from .sum())
         args[9] = torch.ones((), device=device).expand(3, n, n)
-    torch.library.opcheck(BACKWARD_OP, tuple(args))
+    run_opcheck(BACKWARD_OP, args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -449,7 +420,7 @@ def test_backward_layer_input_path(device, n, C, dtype, coeff_grads):
 
     assert grads[0].dtype == dtype and grads[0].shape == x.shape
     terms = _grad_x_terms(x, params, weights, grad_layer_input=gy, **kw)
-    _assert_grad_x_close(grads[0], ref_grads[0].to(dtype), terms, dtype)
+    assert_scaled_close(grads[0], ref_grads[0], dtype, "grad_x", scale=_token_terms(terms))
     for g, ref in zip(grads[1:], ref_grads[1:]):
         assert_close_dtype(g, ref.to(dtype))
 
@@ -471,15 +442,12 @@ def test_backward_layer_input_bf16(device):
 def test_autograd_uses_backward_op(device):
     # The registered autograd formula is mhc_backward without a layer-input gradient.
     n, C = 3, 9
-    x = torch.randn(4, n, C, device=device, requires_grad=True)
-    params = [p.requires_grad_(True) for p in _make_params(n, C, device)]
-    outs = hcext.ops.mhc_coeffs(x, *params, sinkhorn_iters=4)
-    weights = _output_weights(x, torch.float32)
-    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), (x, *params))
-    _, _, _, proj, rstd = FWD_OP(x.detach(), *[p.detach() for p in params], 4)
-    direct = BACKWARD_OP(x.detach(), *[p.detach() for p in params], proj, rstd, None, *weights, 4, 1e-6, 1e-6, 2.0)
-    for a, b in zip(grads, direct):
-        assert_close_dtype(a, b)
+    x = torch.randn(4, n, C, device=device)
+    params = _make_params(n, C, device)
+    autograd = forward_backward(hcext.ops.mhc_coeffs, _sample(x, params, sinkhorn_iters=4))
+    _, _, _, proj, rstd = FWD_OP(x, *params, 4)
+    direct = BACKWARD_OP(x, *params, proj, rstd, None, *autograd.weights, 4, 1e-6, 1e-6, 2.0)
+    compare_results(autograd, Result(autograd.outs, dict(zip(INPUT_NAMES, direct)), []), scale=None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -506,14 +474,13 @@ def test_autograd_saves_only_proj_and_rstd(device):
     assert extra_bytes == T * _width(n) * 4 + T * 4, description
     assert sorted(t.numel() for t in extra) == [T, T * _width(n)], description
     assert all(t.dtype == torch.float32 for t in extra), description
-    # and they suffice for a correct backward
-    weights = _output_weights(x, torch.float32)
-    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
-    _, ref_grads = _forward_backward(reference.mhc_coeffs, x, params, weights)
+    # and they suffice for a correct backward: the saved tensors' grads vs the reference's on
+    # the same bf16 x, with the shared loss weights
+    ref = forward_backward(reference.mhc_coeffs, _sample(x, params))
+    sum((o * w).sum() for o, w in zip(outs, ref.weights)).backward()
     assert x.grad.dtype == torch.bfloat16
-    assert_close_dtype(x.grad, ref_grads[0])
-    for p, ref in zip(params, ref_grads[1:]):
-        assert_close_dtype(p.grad, ref)
+    compare_results(Result(ref.outs, dict(zip(INPUT_NAMES, (x.grad, *[p.grad for p in params]))), []), ref,
+                    scale=None)
 
 
 def test_no_grad_inputs_record_no_graph(device):
@@ -524,13 +491,6 @@ def test_no_grad_inputs_record_no_graph(device):
 
 # ---------------------------------------------------------------------------------------
 # torch.compile
-
-
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _mhc_step(x, phi, alpha, bias):
@@ -595,58 +555,59 @@ def test_compile_inductor(device, fresh_dynamo):
 
 
 def _bad_calls():
-    """(id, make(device) -> (x, phi, alpha, bias, scalars dict), message regex)."""
+    """BadCases: make(device) gives the call (x, phi, alpha, bias, **scalars) as a Sample."""
 
-    def valid(n=4, C=8, x_dtype=torch.float32, **changes):
+    def valid(name, match, n=4, C=8, x_dtype=torch.float32, **changes):
         def make(d):
             x = torch.randn(2, n, C, device=d).to(x_dtype)
             phi, alpha, bias = _make_params(n, C, d)
-            parts = dict(x=x, phi=phi, alpha=alpha, bias=bias, scalars={})
+            parts = dict(x=x, phi=phi, alpha=alpha, bias=bias)
+            scalars = {}
             for key, value in changes.items():
                 if key in parts:
                     parts[key] = value(d) if callable(value) else value
                 else:
-                    parts["scalars"][key] = value
-            return parts["x"], parts["phi"], parts["alpha"], parts["bias"], parts["scalars"]
+                    scalars[key] = value
+            return sample(*parts.values(), **scalars)
 
-        return make
+        return BadCase(name, make, match)
 
     def randn(*shape, dtype=torch.float32):
         return lambda d: torch.randn(*shape, device=d, dtype=dtype)
 
     return [
-        ("phi-rows", valid(phi=randn(31, 24)), r"phi of shape \[n\*C, n\*n\+2n\] = \[32, 24\]"),
-        ("phi-cols", valid(phi=randn(32, 23)), r"phi of shape \[n\*C, n\*n\+2n\] = \[32, 24\]"),
-        ("phi-1d", valid(phi=randn(32 * 24)), r"phi of shape \[n\*C, n\*n\+2n\]"),
-        ("phi-transposed", valid(phi=randn(24, 32)), r"phi of shape \[n\*C, n\*n\+2n\]"),
-        ("alpha-4", valid(alpha=randn(4)), r"alpha of shape \[3\]"),
-        ("alpha-2d", valid(alpha=randn(1, 3)), r"alpha of shape \[3\]"),
-        ("alpha-0d", valid(alpha=randn(())), r"alpha of shape \[3\]"),
-        ("bias-23", valid(bias=randn(23)), r"bias of shape \[n\*n\+2n\] = \[24\]"),
-        ("bias-2d", valid(bias=randn(1, 24)), r"bias of shape \[n\*n\+2n\] = \[24\]"),
-        ("phi-bf16", valid(phi=randn(32, 24, dtype=torch.bfloat16)), r"phi of dtype"),
-        ("alpha-fp64", valid(alpha=randn(3, dtype=torch.float64)), r"alpha of dtype"),
-        ("bias-fp16", valid(bias=randn(24, dtype=torch.float16)), r"bias of dtype"),
-        ("fp64-x-fp32-phi", valid(x_dtype=torch.float64), r"phi of dtype"),
-        ("x-int", valid(x=lambda d: torch.randint(0, 5, (2, 4, 8), device=d)), r"x of dtype .*got \S*(Long|int64)"),
-        ("x-1d", valid(x=randn(8)), r"x of shape \[\.\.\., n, C\] with at least 2 dims"),
-        ("n=33", valid(n=33, C=1), r"n = x.size\(-2\) in \[1, 32\], got 33"),
-        ("n=0", valid(x=randn(2, 0, 8)), r"n = x.size\(-2\) in \[1, 32\], got 0"),
-        ("C=0", valid(x=randn(2, 4, 0), phi=randn(0, 24)), r"C = x.size\(-1\) >= 1, got 0"),
-        ("iters=0", valid(sinkhorn_iters=0), r"sinkhorn_iters in \[1, 1048576\], got 0"),
-        ("iters=-1", valid(sinkhorn_iters=-1), r"sinkhorn_iters in \[1, 1048576\], got -1"),
-        ("sinkhorn_eps<0", valid(sinkhorn_eps=-1e-3), r"sinkhorn_eps finite and >= 0"),
-        ("sinkhorn_eps=nan", valid(sinkhorn_eps=math.nan), r"sinkhorn_eps finite and >= 0, got nan"),
-        ("norm_eps<0", valid(norm_eps=-1e-6), r"norm_eps finite and >= 0"),
-        ("norm_eps=inf", valid(norm_eps=math.inf), r"norm_eps finite and >= 0, got inf"),
-        ("pre_eps=nan", valid(pre_eps=math.nan), r"pre_eps finite"),
-        ("pre_eps=-inf", valid(pre_eps=-math.inf), r"pre_eps finite"),
-        ("post_mult=inf", valid(post_mult=math.inf), r"post_mult finite"),
-        ("post_mult=nan", valid(post_mult=math.nan), r"post_mult finite"),
+        valid("phi-rows", r"phi of shape \[n\*C, n\*n\+2n\] = \[32, 24\]", phi=randn(31, 24)),
+        valid("phi-cols", r"phi of shape \[n\*C, n\*n\+2n\] = \[32, 24\]", phi=randn(32, 23)),
+        valid("phi-1d", r"phi of shape \[n\*C, n\*n\+2n\]", phi=randn(32 * 24)),
+        valid("phi-transposed", r"phi of shape \[n\*C, n\*n\+2n\]", phi=randn(24, 32)),
+        valid("alpha-4", r"alpha of shape \[3\]", alpha=randn(4)),
+        valid("alpha-2d", r"alpha of shape \[3\]", alpha=randn(1, 3)),
+        valid("alpha-0d", r"alpha of shape \[3\]", alpha=randn(())),
+        valid("bias-23", r"bias of shape \[n\*n\+2n\] = \[24\]", bias=randn(23)),
+        valid("bias-2d", r"bias of shape \[n\*n\+2n\] = \[24\]", bias=randn(1, 24)),
+        valid("phi-bf16", r"phi of dtype", phi=randn(32, 24, dtype=torch.bfloat16)),
+        valid("alpha-fp64", r"alpha of dtype", alpha=randn(3, dtype=torch.float64)),
+        valid("bias-fp16", r"bias of dtype", bias=randn(24, dtype=torch.float16)),
+        valid("fp64-x-fp32-phi", r"phi of dtype", x_dtype=torch.float64),
+        valid("x-int", r"x of dtype .*got \S*(Long|int64)", x=lambda d: torch.randint(0, 5, (2, 4, 8), device=d)),
+        valid("x-1d", r"x of shape \[\.\.\., n, C\] with at least 2 dims", x=randn(8)),
+        valid("n=33", r"n = x.size\(-2\) in \[1, 32\], got 33", n=33, C=1),
+        valid("n=0", r"n = x.size\(-2\) in \[1, 32\], got 0", x=randn(2, 0, 8)),
+        valid("C=0", r"C = x.size\(-1\) >= 1, got 0", x=randn(2, 4, 0), phi=randn(0, 24)),
+        valid("iters=0", r"sinkhorn_iters in \[1, 1048576\], got 0", sinkhorn_iters=0),
+        valid("iters=-1", r"sinkhorn_iters in \[1, 1048576\], got -1", sinkhorn_iters=-1),
+        valid("sinkhorn_eps<0", r"sinkhorn_eps finite and >= 0", sinkhorn_eps=-1e-3),
+        valid("sinkhorn_eps=nan", r"sinkhorn_eps finite and >= 0, got nan", sinkhorn_eps=math.nan),
+        valid("norm_eps<0", r"norm_eps finite and >= 0", norm_eps=-1e-6),
+        valid("norm_eps=inf", r"norm_eps finite and >= 0, got inf", norm_eps=math.inf),
+        valid("pre_eps=nan", r"pre_eps finite", pre_eps=math.nan),
+        valid("pre_eps=-inf", r"pre_eps finite", pre_eps=-math.inf),
+        valid("post_mult=inf", r"post_mult finite", post_mult=math.inf),
+        valid("post_mult=nan", r"post_mult finite", post_mult=math.nan),
     ]
 
 
-BAD_CALLS = {case[0]: case[1:] for case in _bad_calls()}
+BAD_CALLS = {case.id: case for case in _bad_calls()}
 # Cases that mhc_backward checks too (it takes no norm_eps).
 BACKWARD_BAD_CALLS = [c for c in BAD_CALLS if not c.startswith("norm_eps")]
 
@@ -654,20 +615,14 @@ BACKWARD_BAD_CALLS = [c for c in BAD_CALLS if not c.startswith("norm_eps")]
 @pytest.mark.parametrize("entry", ["op", "fwd_op", "wrapper"])
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_arguments_raise(device, case, entry):
-    make, match = BAD_CALLS[case]
-    x, phi, alpha, bias, scalars = make(device)
     fn = {"op": OP, "fwd_op": FWD_OP, "wrapper": hcext.ops.mhc_coeffs}[entry]
-    with pytest.raises(RuntimeError, match=r"hcext::mhc_coeffs: .*" + match):
-        fn(x, phi, alpha, bias, **scalars)
+    assert_rejects(fn, BAD_CALLS[case], device, prefix=r"hcext::mhc_coeffs: .*")
 
 
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_arguments_raise_in_fake_kernel(case):
     # torch.compile / export see the fake kernel: it must reject the same inputs.
-    make, match = BAD_CALLS[case]
-    x, phi, alpha, bias, scalars = make("meta")
-    with pytest.raises(RuntimeError, match=match):
-        OP(x, phi, alpha, bias, **scalars)
+    assert_rejects(OP, BAD_CALLS[case], "meta")
 
 
 def _valid_backward_args(device, n=4, C=8):
@@ -675,62 +630,60 @@ def _valid_backward_args(device, n=4, C=8):
     return list(_backward_args(x, _make_params(n, C, device), (True, True, True, True)))
 
 
+def _backward_of_forward_args(x, phi, alpha, bias, sinkhorn_iters=5, sinkhorn_eps=1e-6, pre_eps=1e-6, post_mult=2.0):
+    """mhc_backward for mhc_coeffs' arguments, with proj / rstd / grad_h_res shaped for x as given."""
+    lead, n = (x.shape[:-2], x.shape[-2]) if x.dim() >= 2 else ((), 4)
+    proj = torch.randn(*lead, _width(n), device=x.device)
+    rstd = torch.rand(lead, device=x.device)
+    g = torch.randn(*lead, n, n, device=x.device)
+    return BACKWARD_OP(x, phi, alpha, bias, proj, rstd, None, None, None, g, sinkhorn_iters=sinkhorn_iters,
+                       sinkhorn_eps=sinkhorn_eps, pre_eps=pre_eps, post_mult=post_mult)
+
+
 @pytest.mark.parametrize("case", BACKWARD_BAD_CALLS)
 def test_backward_bad_arguments_raise(device, case):
-    make, match = BAD_CALLS[case]
-    x, phi, alpha, bias, scalars = make(device)
-    lead, n = (x.shape[:-2], x.shape[-2]) if x.dim() >= 2 else ((), 4)
-    D = _width(n)
-    kw = dict(
-        sinkhorn_iters=scalars.get("sinkhorn_iters", 5),
-        sinkhorn_eps=scalars.get("sinkhorn_eps", 1e-6),
-        pre_eps=scalars.get("pre_eps", 1e-6),
-        post_mult=scalars.get("post_mult", 2.0),
-    )
-    # proj / rstd / grads shaped for x as given
-    proj = torch.randn(*lead, D, device=device)
-    rstd = torch.rand(lead, device=device)
-    g = torch.randn(*lead, n, n, device=device)
-    with pytest.raises(RuntimeError, match=r"hcext::mhc_backward: .*" + match):
-        BACKWARD_OP(x, phi, alpha, bias, proj, rstd, None, None, None, g, **kw)
+    assert_rejects(_backward_of_forward_args, BAD_CALLS[case], device, prefix=r"hcext::mhc_backward: .*")
 
 
 def _bad_backward_calls():
-    """(id, index of the argument to replace, replacement(device), message regex) for x [3, 4, 8]."""
+    """BadCases of mhc_backward: the valid arguments for x [3, 4, 8] (_valid_backward_args) with one replaced."""
+
+    def replace(name, index, replacement, match):
+        def make(d):
+            args = _valid_backward_args(d)
+            args[index] = replacement(d)
+            return sample(*args)
+
+        return BadCase(name, make, match)
+
     return [
-        ("proj-cols", 4, lambda d: torch.randn(3, 25, device=d), r"proj of shape \[\.\.\., 24\]"),
-        ("proj-tokens", 4, lambda d: torch.randn(4, 24, device=d), r"proj of shape \[\.\.\., 24\]"),
-        ("proj-fp64", 4, lambda d: torch.randn(3, 24, device=d, dtype=torch.float64), r"proj of dtype"),
-        ("rstd-numel", 5, lambda d: torch.rand(4, device=d), r"rstd with one value per token \(3\)"),
-        ("rstd-fp16", 5, lambda d: torch.rand(3, device=d, dtype=torch.float16), r"rstd of dtype"),
-        ("grad_layer_input-numel", 6, lambda d: torch.randn(3, 7, device=d), r"grad_layer_input with 24 elements"),
-        ("grad_h_pre-numel", 7, lambda d: torch.randn(3, 5, device=d), r"grad_h_pre with 12 elements"),
-        ("grad_h_post-numel", 8, lambda d: torch.randn(2, 4, device=d), r"grad_h_post with 12 elements"),
-        ("grad_h_res-numel", 9, lambda d: torch.randn(3, 4, 3, device=d), r"grad_h_res with 48 elements"),
-        ("grad_h_res-int", 9, lambda d: torch.ones(3, 4, 4, device=d, dtype=torch.int64), r"grad_h_res .*floating"),
+        replace("proj-cols", 4, lambda d: torch.randn(3, 25, device=d), r"proj of shape \[\.\.\., 24\]"),
+        replace("proj-tokens", 4, lambda d: torch.randn(4, 24, device=d), r"proj of shape \[\.\.\., 24\]"),
+        replace("proj-fp64", 4, lambda d: torch.randn(3, 24, device=d, dtype=torch.float64), r"proj of dtype"),
+        replace("rstd-numel", 5, lambda d: torch.rand(4, device=d), r"rstd with one value per token \(3\)"),
+        replace("rstd-fp16", 5, lambda d: torch.rand(3, device=d, dtype=torch.float16), r"rstd of dtype"),
+        replace("grad_layer_input-numel", 6, lambda d: torch.randn(3, 7, device=d),
+                r"grad_layer_input with 24 elements"),
+        replace("grad_h_pre-numel", 7, lambda d: torch.randn(3, 5, device=d), r"grad_h_pre with 12 elements"),
+        replace("grad_h_post-numel", 8, lambda d: torch.randn(2, 4, device=d), r"grad_h_post with 12 elements"),
+        replace("grad_h_res-numel", 9, lambda d: torch.randn(3, 4, 3, device=d), r"grad_h_res with 48 elements"),
+        replace("grad_h_res-int", 9, lambda d: torch.ones(3, 4, 4, device=d, dtype=torch.int64),
+                r"grad_h_res .*floating"),
     ]
 
 
-BAD_BACKWARD = {case[0]: case[1:] for case in _bad_backward_calls()}
+BAD_BACKWARD = {case.id: case for case in _bad_backward_calls()}
 
 
 @pytest.mark.parametrize("case", list(BAD_BACKWARD))
 def test_backward_bad_saved_or_grads_raise(device, case):
-    index, replacement, match = BAD_BACKWARD[case]
-    args = _valid_backward_args(device)
-    BACKWARD_OP(*args)  # valid as built
-    args[index] = replacement(device)
-    with pytest.raises(RuntimeError, match=r"hcext::mhc_backward: .*" + match):
-        BACKWARD_OP(*args)
+    BACKWARD_OP(*_valid_backward_args(device))  # valid as built
+    assert_rejects(BACKWARD_OP, BAD_BACKWARD[case], device, prefix=r"hcext::mhc_backward: .*")
 
 
 @pytest.mark.parametrize("case", ["proj-cols", "rstd-numel", "grad_h_res-numel"])
 def test_backward_bad_saved_or_grads_raise_in_fake_kernel(case):
-    index, replacement, match = BAD_BACKWARD[case]
-    args = _valid_backward_args("meta")
-    args[index] = replacement("meta")
-    with pytest.raises(RuntimeError, match=match):
-        BACKWARD_OP(*args)
+    assert_rejects(BACKWARD_OP, BAD_BACKWARD[case], "meta")
 
 
 # ---------------------------------------------------------------------------------------
@@ -740,12 +693,13 @@ def test_backward_bad_saved_or_grads_raise_in_fake_kernel(case):
 @requires_cuda
 @pytest.mark.parametrize("name", ["phi", "alpha", "bias"])
 def test_cuda_parameter_on_cpu_raises(name):
-    n, C = 4, 8
-    x = torch.randn(3, n, C, device="cuda")
-    params = dict(zip(("phi", "alpha", "bias"), _make_params(n, C, "cuda")))
-    params[name] = params[name].cpu()
-    with pytest.raises(RuntimeError, match=rf"expected {name} on cuda"):
-        OP(x, params["phi"], params["alpha"], params["bias"])
+    def make(d):
+        n, C = 4, 8
+        params = dict(zip(("phi", "alpha", "bias"), _make_params(n, C, d)))
+        params[name] = params[name].cpu()
+        return sample(torch.randn(3, n, C, device=d), *params.values())
+
+    assert_rejects(OP, BadCase(f"{name}-on-cpu", make, rf"expected {name} on cuda"), "cuda")
 
 
 @requires_cuda
@@ -756,30 +710,29 @@ def test_cuda_matches_cpu(n, C, dtype):
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
     x_cpu = torch.randn(tokens, n, C).to(dtype)
     params_cpu = _make_params(n, C, "cpu", pdtype)
-    weights_cpu = _output_weights(x_cpu, pdtype)
+    s = _sample(x_cpu, params_cpu, sinkhorn_iters=20)
     gy_cpu = torch.randn(tokens, C, dtype=pdtype)
 
     results = {}
     for dev in ("cpu", "cuda"):
-        x, params, weights = x_cpu.to(dev), [p.to(dev) for p in params_cpu], [w.to(dev) for w in weights_cpu]
-        outs, grads = _forward_backward(hcext.ops.mhc_coeffs, x, params, weights, sinkhorn_iters=20)
+        autograd = forward_backward(hcext.ops.mhc_coeffs, s.to(dev))
+        x, params, weights = x_cpu.to(dev), [p.to(dev) for p in params_cpu], [w.to(dev) for w in autograd.weights]
         _, _, _, proj, rstd = FWD_OP(x, *params, 20)
         fused = BACKWARD_OP(x, *params, proj, rstd, gy_cpu.to(dev), *weights, 20, 1e-6, 1e-6, 2.0)
-        results[dev] = (outs, grads, list(fused))
-    for out_cpu, out_gpu in zip(results["cpu"][0], results["cuda"][0]):
-        assert out_gpu.device.type == "cuda" and out_gpu.dtype == out_cpu.dtype
-        assert_close_dtype(out_gpu.cpu(), out_cpu, pdtype)
+        results[dev] = (autograd, Result([], dict(zip(INPUT_NAMES, fused)), []))
+    for out_gpu in results["cuda"][0].outs:
+        assert out_gpu.device.type == "cuda"
     # autograd's backward (no layer input), then mhc_backward with one
-    for grads_cpu, grads_gpu, gy in ((results["cpu"][1], results["cuda"][1], None),
-                                     (results["cpu"][2], results["cuda"][2], gy_cpu)):
-        assert grads_gpu[0].dtype == dtype and grads_gpu[0].device.type == "cuda"
+    for k, gy in ((0, None), (1, gy_cpu)):
+        cpu, gpu = results["cpu"][k], results["cuda"][k]
+        assert gpu.grads["x"].dtype == dtype and gpu.grads["x"].device.type == "cuda"
         if dtype == torch.bfloat16:  # both round the same fp32 sum once: at most an ulp apart
-            assert_close_dtype(grads_gpu[0].cpu(), grads_cpu[0])
+            grad_x_scale = None
         else:
-            terms = _grad_x_terms(x_cpu, params_cpu, weights_cpu, grad_layer_input=gy)
-            _assert_grad_x_close(grads_gpu[0].cpu(), grads_cpu[0], terms, dtype)
-        for g_cpu, g_gpu in zip(grads_cpu[1:], grads_gpu[1:]):
-            assert_close_dtype(g_gpu.cpu(), g_cpu, pdtype)
+            grad_x_scale = _token_terms(_grad_x_terms(x_cpu, params_cpu, results["cpu"][0].weights,
+                                                      grad_layer_input=gy))
+        compare_results(gpu.to("cpu"), cpu, scale=None, scales={"grad_x": grad_x_scale},
+                        out_names=OUT_NAMES[:len(cpu.outs)])
 
 
 @requires_cuda
@@ -787,10 +740,5 @@ def test_cuda_noncontiguous_x_and_empty():
     n, C = 4, 16
     params_cpu = _make_params(n, C, "cpu")
     for x_cpu in (torch.randn(5, C, n).transpose(-1, -2), torch.randn(0, n, C), torch.randn(2, 3, n, C)):
-        weights = _output_weights(x_cpu, torch.float32)
-        outs_cpu, grads_cpu = _forward_backward(OP, x_cpu, params_cpu, weights)
-        outs_gpu, grads_gpu = _forward_backward(
-            OP, x_cpu.cuda(), [p.cuda() for p in params_cpu], [w.cuda() for w in weights]
-        )
-        for a, b in zip(outs_gpu + grads_gpu, outs_cpu + grads_cpu):
-            assert_close_dtype(a.cpu(), b)
+        s = _sample(x_cpu, params_cpu)
+        compare_results(forward_backward(OP, s.to("cuda")).to("cpu"), forward_backward(OP, s), scale=None)

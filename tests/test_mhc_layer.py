@@ -9,7 +9,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import hcext
 from hcext import reference as ref
-from helpers import assert_close_dtype
+from helpers import assert_close_dtype, check_parity, run_opcheck, sample
 
 
 def make_params(n, C, dtype=torch.float32, device="cpu", scale=1.0):
@@ -24,47 +24,32 @@ def leaf(t):
     return t.detach().clone().requires_grad_(True)
 
 
-def grads_of(fn, inputs, weights):
-    inputs = [leaf(t) for t in inputs]
-    outs = fn(*inputs)
-    sum((w * o.double()).sum() for w, o in zip(weights, outs)).backward()
-    return [o.detach() for o in outs], [t.grad for t in inputs]
+MHC_PRE_OUTS = ("layer_input", "h_post", "h_res")
+
+
+def mhc_pre_sample(x, params):
+    return sample(x, *params, names=["x", "phi", "alpha", "bias"])
 
 
 @pytest.mark.parametrize("n, C", [(1, 7), (2, 64), (3, 7), (4, 64), (4, 1280), (8, 7)])
 @pytest.mark.parametrize("lead", [(0,), (5,), (2, 3)])
 def test_mhc_pre_matches_reference_fp32(device, n, C, lead):
+    # The shared runner against the reference in fp64: the outputs with the fp32 row of
+    # helpers.TOLERANCES; the gradients with its atol scaled by the gradient's largest value
+    # (grad_x sums terms that cancel: the norm's share against the projection's).
     x = torch.randn(*lead, n, C, device=device)
-    params = make_params(n, C, device=device)
-    probe = ref.mhc_pre(x, *params)
-    weights = [torch.randn(o.shape, dtype=torch.float64, device=device) for o in probe]
-    outs, grads = grads_of(hcext.ops.mhc_pre, (x, *params), weights)
-    want_outs, want_grads = grads_of(ref.mhc_pre, (x, *params), weights)
-    for got, want in zip(outs, want_outs):
-        assert_close_dtype(got, want)
-    for got, want in zip(grads, want_grads):
-        # grad_x sums terms that cancel (the norm's share against the projection's), so the
-        # tolerance is relative to the gradient's scale, not elementwise.
-        scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
-        torch.testing.assert_close(got, want, atol=2e-5 * scale, rtol=1e-4)
+    check_parity(hcext.ops.mhc_pre, ref.mhc_pre, mhc_pre_sample(x, make_params(n, C, device=device)),
+                 out_names=MHC_PRE_OUTS, scales={name: None for name in MHC_PRE_OUTS})
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mhc_pre_low_precision_error_within_twice_reference_error(device, dtype):
     n, C = 4, 64
     x = torch.randn(6, n, C, device=device).to(dtype)
-    params = make_params(n, C, device=device)
-    probe = ref.mhc_pre(x, *params)
-    weights = [torch.randn(o.shape, dtype=torch.float64, device=device) for o in probe]
-    outs, grads = grads_of(hcext.ops.mhc_pre, (x, *params), weights)
-    low_outs, low_grads = grads_of(ref.mhc_pre, (x, *params), weights)  # reference in that dtype
-    exact_outs, exact_grads = grads_of(ref.mhc_pre, (x.double(), *[p.double() for p in params]), weights)
-    assert outs[0].dtype == dtype and grads[0].dtype == dtype
-    assert all(o.dtype == torch.float32 for o in outs[1:])
-    for got, low, exact in list(zip(outs, low_outs, exact_outs)) + list(zip(grads, low_grads, exact_grads)):
-        err = (got.double() - exact).abs().max().item()
-        ref_err = (low.double() - exact).abs().max().item()
-        assert err <= 2 * ref_err + 1e-5 * max(exact.abs().max().item(), 1.0), (err, ref_err)
+    got, _ = check_parity(hcext.ops.mhc_pre, ref.mhc_pre, mhc_pre_sample(x, make_params(n, C, device=device)),
+                          out_names=MHC_PRE_OUTS)
+    assert got.outs[0].dtype == dtype and got.grads["x"].dtype == dtype
+    assert all(o.dtype == torch.float32 for o in got.outs[1:])
 
 
 def test_mhc_pre_gradcheck():
@@ -78,11 +63,10 @@ def test_mhc_pre_gradcheck():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mhc_pre_opcheck(device, requires_grad, dtype):
     n, C = 4, 8
-    x = torch.randn(3, n, C, device=device).to(dtype).requires_grad_(requires_grad)
-    params = [p.requires_grad_(requires_grad) for p in make_params(n, C, device=device)]
-    args = (x, *params, 20, 1e-6, 1e-6, 1e-6, 2.0)
-    torch.library.opcheck(torch.ops.hcext.mhc_pre_fwd.default, args)
-    torch.library.opcheck(torch.ops.hcext.mhc_pre.default, args)
+    x = torch.randn(3, n, C, device=device).to(dtype)
+    args = (x, *make_params(n, C, device=device), 20, 1e-6, 1e-6, 1e-6, 2.0)
+    run_opcheck(torch.ops.hcext.mhc_pre_fwd.default, args, requires_grad=requires_grad)
+    run_opcheck(torch.ops.hcext.mhc_pre.default, args, requires_grad=requires_grad)
 
 
 def test_mhc_pre_saves_only_inputs_proj_and_rstd():
@@ -129,19 +113,10 @@ def run_sublayer(fn, inputs):
 
 
 def test_sublayer_matches_reference(device):
-    inputs = sublayer_inputs(9, device=device)
-    out, grads = run_sublayer(sublayer, inputs)
-    want, want_grads = run_sublayer(reference_sublayer, inputs)
-    assert_close_dtype(out, want)
-    for g, w in zip(grads, want_grads):
-        torch.testing.assert_close(g, w, atol=2e-5 * max(w.abs().max().item(), 1.0), rtol=1e-4)
-
-
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+    # The shared runner, the reference sub-layer in fp64; gradients with the fp32 row's atol
+    # scaled by their largest value.
+    s = sample(*sublayer_inputs(9, device=device), names=["x", "phi", "alpha", "bias", "weight"])
+    check_parity(sublayer, reference_sublayer, s, out_names=["out"], scales={"out": None})
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])

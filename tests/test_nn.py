@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hcext.nn import HyperConnection, StreamHead, expand_streams, reduce_streams
-from helpers import assert_close_dtype
+from helpers import assert_close_dtype, assert_scaled_close
 
 KINDS = ["mhc", "hc", "hc_static"]
 
@@ -27,8 +27,8 @@ def test_init_equals_pre_norm(kind, n):
     for b in branches:
         h = h + b(h)
     # Every stream carries the Pre-Norm residual stream (up to the 1e-6 epsilons of mHC).
-    torch.testing.assert_close(streams, h.unsqueeze(-2).expand_as(streams), atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(reduce_streams(streams), n * h, atol=1e-4, rtol=2e-5)
+    assert_close_dtype(streams, h.unsqueeze(-2).expand_as(streams))
+    assert_scaled_close(reduce_streams(streams), n * h)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -12,7 +12,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import hcext
 from hcext.reference import sinkhorn as reference_sinkhorn
-from helpers import assert_close_dtype, requires_cuda
+from helpers import (
+    NONCONTIGUOUS, BadCase, Input, assert_close_dtype, assert_rejects, check_parity, compare_results, forward_backward,
+    layout, layout_cases, requires_cuda, run_opcheck, sample,
+)
 
 OP = torch.ops.hcext.sinkhorn.default
 BACKWARD_OP = torch.ops.hcext.sinkhorn_backward.default
@@ -22,48 +25,25 @@ ITERS_VALUES = [1, 5, 20]
 
 
 # ---------------------------------------------------------------------------------------
-# Inputs: a leaf tensor `base` and a view of it that is what the op receives, so that the
-# gradient of a non-contiguous input can be compared on the leaf.
+# Samples: logits [*lead, n, n] in one of the shared layouts (helpers.LAYOUTS), iters, eps
+
+# id -> (leading shape, layout): the leading shapes contiguous, then every layout at lead (5, 3)
+LAYOUT_CASES = layout_cases(
+    {"lead=()": (), "lead=(0,)": (0,), "lead=(7,)": (7,), "lead=(3,5)": (3, 5)},
+    ["sliced", "transposed", "lead-permuted", "expanded", "offset"],
+    lead=(5, 3),
+)
 
 
-def _identity(t):
-    return t
+def _sample(values, kind="contiguous", iters=20, eps=1e-6):
+    return sample(layout(values, kind), iters=iters, eps=eps, names=["logits"])
 
 
-# name -> (base shape for n, view of the base with shape [..., n, n])
-LAYOUTS = {
-    "lead=()": (lambda n: (n, n), _identity),
-    "lead=(0,)": (lambda n: (0, n, n), _identity),
-    "lead=(7,)": (lambda n: (7, n, n), _identity),
-    "lead=(3,5)": (lambda n: (3, 5, n, n), _identity),
-    # every other column of a [7, n, 2n] tensor: inner stride 2
-    "sliced": (lambda n: (7, n, 2 * n), lambda t: t[..., ::2]),
-    # the matrices transposed: column-major [n, n] blocks
-    "transposed": (lambda n: (6, n, n), lambda t: t.transpose(-1, -2)),
-    # the leading dims permuted
-    "lead-permuted": (lambda n: (5, 3, n, n), lambda t: t.transpose(0, 1)),
-    # one matrix broadcast to 4 tokens: leading stride 0
-    "expanded": (lambda n: (1, n, n), lambda t: t.expand(4, -1, -1)),
-}
-NONCONTIGUOUS = {"sliced", "transposed", "lead-permuted", "expanded"}
-
-
-def _forward_backward(fn, base, view, weight, **kwargs):
-    """(fn(view(leaf)), d/dleaf of sum(weight * fn(view(leaf)))) for a fresh leaf copy of base."""
-    leaf = base.detach().clone().requires_grad_(True)
-    out = fn(view(leaf), **kwargs)
-    (out * weight).sum().backward()
-    return out.detach(), leaf.grad
-
-
-def _check_parity(base, view, iters, eps=1e-6):
-    """Op vs reference, forward and backward, for fp32 / fp64 ``base``."""
-    weight = torch.randn(view(base).shape, dtype=base.dtype, device=base.device)
-    out, grad = _forward_backward(hcext.sinkhorn, base, view, weight, iters=iters, eps=eps)
-    ref_out, ref_grad = _forward_backward(reference_sinkhorn, base, view, weight, iters=iters, eps=eps)
-    assert out.shape == view(base).shape and out.device == base.device
-    assert_close_dtype(out, ref_out)
-    assert_close_dtype(grad, ref_grad)
+def _check_parity(values, kind="contiguous", iters=20, eps=1e-6):
+    """hcext.sinkhorn vs the reference (in fp64), forward and backward, through the shared runner."""
+    got, _ = check_parity(hcext.sinkhorn, reference_sinkhorn, _sample(values, kind, iters, eps), scale=None)
+    (out,), grad = got.outs, got.grads["logits"]
+    assert out.device == values.device
     return out, grad
 
 
@@ -73,13 +53,13 @@ def _check_parity(base, view, iters, eps=1e-6):
 
 @pytest.mark.parametrize("iters", ITERS_VALUES)
 @pytest.mark.parametrize("n", N_VALUES)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_matches_reference_fp32(device, layout, n, iters):
-    base_shape, view = LAYOUTS[layout]
-    base = torch.randn(base_shape(n), device=device)
-    if layout in NONCONTIGUOUS and n > 1:
-        assert not view(base).is_contiguous()  # the case tests what it says
-    _check_parity(base, view, iters)
+@pytest.mark.parametrize("layout_case", list(LAYOUT_CASES))
+def test_matches_reference_fp32(device, layout_case, n, iters):
+    lead, kind = LAYOUT_CASES[layout_case]
+    values = torch.randn(*lead, n, n, device=device)
+    if kind in NONCONTIGUOUS and n > 1:
+        assert not layout(values, kind).tensor().is_contiguous()  # the case tests what it says
+    _check_parity(values, kind, iters)
 
 
 @pytest.mark.parametrize("scale", [4.0, 20.0])
@@ -87,8 +67,7 @@ def test_matches_reference_fp32(device, layout, n, iters):
 def test_matches_reference_large_logits(device, n, scale):
     # Peaked softmaxes: many entries end near eps, where the recomputed backward's
     # recovery of each step's input (x = y * d) must stay accurate.
-    base = torch.randn(9, n, n, device=device) * scale
-    _check_parity(base, _identity, iters=20)
+    _check_parity(torch.randn(9, n, n, device=device) * scale, iters=20)
 
 
 def test_matches_reference_with_masked_logits(device):
@@ -96,15 +75,14 @@ def test_matches_reference_with_masked_logits(device):
     base = torch.randn(3, 4, 4, device=device)
     base[0, 1, 2] = float("-inf")
     base[2, :, 3] = torch.tensor([0.0, float("-inf"), float("-inf"), 1.0], device=device)
-    out, grad = _check_parity(base, _identity, iters=5)
+    out, grad = _check_parity(base, iters=5)
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
     assert grad[0, 1, 2] == 0 and (grad[2, 1:3, 3] == 0).all()
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-3])
 def test_matches_reference_other_eps(device, eps):
-    base = torch.randn(7, 5, 5, device=device)
-    _check_parity(base, _identity, iters=6, eps=eps)
+    _check_parity(torch.randn(7, 5, 5, device=device), iters=6, eps=eps)
 
 
 def test_default_arguments_are_20_iters_and_eps_1e6(device):
@@ -119,28 +97,24 @@ def test_default_arguments_are_20_iters_and_eps_1e6(device):
 @pytest.mark.parametrize("n", [2, 4, 5, 32])
 @pytest.mark.parametrize("iters", [1, 20])
 def test_low_precision_computes_in_fp32(device, dtype, n, iters):
-    x = torch.randn(7, n, n, device=device).to(dtype)
-    weight = torch.randn(7, n, n, device=device)
-    out, grad = _forward_backward(hcext.sinkhorn, x, _identity, weight, iters=iters)
-    # The forward is the fp32 computation on the upcast input, returned in fp32.
-    ref_out, ref_grad32 = _forward_backward(reference_sinkhorn, x.float(), _identity, weight, iters=iters)
-    assert out.dtype == torch.float32
-    assert_close_dtype(out, ref_out)
-    # The gradient is the fp32 gradient rounded once to the input dtype.
-    assert grad.dtype == dtype
-    assert_close_dtype(grad, ref_grad32.to(dtype))
-    _, ref_grad = _forward_backward(reference_sinkhorn, x, _identity, weight, iters=iters)
-    assert_close_dtype(grad, ref_grad)
+    s = _sample(torch.randn(7, n, n, device=device).to(dtype), iters=iters)
+    got = forward_backward(hcext.sinkhorn, s)
+    (out,), grad = got.outs, got.grads["logits"]
+    # The forward is the fp32 computation on the upcast input, returned in fp32; the gradient
+    # is the fp32 gradient rounded once to the input dtype.
+    assert out.dtype == torch.float32 and grad.dtype == dtype
+    compare_results(got, forward_backward(reference_sinkhorn, s.cast(torch.float32)), scale=None)
+    # and within the input dtype's tolerance of the reference run on the low-precision input
+    compare_results(got, forward_backward(reference_sinkhorn, s), scale=None)
     # the backward op itself: fp32 grad_output, logits-dtype result
-    assert_close_dtype(BACKWARD_OP(weight, x, iters, 1e-6), grad)
+    assert_close_dtype(BACKWARD_OP(got.weights[0], s.tensors()[0], iters, 1e-6), grad)
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 16, 32])
-@pytest.mark.parametrize("layout", ["lead=(7,)", "transposed", "lead=(0,)"])
-def test_matches_reference_fp64(device, n, layout):
-    base_shape, view = LAYOUTS[layout]
-    base = torch.randn(base_shape(n), device=device, dtype=torch.float64)
-    out, grad = _check_parity(base, view, iters=20)
+@pytest.mark.parametrize("layout_case", ["lead=(7,)", "transposed", "lead=(0,)"])
+def test_matches_reference_fp64(device, n, layout_case):
+    lead, kind = LAYOUT_CASES[layout_case]
+    out, grad = _check_parity(torch.randn(*lead, n, n, device=device, dtype=torch.float64), kind, iters=20)
     assert out.dtype == torch.float64 and grad.dtype == torch.float64
 
 
@@ -200,6 +174,7 @@ def _sinkhorn_samples(device):
     yield "transposed", (torch.randn(2, 3, 5, 5, device=device).transpose(-1, -2), 3, 1e-6)
     yield "sliced", (torch.randn(4, 3, 6, device=device)[..., ::2], 2, 1e-4)
     yield "expanded", (torch.randn(1, 4, 4, device=device).expand(3, 4, 4), 2, 1e-6)
+    yield "offset", (layout(torch.randn(3, 4, 4, device=device), "offset").tensor(), 4, 1e-6)
     yield "empty", (torch.randn(0, 4, 4, device=device), 20, 1e-6)
     yield "single", (torch.randn(4, 4, device=device), 1, 0.0)
     yield "n=1", (torch.randn(5, 1, 1, device=device), 3, 1e-6)
@@ -209,32 +184,29 @@ def _sinkhorn_samples(device):
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
-@pytest.mark.parametrize("sample", [name for name, _ in _sinkhorn_samples("cpu")])
-def test_opcheck_sinkhorn(device, sample, requires_grad):
-    args = dict(_sinkhorn_samples(device))[sample]
-    if requires_grad:
-        args = (args[0].detach().requires_grad_(True),) + args[1:]
-    torch.library.opcheck(OP, args)
+@pytest.mark.parametrize("name", [name for name, _ in _sinkhorn_samples("cpu")])
+def test_opcheck_sinkhorn(device, name, requires_grad):
+    run_opcheck(OP, dict(_sinkhorn_samples(device))[name], requires_grad=requires_grad)
 
 
 @pytest.mark.parametrize(
-    "sample",
+    "case",
     ["contiguous", "grad-stride-0", "grad-transposed", "bf16-logits", "fp64", "empty"],
 )
-def test_opcheck_sinkhorn_backward(device, sample):
+def test_opcheck_sinkhorn_backward(device, case):
     logits = torch.randn(3, 4, 4, device=device)
     grad = torch.randn(3, 4, 4, device=device)
-    if sample == "grad-stride-0":  # autograd may pass expanded gradients (e.g. from .sum())
+    if case == "grad-stride-0":  # autograd may pass expanded gradients (e.g. from .sum())
         grad = torch.ones((), device=device).expand(3, 4, 4)
-    elif sample == "grad-transposed":
+    elif case == "grad-transposed":
         grad = grad.transpose(-1, -2)
-    elif sample == "bf16-logits":
+    elif case == "bf16-logits":
         logits = logits.to(torch.bfloat16)
-    elif sample == "fp64":
+    elif case == "fp64":
         logits, grad = logits.double(), grad.double()
-    elif sample == "empty":
+    elif case == "empty":
         logits, grad = logits[:0], grad[:0]
-    torch.library.opcheck(BACKWARD_OP, (grad, logits, 5, 1e-6))
+    run_opcheck(BACKWARD_OP, (grad, logits, 5, 1e-6))
 
 
 def test_backward_op_matches_autograd_and_accepts_expanded_grad(device):
@@ -247,13 +219,6 @@ def test_backward_op_matches_autograd_and_accepts_expanded_grad(device):
 
 # ---------------------------------------------------------------------------------------
 # torch.compile
-
-
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _loss_fn(x, w):
@@ -364,85 +329,84 @@ def test_no_grad_input_records_no_graph(device):
 
 
 def _bad_sinkhorn_calls():
-    """(id, make_logits(device), iters, eps, message regex)."""
+    """BadCases: make(device) gives the call (logits, iters, eps)."""
+
+    def call(make_logits, iters=20, eps=1e-6):
+        return lambda d: sample(make_logits(d), iters, eps)
 
     def randn(*shape, **kw):
         return lambda d: torch.randn(*shape, device=d, **kw)
 
     square = randn(2, 4, 4)
     return [
-        ("non-square", randn(3, 4, 5), 20, 1e-6, r"logits' last two dims .*square"),
-        ("1-dim", randn(4), 20, 1e-6, r"logits .*at least 2 dims, got 1"),
-        ("0-dim", randn(()), 20, 1e-6, r"logits .*at least 2 dims, got 0"),
-        ("int", lambda d: torch.randint(0, 5, (2, 4, 4), device=d), 20, 1e-6,
-         r"(?i)logits .*floating-point.*(int|long)"),
-        ("bool", lambda d: torch.ones(2, 4, 4, device=d, dtype=torch.bool), 20, 1e-6, r"logits .*floating-point"),
-        ("complex", randn(2, 4, 4, dtype=torch.complex64), 20, 1e-6, r"(?i)logits .*floating-point.*complex"),
-        ("iters=0", square, 0, 1e-6, r"iters in \[1, 1048576\], got 0"),
-        ("iters=-3", square, -3, 1e-6, r"iters in \[1, 1048576\], got -3"),
-        ("iters-huge", square, 2**20 + 1, 1e-6, r"iters in \[1, 1048576\], got 1048577"),
-        ("eps<0", square, 20, -1e-3, r"eps .*finite and >= 0, got -0.001"),
-        ("eps=inf", square, 20, math.inf, r"eps .*finite.*got inf"),
-        ("eps=nan", square, 20, math.nan, r"eps .*finite.*got nan"),
-        ("n=33", randn(2, 33, 33), 20, 1e-6, r"n \(logits' last dim\) in \[1, 32\], got 33"),
-        ("n=0", randn(2, 0, 0), 20, 1e-6, r"n \(logits' last dim\) in \[1, 32\], got 0"),
+        BadCase("non-square", call(randn(3, 4, 5)), r"logits' last two dims .*square"),
+        BadCase("1-dim", call(randn(4)), r"logits .*at least 2 dims, got 1"),
+        BadCase("0-dim", call(randn(())), r"logits .*at least 2 dims, got 0"),
+        BadCase("int", call(lambda d: torch.randint(0, 5, (2, 4, 4), device=d)),
+                r"(?i)logits .*floating-point.*(int|long)"),
+        BadCase("bool", call(lambda d: torch.ones(2, 4, 4, device=d, dtype=torch.bool)), r"logits .*floating-point"),
+        BadCase("complex", call(randn(2, 4, 4, dtype=torch.complex64)), r"(?i)logits .*floating-point.*complex"),
+        BadCase("iters=0", call(square, 0), r"iters in \[1, 1048576\], got 0"),
+        BadCase("iters=-3", call(square, -3), r"iters in \[1, 1048576\], got -3"),
+        BadCase("iters-huge", call(square, 2**20 + 1), r"iters in \[1, 1048576\], got 1048577"),
+        BadCase("eps<0", call(square, 20, -1e-3), r"eps .*finite and >= 0, got -0.001"),
+        BadCase("eps=inf", call(square, 20, math.inf), r"eps .*finite.*got inf"),
+        BadCase("eps=nan", call(square, 20, math.nan), r"eps .*finite.*got nan"),
+        BadCase("n=33", call(randn(2, 33, 33)), r"n \(logits' last dim\) in \[1, 32\], got 33"),
+        BadCase("n=0", call(randn(2, 0, 0)), r"n \(logits' last dim\) in \[1, 32\], got 0"),
     ]
 
 
-BAD_SINKHORN = {case[0]: case[1:] for case in _bad_sinkhorn_calls()}
+BAD_SINKHORN = {case.id: case for case in _bad_sinkhorn_calls()}
+
+
+def _backward_with_ones(logits, iters, eps):
+    return BACKWARD_OP(torch.ones(logits.shape, device=logits.device), logits, iters, eps)
 
 
 @pytest.mark.parametrize("entry", ["op", "wrapper", "backward_op"])
 @pytest.mark.parametrize("case", list(BAD_SINKHORN))
 def test_bad_arguments_raise(device, case, entry):
-    make_logits, iters, eps, match = BAD_SINKHORN[case]
-    logits = make_logits(device)
-    with pytest.raises(RuntimeError, match=match):
-        if entry == "op":
-            OP(logits, iters, eps)
-        elif entry == "wrapper":
-            hcext.sinkhorn(logits, iters, eps)
-        else:
-            grad = torch.ones(logits.shape, device=device)
-            BACKWARD_OP(grad, logits, iters, eps)
+    fn = {"op": OP, "wrapper": hcext.sinkhorn, "backward_op": _backward_with_ones}[entry]
+    assert_rejects(fn, BAD_SINKHORN[case], device)
 
 
 @pytest.mark.parametrize("case", list(BAD_SINKHORN))
 def test_bad_arguments_raise_in_fake_kernel(case):
     # torch.compile / export see the fake kernel: it must reject the same inputs, alike.
-    make_logits, iters, eps, match = BAD_SINKHORN[case]
-    logits = make_logits("meta")
-    with pytest.raises(RuntimeError, match=match):
-        OP(logits, iters, eps)
+    assert_rejects(OP, BAD_SINKHORN[case], "meta")
 
 
 def test_error_names_the_op(device):
-    with pytest.raises(RuntimeError, match=r"hcext::sinkhorn: "):
-        OP(torch.randn(3, 4, 5, device=device))
-    with pytest.raises(RuntimeError, match=r"hcext::sinkhorn_backward: "):
-        BACKWARD_OP(torch.randn(3, 4, 5, device=device), torch.randn(3, 4, 5, device=device), 2, 1e-6)
+    bad = BadCase("non-square", lambda d: sample(torch.randn(3, 4, 5, device=d)), "")
+    assert_rejects(OP, bad, device, prefix=r"hcext::sinkhorn: ")
+    assert_rejects(lambda x: BACKWARD_OP(x, x, 2, 1e-6), bad, device, prefix=r"hcext::sinkhorn_backward: ")
+
+
+def _bad_grad(grad):
+    """A BadCase of sinkhorn_backward with a bad grad (make(device)) for logits [3, 4, 4]."""
+    return lambda d: (BACKWARD_OP, sample(grad(d), torch.randn(3, 4, 4, device=d), 5, 1e-6))
 
 
 @pytest.mark.parametrize("grad_shape", [(3, 4, 5), (4, 4), (2, 3, 4, 4), (3, 5, 5)])
 @pytest.mark.parametrize("on_meta", [False, True])
 def test_backward_rejects_grad_of_wrong_shape(device, grad_shape, on_meta):
-    d = "meta" if on_meta else device
-    logits = torch.randn(3, 4, 4, device=d)
-    with pytest.raises(RuntimeError, match=r"expected grad of shape \(?\[?3, 4, 4"):
-        BACKWARD_OP(torch.randn(grad_shape, device=d), logits, 5, 1e-6)
+    case = BadCase("grad-shape", _bad_grad(lambda d: torch.randn(grad_shape, device=d)),
+                   r"expected grad of shape \(?\[?3, 4, 4")
+    assert_rejects(None, case, "meta" if on_meta else device)
+
+
+BAD_INTEGER_GRAD = BadCase("grad-int", _bad_grad(lambda d: torch.ones(3, 4, 4, device=d, dtype=torch.int32)),
+                           r"grad .*floating-point")
 
 
 def test_backward_rejects_integer_grad(device):
-    logits = torch.randn(3, 4, 4, device=device)
-    with pytest.raises(RuntimeError, match=r"grad .*floating-point"):
-        BACKWARD_OP(torch.ones(3, 4, 4, device=device, dtype=torch.int32), logits, 5, 1e-6)
+    assert_rejects(None, BAD_INTEGER_GRAD, device)
 
 
 def test_backward_fake_kernel_rejects_integer_grad():
     # Traced code (fake kernel) must reject what eager rejects.
-    logits = torch.randn(3, 4, 4, device="meta")
-    with pytest.raises(RuntimeError, match=r"grad .*floating-point"):
-        BACKWARD_OP(torch.ones(3, 4, 4, device="meta", dtype=torch.int32), logits, 5, 1e-6)
+    assert_rejects(None, BAD_INTEGER_GRAD, "meta")
 
 
 # ---------------------------------------------------------------------------------------
@@ -476,25 +440,20 @@ def test_readme_example():
 @pytest.mark.parametrize("n", [1, 2, 4, 5, 8, 16, 32])  # 2, 4, 8: unrolled paths; others: generic
 @pytest.mark.parametrize("tokens", [1, 300])
 def test_cuda_matches_cpu(n, iters, dtype, tokens):
-    x_cpu = (torch.randn(tokens, n, n) * 2).to(dtype)
-    weight = torch.randn(tokens, n, n, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    out_cpu, grad_cpu = _forward_backward(OP, x_cpu, _identity, weight, iters=iters)
-    out_gpu, grad_gpu = _forward_backward(OP, x_cpu.cuda(), _identity, weight.cuda(), iters=iters)
+    s = sample((torch.randn(tokens, n, n) * 2).to(dtype), iters)
+    cpu = forward_backward(OP, s)
+    gpu = forward_backward(OP, s.to("cuda"))
+    (out_gpu,), (grad_gpu,) = gpu.outs, gpu.grads.values()
     assert out_gpu.device == grad_gpu.device == torch.device("cuda", torch.cuda.current_device())
-    assert out_gpu.dtype == out_cpu.dtype and grad_gpu.dtype == dtype
-    assert_close_dtype(out_gpu.cpu(), out_cpu)
-    assert_close_dtype(grad_gpu.cpu(), grad_cpu)
+    assert out_gpu.dtype == cpu.outs[0].dtype and grad_gpu.dtype == dtype
+    compare_results(gpu.to("cpu"), cpu, scale=None)
 
 
 @requires_cuda
 def test_cuda_noncontiguous_and_leading_shapes():
     base = torch.randn(5, 3, 2 * 16, 16)
-    view = lambda t: t.transpose(0, 1)[..., ::2, :]  # noqa: E731
-    weight = torch.randn(view(base).shape)
-    out_cpu, grad_cpu = _forward_backward(OP, base, view, weight, iters=5)
-    out_gpu, grad_gpu = _forward_backward(OP, base.cuda(), view, weight.cuda(), iters=5)
-    assert_close_dtype(out_gpu.cpu(), out_cpu)
-    assert_close_dtype(grad_gpu.cpu(), grad_cpu)
+    s = sample(Input(base, lambda t: t.transpose(0, 1)[..., ::2, :]), 5)
+    compare_results(forward_backward(OP, s.to("cuda")).to("cpu"), forward_backward(OP, s), scale=None)
 
 
 @requires_cuda
@@ -511,6 +470,6 @@ def test_cuda_output_on_input_device():
 
 @requires_cuda
 def test_cuda_backward_rejects_grad_on_other_device():
-    logits = torch.randn(3, 4, 4, device="cuda")
-    with pytest.raises(RuntimeError, match=r"expected grad on cuda"):
-        BACKWARD_OP(torch.randn(3, 4, 4), logits, 5, 1e-6)
+    case = BadCase("grad-on-cpu", lambda d: (BACKWARD_OP, sample(torch.randn(3, 4, 4), torch.randn(3, 4, 4, device=d),
+                                                                5, 1e-6)), r"expected grad on cuda")
+    assert_rejects(None, case, "cuda")

@@ -47,13 +47,6 @@ def _one_thread():
 
 
 @pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-@pytest.fixture
 def inductor_in_process():
     # Compile in this process: a worker pool costs more than it saves for one tiny model.
     with torch._inductor.config.patch(compile_threads=1):
