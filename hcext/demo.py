@@ -10,7 +10,12 @@ ways on the same data, seed, batches and step budget:
 
 - ``residual``: ``x = x + branch(x)``, the Pre-Norm baseline;
 - ``hc``: dynamic Hyper-Connections (HC, arXiv 2409.19606, tanh, n streams);
-- ``mhc``: manifold-constrained Hyper-Connections (mHC, arXiv 2512.24880, n streams).
+- ``mhc``: manifold-constrained Hyper-Connections (mHC, arXiv 2512.24880, n streams);
+- ``mhc_shifted`` (not in the default list; ``--variants residual,hc,mhc,mhc_shifted``):
+  mHC with DeepSeek-V4.1's shifted collapse (``HyperConnection(kind="mhc",
+  collapse="shifted")``): each sub-layer's input is its streams collapsed with the previous
+  sub-layer's h_pre (the first: stream 0), and the output is the last streams collapsed with
+  the last h_pre (``hcext.nn.shifted_collapse``) instead of their sum.
 
 HC and mHC use hcext's public API the way a user would: ``expand_streams`` copies the
 embedding into n streams, one ``HyperConnection`` wraps every attention / MLP branch, and
@@ -67,11 +72,13 @@ from torch import Tensor, nn
 
 import hcext
 from hcext import ops
-from hcext.nn import HyperConnection, expand_streams, reduce_streams
+from hcext.nn import HyperConnection, expand_streams, reduce_streams, shifted_collapse
 
 __all__ = ["main", "build_model", "amax_gains", "residual_matrices", "plot"]
 
-VARIANTS = ("residual", "hc", "mhc")
+VARIANTS = ("residual", "hc", "mhc")  # the default run
+OPTIONAL_VARIANTS = ("mhc_shifted",)  # selectable with --variants
+ALL_VARIANTS = VARIANTS + OPTIONAL_VARIANTS
 # Stored gzipped so that the snapshot of the sources does not show up in greps of the tree.
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt.gz"
 VAL_FRACTION = 0.1
@@ -171,7 +178,19 @@ def make_connection(variant: str, dim: int, num_streams: int, branch: nn.Module,
         return Residual(branch)
     if variant in ("hc", "mhc"):  # dynamic HC (tanh) / mHC, each initialised to equal Pre-Norm
         return HyperConnection(dim, num_streams, kind=variant, branch=branch, layer_index=layer_index)
-    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    if variant == "mhc_shifted":  # DeepSeek-V4.1: collapse with the previous sub-layer's h_pre
+        return HyperConnection(dim, num_streams, kind="mhc", collapse="shifted", branch=branch,
+                               layer_index=layer_index)
+    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(ALL_VARIANTS)}")
+
+
+def connection_name(variant: str) -> str:
+    """How the variant connects its sub-layers (metrics.json's ``connection``)."""
+    if variant == "residual":
+        return "x + branch(x)"
+    if variant == "mhc_shifted":
+        return "hcext.nn.HyperConnection(kind='mhc', collapse='shifted')"
+    return f"hcext.nn.HyperConnection(kind={variant!r})"
 
 
 class TinyLM(nn.Module):
@@ -202,6 +221,11 @@ class TinyLM(nn.Module):
         if self.variant == "residual":
             for layer in self.sublayers:
                 h = layer(h)
+        elif self.variant == "mhc_shifted":
+            state = expand_streams(h, self.num_streams)  # the first sub-layer collapses with e_0
+            for layer in self.sublayers:
+                state = layer(state)  # (streams, pre)
+            h = shifted_collapse(state)  # Σ_i pre[i] x_i with the last sub-layer's pre
         else:
             x = expand_streams(h, self.num_streams)  # [B, T, n, C]
             for layer in self.sublayers:
@@ -244,7 +268,10 @@ def residual_matrices(model: TinyLM, idx: Tensor) -> List[Tensor]:
     """Per sub-layer ``H_res`` for every token of ``idx``: ``[tokens, n, n]`` each, computed
     at the streams that reach the sub-layer in a forward pass."""
     inputs: List[Tensor] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, args: inputs.append(args[0])) for m in model.sublayers]
+    def keep(_m, args):  # streams, or a shifted sub-layer's (streams, pre)
+        inputs.append(args[0][0] if isinstance(args[0], tuple) else args[0])
+
+    hooks = [m.register_forward_pre_hook(keep) for m in model.sublayers]
     try:
         model(idx)
     finally:
@@ -485,7 +512,7 @@ def train_variant(variant: str, cfg, train: Tensor, val_batches, amax_batch, dev
         peak_memory_mib=mem.mib,
         peak_memory_kind=mem.kind,
         saved_activations_mib=act_bytes / 2**20,
-        connection="x + branch(x)" if variant == "residual" else f"hcext.nn.HyperConnection(kind={variant!r})",
+        connection=connection_name(variant),
         amax_gain=None,
     )
     if variant != "residual":
@@ -521,7 +548,7 @@ def _smooth(values: List[float], k: int) -> List[float]:
     return out
 
 
-COLORS = {"residual": "tab:gray", "hc": "tab:orange", "mhc": "tab:blue"}
+COLORS = {"residual": "tab:gray", "hc": "tab:orange", "mhc": "tab:blue", "mhc_shifted": "tab:green"}
 
 
 def plot(metrics: dict, out_dir: Path) -> List[Path]:
@@ -591,7 +618,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "print a table, write metrics.json and plots.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated subset of " + ",".join(ALL_VARIANTS))
     p.add_argument("--data", type=Path, default=None,
                    help="a text file to train on, .gz decompressed (default: the bundled corpus)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -618,9 +646,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="only redraw the plots of an earlier run's metrics.json (into its folder)")
     cfg = p.parse_args(argv)
     cfg.variants = [v.strip() for v in cfg.variants.split(",") if v.strip()]
-    bad = [v for v in cfg.variants if v not in VARIANTS]
+    bad = [v for v in cfg.variants if v not in ALL_VARIANTS]
     if bad or not cfg.variants:
-        p.error(f"--variants: unknown {bad}; choose from {','.join(VARIANTS)}")
+        p.error(f"--variants: unknown {bad}; choose from {','.join(ALL_VARIANTS)}")
     cfg.heads = cfg.heads or max(cfg.dim // 32, 1)
     if cfg.dim % cfg.heads:
         p.error(f"--dim {cfg.dim} is not divisible by --heads {cfg.heads}")

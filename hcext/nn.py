@@ -17,6 +17,16 @@ Between consecutive mHC sub-layers, :class:`HyperConnectionStack` calls the fuse
 op :func:`hcext.ops.mhc_post_pre` (layer l's merge and layer l+1's coefficients and layer
 input in one op) instead of ``stream_mix_expand`` + ``mhc_pre``.
 
+DeepSeek-V4.1's shifted collapse (``collapse="shifted"``, mHC only): sub-layer k's layer
+input is collapsed with the *previous* sub-layer's pre, ``y_k = Σ_i π_k[i] x_i`` with
+``π_0 = e_0`` and ``π_k = h_pre_{k-1}``; the modules then carry ``(streams, pre)`` from one
+sub-layer to the next, and the output is collapsed with the last pre (no learned head)::
+
+    state = expand_streams(embedding, n)                   # bare streams: the first sub-layer uses π_0 = e_0
+    for hc in shifted_layers:                              # HyperConnection(..., collapse="shifted")
+        state = hc(state)                                  # -> (streams, pre)
+    hidden = shifted_collapse(state)                       # Σ_i pre[i] x_i, then the final norm
+
 Recompute (mHC §4.3.2)
 ----------------------
 n streams make the residual state n times larger than a residual network's, and every
@@ -56,6 +66,7 @@ express)::
 
 import functools
 import math
+import sys
 from typing import Callable, Iterable, Optional, Tuple, Union
 
 import torch
@@ -72,11 +83,45 @@ __all__ = [
     "StreamHead",
     "expand_streams",
     "reduce_streams",
+    "shifted_collapse",
     "recompute_policy",
     "make_recompute_policy",
     "recompute_block_size",
     "DEFAULT_SAVE_OPS",
 ]
+
+
+def _dtensor_type():
+    """DTensor, if torch.distributed.tensor is loaded (no tensor can be one otherwise)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _like_streams(t: Tensor, x: Tensor) -> Tensor:
+    """A parameter (or a value computed from one) for an op on streams x: when x is a
+    DTensor and t a plain tensor (every rank holds all of it), t as a Replicate DTensor on
+    x's mesh. Its gradient, Partial where x's tokens are sharded, is then summed over the
+    mesh (all-reduce) on its way back to t."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(x, dtensor) or isinstance(t, dtensor):
+        return t
+    from torch.distributed.tensor import Replicate
+
+    mesh = x.device_mesh
+    return dtensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def _branch_output_like_streams(f: Tensor, x: Tensor, where: str) -> Tensor:
+    """The branch output ``f`` in x's dtype; with DTensor streams, f must be a DTensor too
+    (a local tensor's placement is unknown: wrapping it could be silently wrong)."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(x, dtensor) and not isinstance(f, dtensor):
+        raise TypeError(
+            f"{where}: the streams are a DTensor {tuple(x.placements)} but the branch returned a plain "
+            f"torch.Tensor of shape {tuple(f.shape)}; return a DTensor, e.g. end the branch with "
+            "RowwiseParallel(output_layouts=Shard(1), use_local_output=False) or DTensor.from_local(...)"
+        )
+    return f.to(x.dtype)
 
 
 def expand_streams(x: Tensor, num_streams: int) -> Tensor:
@@ -92,6 +137,42 @@ def reduce_streams(x: Tensor) -> Tensor:
     (RMSNorm/LayerNorm before the unembedding) removes that factor.
     """
     return x.sum(-2)
+
+
+COLLAPSES = ("pre", "shifted")
+
+
+def _shifted_state(state, where: str) -> Tuple[Tensor, Optional[Tensor]]:
+    """``streams`` or ``(streams, pre)`` -> (streams, pre or None)."""
+    if isinstance(state, Tensor):
+        return state, None
+    if isinstance(state, (tuple, list)) and len(state) == 2 and all(isinstance(t, Tensor) for t in state):
+        return state[0], state[1]
+    raise TypeError(f"{where}: expected streams [..., n, C] or a (streams, pre) tuple, got {type(state).__name__}")
+
+
+def _initial_pre_mix(x: Tensor) -> Tensor:
+    """DeepSeek-V4.1's ``π_0 = e_0`` for streams x: ``[n]`` (shared by every token), one-hot on
+    stream 0, in x's compute dtype (``hcext.reference.shifted_initial_pre_mix``)."""
+    e0 = (torch.arange(x.shape[-2], device=x.device) == 0).to(ops.compute_dtype(x.dtype))
+    return _like_streams(e0, x)
+
+
+def shifted_collapse(streams, pre: Optional[Tensor] = None) -> Tensor:
+    """The network output of a shifted-collapse (DeepSeek-V4.1) mHC network: the last streams
+    collapsed with the last sub-layer's pre, ``Σ_i pre[i] x_i`` ``[..., n, C] -> [..., C]``
+    (no learned head; apply the final norm after it).
+
+    Takes what the last ``HyperConnection(..., collapse="shifted")`` or a shifted
+    :class:`HyperConnectionStack` returns: ``shifted_collapse((streams, pre))`` or
+    ``shifted_collapse(streams, pre)``. ``pre`` is per token ``[..., n]`` or shared ``[n]``.
+    At initialisation (``h_pre = 1/n``, equal streams) this is the Pre-Norm hidden state.
+    """
+    if pre is None:
+        if isinstance(streams, Tensor):
+            raise TypeError("shifted_collapse: expected (streams, pre) or streams and pre, got streams without pre")
+        streams, pre = _shifted_state(streams, "shifted_collapse")
+    return ops.stream_aggregate(streams, pre)
 
 
 def mhc_bias_init(num_streams: int, pre_eps: float = 1e-6) -> Tensor:
@@ -127,6 +208,14 @@ class HyperConnection(nn.Module):
             :func:`hcext.ops.mhc_coeffs` (paper defaults: 20 iterations, 2σ).
         norm, use_tanh, norm_eps: HC, see :func:`hcext.ops.hc_coeffs` (paper default: tanh;
             ``use_tanh=False`` is the paper's best-scoring "w/o tanh" ablation).
+        collapse: ``"pre"`` (default, the mHC paper): the layer input is the streams
+            collapsed with this sub-layer's own ``h_pre``. ``"shifted"`` (DeepSeek-V4.1, mHC
+            only): collapsed with the *previous* sub-layer's ``h_pre`` (``π_0 = e_0`` for
+            the first), while ``h_post``, ``H_res`` and this sub-layer's ``h_pre`` still come
+            from its own streams (:func:`hcext.ops.mhc_pre_shifted`). The module then takes
+            streams (first sub-layer) or ``(streams, pre)`` and returns ``(streams, pre)``:
+            ``pre`` is its ``h_pre`` for the next sub-layer's collapse; end the network with
+            :func:`shifted_collapse`.
 
     Initialisation: at init the network equals a Pre-Norm network (up to the 1e-6
     epsilons). mHC: ``phi = 0``, ``alpha = 0.01`` (the paper's), bias from
@@ -153,8 +242,14 @@ class HyperConnection(nn.Module):
         alpha_init: float = 0.01,
         norm: str = "rms",
         use_tanh: bool = True,
+        collapse: str = "pre",
     ):
         super().__init__()
+        if collapse not in COLLAPSES:
+            raise ValueError(f"HyperConnection: collapse must be 'pre' or 'shifted', got {collapse!r}")
+        if collapse == "shifted" and kind != "mhc":
+            raise ValueError(f"HyperConnection: collapse='shifted' (DeepSeek-V4.1) needs kind='mhc', got {kind!r}")
+        self.collapse = collapse
         if kind not in ("mhc", "hc", "hc_static"):
             raise ValueError(f"HyperConnection: kind must be 'mhc', 'hc' or 'hc_static', got {kind!r}")
         if norm not in ("rms", "layer"):
@@ -177,14 +272,23 @@ class HyperConnection(nn.Module):
                 setattr(self, name, nn.Parameter(value))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_streams={self.num_streams}, kind={self.kind!r}, sinkhorn_iters={self.sinkhorn_iters}"
+        shifted = ", collapse='shifted'" if self.collapse == "shifted" else ""
+        return (f"dim={self.dim}, num_streams={self.num_streams}, kind={self.kind!r}, "
+                f"sinkhorn_iters={self.sinkhorn_iters}{shifted}")
 
     def prepare(self, x: Tensor) -> Tuple[Tensor, Callable[[Tensor], Tensor]]:
-        """``x [..., n, C] -> (branch_input [..., C], add_branch_output)``."""
-        if x.dim() < 2 or x.shape[-2] != self.num_streams or x.shape[-1] != self.dim:
-            raise ValueError(
-                f"HyperConnection: expected streams of shape [..., {self.num_streams}, {self.dim}], got {tuple(x.shape)}"
+        """``x [..., n, C] -> (branch_input [..., C], add_branch_output)``.
+
+        ``collapse="shifted"``: x is the streams (the first sub-layer: ``π_0 = e_0``) or a
+        ``(streams, pre)`` state, and ``add_branch_output(f)`` returns ``(streams, pre)``."""
+        if self.collapse == "shifted":
+            return self._prepare_shifted(x)
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"HyperConnection: expected streams [..., n, C], got {type(x).__name__} (a (streams, pre) state is "
+                "for collapse='shifted')"
             )
+        self._check_streams_shape(x)
         if self.kind == "mhc":
             branch_input, h_post, h_res = ops.mhc_pre(x, *self.mhc_args(x))
         else:
@@ -192,7 +296,27 @@ class HyperConnection(nn.Module):
             branch_input = ops.stream_aggregate(x, h_pre)
 
         def add_branch_output(f: Tensor) -> Tensor:
-            return ops.stream_mix_expand(f.to(x.dtype), x, h_post, h_res)
+            return ops.stream_mix_expand(_branch_output_like_streams(f, x, "HyperConnection"), x, h_post, h_res)
+
+        return branch_input, add_branch_output
+
+    def _check_streams_shape(self, x: Tensor) -> None:
+        if x.dim() < 2 or x.shape[-2] != self.num_streams or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"HyperConnection: expected streams of shape [..., {self.num_streams}, {self.dim}], got {tuple(x.shape)}"
+            )
+
+    def _prepare_shifted(self, state) -> Tuple[Tensor, Callable[[Tensor], Tuple[Tensor, Tensor]]]:
+        # DeepSeek-V4.1: collapse with the previous sub-layer's pre (π_0 = e_0), pass ours on.
+        x, pre_mix = _shifted_state(state, "HyperConnection")
+        self._check_streams_shape(x)
+        if pre_mix is None:
+            pre_mix = _initial_pre_mix(x)
+        branch_input, h_post, h_res, next_pre = ops.mhc_pre_shifted(x, pre_mix, *self.mhc_args(x))
+
+        def add_branch_output(f: Tensor) -> Tuple[Tensor, Tensor]:
+            f = _branch_output_like_streams(f, x, "HyperConnection")
+            return ops.stream_mix_expand(f, x, h_post, h_res), next_pre
 
         return branch_input, add_branch_output
 
@@ -208,7 +332,7 @@ class HyperConnection(nn.Module):
         """The coefficient parameters in the ops' compute dtype: fp32, or fp64 for fp64
         streams (whatever dtype the module was cast to; the cast is differentiable)."""
         dtype = ops.compute_dtype(x.dtype)
-        return {name: p.to(dtype) for name, p in self.named_parameters(recurse=False)}
+        return {name: _like_streams(p.to(dtype), x) for name, p in self.named_parameters(recurse=False)}
 
     def coefficients(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """``(h_pre, h_post, h_res)`` for streams x (fp32), e.g. to inspect the mixing matrices."""
@@ -256,7 +380,8 @@ class StreamHead(nn.Module):
         dtype = ops.compute_dtype(x.dtype)
         xf = x.to(dtype).flatten(-2)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        w = torch.sigmoid(self.scale.to(dtype) * (xf @ self.fn.to(dtype)) * rstd + self.base.to(dtype)) + self.eps
+        fn, scale, base = (_like_streams(p.to(dtype), x) for p in (self.fn, self.scale, self.base))
+        w = torch.sigmoid(scale * (xf @ fn) * rstd + base) + self.eps
         return ops.stream_aggregate(x, w)
 
 
@@ -349,6 +474,18 @@ class HyperConnectionStack(nn.Module):
             layer input in one op, :func:`hcext.ops.mhc_post_pre` (default True). Its
             results equal the unfused ``stream_mix_expand`` + ``mhc_pre`` up to fp32
             rounding (the next layer's RMS statistic is summed in another order).
+        collapse: ``"pre"`` or ``"shifted"``, the layers' ``collapse`` (default None: taken
+            from the layers, which must agree). ``"shifted"`` is DeepSeek-V4.1's shifted
+            collapse (every layer ``kind="mhc"``, ``collapse="shifted"``): the first sub-layer
+            collapses its streams with ``π_0 = e_0``, every later one with the previous
+            sub-layer's ``h_pre``; fused boundaries use :func:`hcext.ops.mhc_post_pre_shifted`.
+            The stack then takes streams or a ``(streams, pre)`` state (to continue a chain,
+            e.g. a second stack) and returns ``(streams, pre)``, ``pre`` being the last
+            sub-layer's ``h_pre``: finish with :func:`shifted_collapse` (``Σ_i pre[i] x_i``,
+            no learned head) and the final norm::
+
+                stack = HyperConnectionStack.from_branches(branches, C, n, collapse="shifted")
+                hidden = shifted_collapse(stack(expand_streams(embeddings, n)))
 
     With recompute (only in training mode with grad enabled), each block runs under
     non-reentrant ``torch.utils.checkpoint`` with the policy. What stays in memory after
@@ -374,6 +511,7 @@ class HyperConnectionStack(nn.Module):
         save_ops: Optional[Iterable] = None,
         policy: Optional[Callable] = None,
         fuse_boundaries: bool = True,
+        collapse: Optional[str] = None,
     ):
         super().__init__()
         self.fuse_boundaries = fuse_boundaries
@@ -386,6 +524,7 @@ class HyperConnectionStack(nn.Module):
         shapes = {(layer.num_streams, layer.dim) for layer in self.layers}
         if len(shapes) > 1:
             raise ValueError(f"HyperConnectionStack: layers of different (num_streams, dim): {sorted(shapes)}")
+        self.collapse = self._stack_collapse(collapse)
         is_int = isinstance(recompute_block, int) and not isinstance(recompute_block, bool)
         if not (recompute_block is None or recompute_block == "auto" or (is_int and recompute_block >= 0)):
             raise ValueError(
@@ -408,13 +547,29 @@ class HyperConnectionStack(nn.Module):
         save_ops: Optional[Iterable] = None,
         policy: Optional[Callable] = None,
         fuse_boundaries: bool = True,
+        collapse: str = "pre",
         **hc_kwargs,
     ) -> "HyperConnectionStack":
-        """One ``HyperConnection(dim, num_streams, kind=kind, branch=b, layer_index=i, **hc_kwargs)``
-        per branch (attention, MLP, attention, ...), with block recompute (default ``"auto"``)."""
-        layers = [HyperConnection(dim, num_streams, kind=kind, branch=b, layer_index=i, **hc_kwargs)
+        """One ``HyperConnection(dim, num_streams, kind=kind, branch=b, layer_index=i, collapse=collapse,
+        **hc_kwargs)`` per branch (attention, MLP, attention, ...), with block recompute (default
+        ``"auto"``). ``collapse="shifted"``: DeepSeek-V4.1's shifted collapse (see the class)."""
+        layers = [HyperConnection(dim, num_streams, kind=kind, branch=b, layer_index=i, collapse=collapse,
+                                  **hc_kwargs)
                   for i, b in enumerate(branches)]
-        return cls(layers, recompute_block, save_ops=save_ops, policy=policy, fuse_boundaries=fuse_boundaries)
+        return cls(layers, recompute_block, save_ops=save_ops, policy=policy, fuse_boundaries=fuse_boundaries,
+                   collapse=collapse)
+
+    def _stack_collapse(self, collapse: Optional[str]) -> str:
+        """The stack's collapse: the layers' (they must agree), checked against ``collapse``."""
+        if collapse is not None and collapse not in COLLAPSES:
+            raise ValueError(f"HyperConnectionStack: collapse must be None, 'pre' or 'shifted', got {collapse!r}")
+        found = sorted({layer.collapse for layer in self.layers})
+        if len(found) > 1 or (collapse is not None and found and found != [collapse]):
+            raise ValueError(
+                f"HyperConnectionStack: collapse={collapse!r} but the layers have collapse {found}; "
+                "give every layer the same collapse (HyperConnection(..., collapse=...))"
+            )
+        return collapse if collapse is not None else (found[0] if found else "pre")
 
     @property
     def num_streams(self) -> int:
@@ -437,8 +592,9 @@ class HyperConnectionStack(nn.Module):
         return [(i, min(i + L_r, L)) for i in range(0, L, L_r)] if L else []
 
     def extra_repr(self) -> str:
+        shifted = ", collapse='shifted'" if self.collapse == "shifted" else ""
         return (f"recompute_block={self.recompute_block!r}, block_size={self.block_size}, "
-                f"fuse_boundaries={self.fuse_boundaries}")
+                f"fuse_boundaries={self.fuse_boundaries}{shifted}")
 
     def recomputing(self) -> bool:
         """Whether ``forward`` recomputes now: a block size, training mode and grad enabled."""
@@ -457,7 +613,8 @@ class HyperConnectionStack(nn.Module):
                 x = self._check_streams(i, layer(x, *args, **kwargs))
                 continue
             y, h_post, h_res = pending if pending is not None else ops.mhc_pre(x, *layer.mhc_args(x))
-            f = self._check_streams(i, layer.branch(y, *args, **kwargs)).to(x.dtype)
+            f = _branch_output_like_streams(self._check_streams(i, layer.branch(y, *args, **kwargs)), x,
+                                            "HyperConnectionStack")
             following = self.layers[i + 1] if i + 1 < len(self.layers) else None
             if following is not None and following.kind == "mhc":
                 x, *next_state = ops.mhc_post_pre(f, x, h_post, h_res, *following.mhc_args(x))
@@ -475,7 +632,59 @@ class HyperConnectionStack(nn.Module):
             )
         return out
 
+    def _run_shifted(self, start: int, stop: int, x: Tensor, pre: Tensor, y, h_post, h_res, *args, **kwargs):
+        """:meth:`_run` for collapse="shifted" (DeepSeek-V4.1). ``pre``: the previous sub-layer's
+        h_pre (π_start), or, when (y, h_post, h_res) are given (a fused boundary computed layer
+        start's input and coefficients), layer start's own h_pre. Returns (streams, pre, and
+        the same triple for layer stop)."""
+        pending = (y, h_post, h_res) if y is not None else None
+        for i in range(start, stop):
+            layer = self.layers[i]
+            if not self.fuse_boundaries:
+                x, pre = self._check_shifted_state(i, layer((x, pre), *args, **kwargs))
+                continue
+            if pending is None:  # collapse with π_i = pre_{i-1}; pre becomes pre_i
+                y, h_post, h_res, pre = ops.mhc_pre_shifted(x, pre, *layer.mhc_args(x))
+            else:
+                y, h_post, h_res = pending
+            f = _branch_output_like_streams(self._check_streams(i, layer.branch(y, *args, **kwargs)), x,
+                                            "HyperConnectionStack")
+            if i + 1 < len(self.layers):  # layer i's merge, then layer i+1 collapsed with pre_i
+                x, y, h_post, h_res, pre = ops.mhc_post_pre_shifted(
+                    f, x, h_post, h_res, pre, *self.layers[i + 1].mhc_args(x)
+                )
+                pending = (y, h_post, h_res)
+            else:
+                x, pending = ops.stream_mix_expand(f, x, h_post, h_res), None
+        return (x, pre, *(pending if pending is not None else (None, None, None)))
+
+    @staticmethod
+    def _check_shifted_state(i: int, out) -> Tuple[Tensor, Tensor]:
+        if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)):
+            raise TypeError(
+                f"HyperConnectionStack: layer {i} returned {type(out).__name__}, not a (streams, pre) state; wrap "
+                "branches with extra outputs yourself, with hcext.nn.recompute_policy in your checkpoint"
+            )
+        return out
+
+    def _forward_shifted(self, state, *args, **kwargs) -> Tuple[Tensor, Tensor]:
+        x, pre = _shifted_state(state, "HyperConnectionStack")
+        if pre is None:
+            pre = _initial_pre_mix(x)  # π_0 = e_0
+        if not self.recomputing():
+            return tuple(self._run_shifted(0, len(self.layers), x, pre, None, None, None, *args, **kwargs)[:2])
+        context_fn = functools.partial(create_selective_checkpoint_contexts, self.policy)
+        pending = (None, None, None)  # a fused boundary's (layer input, h_post, h_res) for the next block
+        for start, stop in self.blocks():
+            x, pre, *pending = torch.utils.checkpoint.checkpoint(
+                functools.partial(self._run_shifted, start, stop), x, pre, *pending, *args,
+                use_reentrant=False, context_fn=context_fn, **kwargs,
+            )
+        return x, pre
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.collapse == "shifted":  # (streams, pre) in and out
+            return self._forward_shifted(x, *args, **kwargs)
         if not self.recomputing():
             return self._run(0, len(self.layers), x, None, None, None, *args, **kwargs)[0]
         context_fn = functools.partial(create_selective_checkpoint_contexts, self.policy)

@@ -28,6 +28,10 @@ __all__ = [
     "mhc_coeffs",
     "stream_aggregate",
     "mhc_pre",
+    "mhc_post_pre",
+    "mhc_pre_shifted",
+    "mhc_post_pre_shifted",
+    "shifted_initial_pre_mix",
     "stream_mix_expand",
     "hc_coeffs",
     "expand_streams",
@@ -158,6 +162,82 @@ def mhc_post_pre(
     """
     x_next = stream_mix_expand(f, x, h_post, h_res)
     return (x_next, *mhc_pre(x_next, phi, alpha, bias, sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps, post_mult))
+
+
+def shifted_initial_pre_mix(num_streams: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """DeepSeek-V4.1's ``π_0 = e_0``: the first sub-layer's collapse weights, one-hot on
+    stream 0, shared by every token (``[n]``): the first layer input is stream 0 (with
+    copied-in streams, the embedding itself)."""
+    e0 = torch.zeros(num_streams, dtype=dtype, device=device)
+    e0[0] = 1
+    return e0
+
+
+def mhc_pre_shifted(
+    x: Tensor,
+    pre_mix: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    sinkhorn_iters: int = 20,
+    norm_eps: float = 1e-6,
+    sinkhorn_eps: float = 1e-6,
+    pre_eps: float = 1e-6,
+    post_mult: float = 2.0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """DeepSeek-V4.1's shifted collapse: what an mHC sub-layer k needs before its branch,
+    ``-> (layer_input [..., C] in x's dtype, h_post [..., n], h_res [..., n, n], next_pre_mix [..., n])``.
+
+    The coefficients come from the sub-layer's own streams ``x = X_k`` as in :func:`mhc_pre`,
+    but the layer input is collapsed with the *previous* sub-layer's pre::
+
+        h_pre, h_post, h_res = mhc_coeffs(x, phi, alpha, bias, ...)
+        layer_input  = Σ_i pre_mix[i] · x_i            (stream_aggregate(x, pre_mix), π_k = pre_{k-1})
+        next_pre_mix = h_pre                            (π_{k+1}, the next collapse's weights)
+
+    ``pre_mix`` is per token ``[..., n]`` or shared ``[n]``, fp32 (fp64 for fp64 x), the rules
+    of :func:`stream_aggregate`'s ``h_pre``; the first sub-layer takes ``π_0 = e_0``
+    (:func:`shifted_initial_pre_mix`). The sub-layer ends with
+    ``stream_mix_expand(F(layer_input), x, h_post, h_res)`` as before; the network's output is
+    the last streams collapsed with the last ``next_pre_mix`` (no learned head).
+
+    Gradients: ``∂x_i`` gets ``pre_mix[i] · g`` from the collapse (plus the coefficients'
+    path), ``∂pre_mix[i] = Σ_c g[c] · x[i, c]`` (flowing to the previous sub-layer's pre), and
+    ``h_pre`` gets its gradient only through ``next_pre_mix``, i.e. from the next collapse.
+    """
+    h_pre, h_post, h_res = mhc_coeffs(x, phi, alpha, bias, sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps, post_mult)
+    return stream_aggregate(x, pre_mix), h_post, h_res, h_pre
+
+
+def mhc_post_pre_shifted(
+    f: Tensor,
+    x: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    pre_mix: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    sinkhorn_iters: int = 20,
+    norm_eps: float = 1e-6,
+    sinkhorn_eps: float = 1e-6,
+    pre_eps: float = 1e-6,
+    post_mult: float = 2.0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The boundary between two V4.1 (shifted-collapse) mHC sub-layers: layer k's residual
+    merge, then layer k+1's :func:`mhc_pre_shifted` on the new streams, collapsed with
+    ``pre_mix`` (layer k's ``next_pre_mix``, i.e. ``pre_k``)::
+
+        x_next = stream_mix_expand(f, x, h_post, h_res)
+        (layer_input, h_post_next, h_res_next, next_pre_mix) = mhc_pre_shifted(x_next, pre_mix, phi, alpha, bias, ...)
+
+    ``-> (x_next, layer_input, h_post_next, h_res_next, next_pre_mix)``.
+    """
+    x_next = stream_mix_expand(f, x, h_post, h_res)
+    return (
+        x_next,
+        *mhc_pre_shifted(x_next, pre_mix, phi, alpha, bias, sinkhorn_iters, norm_eps, sinkhorn_eps, pre_eps, post_mult),
+    )
 
 
 def _stream_norm(

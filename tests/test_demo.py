@@ -128,3 +128,22 @@ def test_bad_arguments():
         demo.parse_args(["--variants", "residual,bogus"])
     with pytest.raises(SystemExit):
         demo.parse_args(["--dim", "30", "--heads", "4"])
+
+
+def test_mhc_shifted_variant(tmp_path):
+    # DeepSeek-V4.1's shifted collapse, selectable with --variants (not in the default run).
+    assert "mhc_shifted" not in demo.parse_args([]).variants and "mhc_shifted" in demo.ALL_VARIANTS
+    metrics = demo.main([*TINY, "--variants", "residual,mhc_shifted", "--out", str(tmp_path)])
+    r, base = metrics["variants"]["mhc_shifted"], metrics["variants"]["residual"]
+    assert r["connection"] == "hcext.nn.HyperConnection(kind='mhc', collapse='shifted')"
+    assert r["steps"] == list(range(1, STEPS + 1)) and r["params"] == metrics["variants"]["residual"]["params"] + (
+        2 * LAYERS * (4 * 32 * 24 + 3 + 24))  # per sub-layer: phi [n*C, n*n+2n], alpha, bias
+    losses = r["train_loss"] + r["val_loss"]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(r["train_loss"][-5:]) / 5 < sum(r["train_loss"][:3]) / 3 - 0.5
+    assert r["val_loss"][-1] < r["val_loss"][0] - 0.5
+    # Initialised to equal the Pre-Norm network (e_0 picks the copied-in embedding, h_pre = 1/n).
+    assert r["val_loss"][0] == pytest.approx(base["val_loss"][0], abs=1e-4)
+    gains = r["amax_gain"]
+    assert len(gains["forward"]) == 2 * LAYERS
+    assert gains["forward"] == pytest.approx([1.0] * 2 * LAYERS, abs=1e-3)  # Sinkhorn-projected H_res

@@ -35,7 +35,7 @@ import importlib.abc
 import sys
 import threading
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -92,6 +92,23 @@ RULES: Dict[str, Tuple[Dict[str, object], List[object], Optional[str]]] = {
         [("grad", "f"), ("grad", "x"), ("grad", "h_post"), ("grad", "h_res"), ("grad", "phi"), ("grad", "alpha"),
          ("grad", "bias")],
         "output_mask"),
+    # DeepSeek-V4.1's shifted collapse: pre_mix is per token [..., n] or shared [n] (e_0).
+    "mhc_pre_shifted": ({"x": _T2, "pre_mix": _C1, **_MHC_PARAMS}, [_T1, _T1, _T2, _T1], None),
+    "mhc_pre_shifted_fwd": ({"x": _T2, "pre_mix": _C1, **_MHC_PARAMS}, [_T1, _T1, _T2, _T1, _T1, _T0], None),
+    "mhc_shifted_backward": (
+        {"x": _T2, "pre_mix": _C1, **_MHC_PARAMS, "proj": _T1, "rstd": _T0, "grad_layer_input": _T1,
+         "grad_next_pre_mix": _T1, "grad_h_post": _T1, "grad_h_res": _T2},
+        [("grad", "x"), ("grad", "pre_mix"), ("grad", "phi"), ("grad", "alpha"), ("grad", "bias")], None),
+    "mhc_post_pre_shifted": ({**_MIX_ARGS, "pre_mix": _C1, **_MHC_PARAMS}, [_T2, _T1, _T1, _T2, _T1], None),
+    "mhc_post_pre_shifted_fwd": ({**_MIX_ARGS, "pre_mix": _C1, **_MHC_PARAMS}, [_T2, _T1, _T1, _T2, _T1, _T1, _T0],
+                                 None),
+    "mhc_post_pre_shifted_backward": (
+        {"grad_x_next": _T2, "grad_layer_input": _T1, "grad_h_post_next": _T1, "grad_h_res_next": _T2,
+         "grad_next_pre_mix": _T1, **_MIX_ARGS, "pre_mix": _C1, "x_next": _T2, **_MHC_PARAMS, "proj": _T1,
+         "rstd": _T0},
+        [("grad", "f"), ("grad", "x"), ("grad", "h_post"), ("grad", "h_res"), ("grad", "pre_mix"), ("grad", "phi"),
+         ("grad", "alpha"), ("grad", "bias")],
+        "output_mask"),
     "hc_coeffs": ({"x": _T2, **_HC_PARAMS}, [("hc", 1), ("hc", 1), ("hc", 2)], None),
     "hc_coeffs_fwd": ({"x": _T2, **_HC_PARAMS}, [("hc", 1), ("hc", 1), ("hc", 2), ("hc", 2), ("hc", 2)], None),
     "hc_coeffs_backward": (
@@ -106,6 +123,8 @@ def rules_table() -> List[Tuple[str, str, str]]:
     """``(op, token-sharded arguments, Partial results)`` per op, for documentation."""
     rows = []
     for op, (args, results, _) in RULES.items():
+        if not hasattr(torch.ops.hcext, op):
+            continue
         schema = getattr(torch.ops.hcext, op).default._schema
         names = [r.name for r in schema.returns]
         tok = [a for a, role in args.items() if role != _P]
@@ -269,6 +288,8 @@ def register_sharding_rules() -> bool:
 
         propagator = DTensor._op_dispatcher.sharding_propagator
         for name in RULES:
+            if not hasattr(torch.ops.hcext, name):  # a rule for an op this build lacks
+                continue
             op = getattr(torch.ops.hcext, name).default
             propagator.register_op_strategy(op, partial(_strategy, name), _schema_info(op))
         _registered = True

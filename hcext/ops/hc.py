@@ -170,6 +170,9 @@ def _hc_coeffs_setup_context(ctx, inputs, output):
     ctx.args = (norm, use_tanh)
     ctx.present = [t is not None for t in optional]
     ctx.mark_non_differentiable(output[3], output[4])
+    # An unused output's gradient stays None (the backward ops take None as zero) instead of
+    # materialised zeros, which would be plain tensors next to DTensor inputs.
+    ctx.set_materialize_grads(False)
     if ctx.static:
         return  # the gradient is the incoming one, rearranged: nothing to save
     # Saved: the inputs (alive anyway), proj (n*K per token) and stats (2n per token).
