@@ -84,6 +84,8 @@ def main() -> int:
                 outcome = run_tests(m.tests, a.timeout)
         finally:
             path.write_text(original)
+            if native and not build():  # the next mutant must not run against this one's binary
+                print("warning: the rebuild of the restored tree failed", flush=True)
         elapsed = time.time() - start
         if not outcome.startswith(("invalid", "no tests")):
             valid += 1
