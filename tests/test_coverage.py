@@ -110,3 +110,47 @@ def test_bitwise_equal_across_thread_counts(dtype):
                 assert torch.equal(a, b), f"result {i} differs between thread counts"
             else:
                 torch.testing.assert_close(a, b, **TOLERANCES[a.dtype])
+
+
+def _results_by_threads(run):
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            out.append(run())
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+def _outputs_and_grads(op, *inputs):
+    leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    outs = op(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = sum((o.float() * (i + 1)).sum() for i, o in enumerate(outs))
+    diff = [t for t in leaves if t.requires_grad]
+    return [o.detach() for o in outs] + list(torch.autograd.grad(loss, diff))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_gemm_families_bitwise_across_thread_counts(dtype):
+    # Sinkhorn, the stream ops (shared coefficients: fixed-order token sums) and dynamic HC
+    # (the Ĝ reduction in fixed token chunks) involve no BLAS call: bitwise equal.
+    g = torch.Generator().manual_seed(2)
+    n, C, T = 4, 40, 1000
+    x, f = torch.randn(T, n, C, generator=g).to(dtype), torch.randn(T, C, generator=g).to(dtype)
+    hp, hr = torch.rand(n, generator=g), torch.rand(n, n, generator=g)
+    hc_params = [torch.randn(n, n + 1, generator=g), torch.randn(n, generator=g),
+                 torch.randn(C, n + 1, generator=g) * 0.1, torch.randn(C, generator=g) * 0.1]
+    cases = [
+        (lambda t: hcext.ops.sinkhorn(t, 20, 1e-6), (torch.randn(T, n, n, generator=g),)),
+        (hcext.ops.stream_aggregate, (x, hp)),
+        (hcext.ops.stream_mix_expand, (f, x, hp, hr)),
+        (hcext.ops.hc_coeffs, (x, *hc_params)),
+    ]
+    for op, inputs in cases:
+        results = _results_by_threads(lambda: _outputs_and_grads(op, *inputs))
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
+                assert torch.equal(a, b)
