@@ -139,8 +139,10 @@ def cuda_usable() -> bool:
     return torch.cuda.is_available() and hcext.has_cuda()
 
 
-# For tests that need a GPU by construction (CUDA vs CPU comparisons).
-requires_cuda = pytest.mark.skipif(not cuda_usable(), reason="needs a CUDA device and hcext's CUDA kernels")
+# For tests that need a GPU by construction (CUDA vs CPU comparisons). Under
+# HCEXT_REQUIRE_CUDA=1 a skip with this reason is a failure (conftest.py).
+CUDA_SKIP_REASON = "needs a CUDA device and hcext's CUDA kernels"
+requires_cuda = pytest.mark.skipif(not cuda_usable(), reason=CUDA_SKIP_REASON)
 
 
 # ---------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import hcext
 from hcext import reference
 from hcext.nn import HyperConnection, HyperConnectionStack, expand_streams, shifted_collapse
 from helpers import (
-    BadCase, assert_rejects, assert_scaled_close, check_parity, layout, run_opcheck, sample,
+    BadCase, assert_rejects, assert_scaled_close, check_parity, layout, requires_cuda, run_opcheck, sample,
 )
 
 PRE_OUTPUTS = ("layer_input", "h_post", "h_res", "next_pre_mix")
@@ -474,7 +474,7 @@ def test_bad_pre_mix_raises_under_compile(fresh_dynamo, op, case):
     assert isinstance(info.value, RuntimeError), type(info.value)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not hcext.has_cuda(), reason="needs CUDA")
+@requires_cuda
 def test_pre_mix_on_another_device_raises():
     x, pre_mix, *params = [t.cuda() for t in _tensors(_pre_inputs((2,), 4, 8, "cpu"))]
     with pytest.raises(RuntimeError, match=r"pre_mix"):
