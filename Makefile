@@ -8,6 +8,9 @@
 #   make bench   set up, build, run every benchmark (python -m benchmarks: JSON in benchmarks/results/,
 #                then benchmarks/RESULTS.md and the README table regenerated)
 #   make cmake   the whole library through CMake as well (IDEs, sanitizers; not needed otherwise)
+#   make gpu-check  on a machine with a GPU: build for its arch with the machine's own python and torch,
+#                then benchmarks/gpu_check.py (CUDA tests with HCEXT_REQUIRE_CUDA=1, compute-sanitizer, limits,
+#                repeatability, CUDA graphs, GPU benchmarks) -> benchmarks/results/gpu-check-<device>.{json,md}
 #   make mutation-test  plant each bug of tests/mutation/mutants.py, rebuild (CPU kernels, ccache), run
 #                the tests that must catch it, write tests/mutation/results.md (tens of minutes; not in CI)
 #
@@ -20,7 +23,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 VENV_PY = "$$(bash .ci/venv.sh)/bin/python"
 
-.PHONY: setup build ctest cmake test demo bench mutation-test clean
+.PHONY: setup build ctest cmake test demo bench mutation-test gpu-check clean
 
 setup:
 	bash .ci/venv.sh
@@ -69,6 +72,17 @@ bench: build
 	py=$(VENV_PY)
 	"$$py" -m pip install -q -r requirements-demo.txt  # the report's charts
 	"$$py" -m benchmarks
+
+# GPU machines come with their own python and torch (a CUDA build): no venv, build in place
+# for the local arch.
+gpu-check:
+	source .ci/env.sh
+	py=$${PYTHON:-python3}
+	"$$py" -m pip install -q pybind11 ninja pytest numpy
+	arch=$$("$$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+	HCEXT_USE_CUDA=1 TORCH_CUDA_ARCH_LIST="$$arch" "$$py" setup.py build_ext --inplace > build-setup.log 2>&1 \
+	  || { tail -n 60 build-setup.log; exit 1; }
+	"$$py" -m benchmarks.gpu_check
 
 mutation-test: build
 	source .ci/env.sh
