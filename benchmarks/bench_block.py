@@ -9,7 +9,10 @@ on the same weights and input:
 
 The overhead of mHC is ``time(mhc) / time(residual) - 1`` (the mHC paper reports 6.7% at n=4
 on its GPU cluster, with its fused kernels and recompute). Parameters of the hcext and
-reference blocks are shared, so both compute the same numbers.
+reference blocks are shared, so both compute the same numbers: before timing, the hcext block's
+output and gradients (input and every parameter) are asserted to match the reference block run
+in float64, by the test suite's tolerance table (bench_mhc.check_against_reference; the JSON's
+``check`` records the largest error as a fraction of the allowed one).
 
     python -m benchmarks.bench_block [--device cuda] [--quick] [--threads N] [--repeats R]
 """
@@ -31,6 +34,7 @@ from hcext import reference as ref  # noqa: E402
 from hcext.nn import HyperConnection, expand_streams  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
+from benchmarks.bench_mhc import check_against_reference  # noqa: E402
 
 
 class Attention(nn.Module):
@@ -106,6 +110,7 @@ def run(device: str, dtype: torch.dtype, tokens: int, dim: int, heads: int, stre
         "ref_mhc": expand_streams(h, streams).requires_grad_(),
     }
     grads = {k: torch.randn_like(v) for k, v in inputs.items()}
+    check = check_block(blocks["hcext_mhc"], blocks["ref_mhc"], inputs["hcext_mhc"], grads["hcext_mhc"])
 
     def step(name):
         def fn():
@@ -116,7 +121,21 @@ def run(device: str, dtype: torch.dtype, tokens: int, dim: int, heads: int, stre
         return fn
 
     timings = harness.time_interleaved({k: step(k) for k in blocks}, device, repeats=repeats, warmup=2)
-    return batch * seq, timings
+    return batch * seq, timings, check
+
+
+def check_block(block: Block, ref_block: Block, x: torch.Tensor, grad: torch.Tensor) -> dict:
+    """Before timing: the hcext mHC block (output, and the gradients of its input and of every
+    parameter) against the same block on hcext.reference run in float64, by the test suite's
+    tolerance table (bench_mhc.check_against_reference)."""
+    names = [n for n, _ in block.named_parameters()]
+    assert names == [n for n, _ in ref_block.named_parameters()]
+
+    def as_fn(module):
+        return lambda h, *params: torch.func.functional_call(module, dict(zip(names, params)), (h,))
+
+    return check_against_reference(as_fn(block), as_fn(ref_block), [x, *block.parameters()], [grad],
+                                   f"block {tuple(x.shape)} {x.dtype}")
 
 
 def main(argv=None):
@@ -139,7 +158,7 @@ def main(argv=None):
         repeats = a.repeats
     rows, results = [], []
     for dtype, tokens, dim, heads, streams, seq in configs:
-        T, t = run(a.device, dtype, tokens, dim, heads, streams, repeats, seq)
+        T, t, check = run(a.device, dtype, tokens, dim, heads, streams, repeats, seq)
         dt = str(dtype).replace("torch.", "")
         key = (str(T), str(dim), str(streams), dt)
         rows.append((key, t))
@@ -152,6 +171,7 @@ def main(argv=None):
                 min_ms={k: v.min for k, v in t.items()},
                 overhead_vs_residual=overhead,
                 speedup_hcext_vs_ref=harness.speedup(t["ref_mhc"], t["hcext_mhc"]),
+                check=check,
             )
         )
         print(f"tokens={T} dim={dim} n={streams} {dt}: mHC overhead vs residual: hcext {overhead['hcext_mhc']:+.1%}, "

@@ -12,7 +12,10 @@ h_res [T, n, n], and layer l+1's parameters (phi, alpha, bias):
 
 all returning (x_next, layer_input, h_post_next, h_res_next); fwd+bwd takes the gradients of
 the four outputs (fixed, pre-allocated) with respect to every input (torch.autograd.grad).
-n = 4, 20 Sinkhorn iterations, post_mult 2. The fused op saves one read of x_next (the
+n = 4, 20 Sinkhorn iterations, post_mult 2. Before timing, fused and unfused are asserted to
+match the reference run in float64 (outputs and, in fwd+bwd, every gradient), by the test
+suite's tolerance table (benchmarks/bench_mhc.py: check_against_reference; each row's
+``check`` records the largest error as a fraction of the allowed one). The fused op saves one read of x_next (the
 statistics of the next layer's RMS norm come out of the pass that writes it) and, in
 backward, sums x_next's two gradients in fp32 inside the coefficient backward instead of an
 extra elementwise add.
@@ -38,6 +41,7 @@ import torch  # noqa: E402
 
 import hcext  # noqa: E402,F401  (loads the native library: torch.ops.hcext.*)
 from benchmarks import harness  # noqa: E402
+from benchmarks.bench_mhc import check_against_reference  # noqa: E402
 from hcext import ops, reference  # noqa: E402
 from hcext.nn import mhc_bias_init  # noqa: E402
 
@@ -93,6 +97,10 @@ def run_config(T, C, dtype, device, repeats, warmup, with_compile, log=print) ->
     key = {"tokens": T, "n": N, "C": C, "dtype": str(dtype).replace("torch.", "")}
     rows = []
     for mode in MODES:
+        # Before timing: both hcext variants against the reference (outputs and, in fwd+bwd, every gradient).
+        g = None if mode == "fwd" else grads
+        check = {name: check_against_reference(fn, eager, inputs, g, f"boundary {name} T={T} C={C} {dtype} {mode}")
+                 for name, fn in (("fused", fused), ("unfused", unfused))}
         fns = {"fused": fused, "unfused": unfused, "eager": eager}
         if with_compile:
             torch._dynamo.reset()
@@ -110,7 +118,7 @@ def run_config(T, C, dtype, device, repeats, warmup, with_compile, log=print) ->
                     return torch.autograd.grad(fn(*leaves), leaves, grads)
             calls[name] = call
         timings = harness.time_interleaved(calls, device, **sync_kw)
-        row = {**key, "mode": mode, "sinkhorn_iters": ITERS, "post_mult": POST_MULT,
+        row = {**key, "mode": mode, "sinkhorn_iters": ITERS, "post_mult": POST_MULT, "check": check,
                "timings": {name: t.summary() for name, t in timings.items()}}
         for base in ("unfused", "eager", "compiled"):
             if base in timings:

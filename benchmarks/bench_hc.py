@@ -35,6 +35,10 @@ Variants (the same pre-allocated inputs):
 Modes: fwd (torch.no_grad) and fwd+bwd (torch.autograd.grad of (layer_input, out) with
 pre-allocated incoming gradients, with respect to x, f and every parameter; nothing is
 accumulated into .grad).
+Correctness (asserted before timing): hcext's sub-layer (outputs and, in fwd+bwd, the gradients of
+x, f and every parameter) against the eager reference run in float64, by the test suite's
+tolerance table (benchmarks/bench_mhc.py: check_against_reference); each row's ``check``
+records the largest error as a fraction of the allowed one.
 Bytes the sub-layer must move: as for the mHC sub-layer (see benchmarks/bench_mhc.py): fwd
 (2n + 2) * C * s per token, fwd+bwd (5n + 5) * C * s, s = bytes per element of x's dtype.
 
@@ -64,6 +68,7 @@ from benchmarks import harness  # noqa: E402
 from benchmarks.bench_mhc import (  # noqa: E402
     bandwidth_stats,
     bytes_must_move,
+    check_against_reference,
     compile_fresh,
     copy_callable,
     speedups,
@@ -174,6 +179,9 @@ def run_config(kind, T, C, dtype, device, modes, repeats, warmup, with_compile, 
         }
         if with_compile:
             fns["compiled"] = compile_fresh(fns["eager"])
+        # Before timing: hcext's sub-layer against the reference (outputs and, in fwd+bwd, every gradient).
+        check = check_against_reference(fns["hcext"], fns["eager"], [x, f, *params.values()],
+                                        (g_in, g_out) if grad else None, f"hc {kind} T={T} C={C} {dtype} {mode}")
         specs = {name: (fn, args, args) for name, fn in fns.items()}
         if use_package:
             specs["package"] = (make_package_layer(module, T, C), [xs, fs], [xs, fs, *module.parameters()])
@@ -182,7 +190,7 @@ def run_config(kind, T, C, dtype, device, modes, repeats, warmup, with_compile, 
         timings = harness.time_interleaved(
             calls, device, repeats=repeats, warmup=warmup, min_sample_ms=0.5 if device.type == "cuda" else 0.0
         )
-        row = {**key, "mode": mode, "norm": NORM, "use_tanh": USE_TANH}
+        row = {**key, "mode": mode, "norm": NORM, "use_tanh": USE_TANH, "check": check}
         row["timings"] = {name: t.summary() for name, t in timings.items()}
         speedups(row, timings, baselines=("eager", "compiled", "package"))
         row["bytes_must_move"] = bytes_must_move(T, N, C, x.element_size(), mode)

@@ -32,6 +32,11 @@ forward (what is kept for backward, the output included).
 
     python -m benchmarks.bench_memory [--device cpu|cuda] [--quick] [--threads N] [--out PATH]
 
+Before measuring, the two mHC models (without and with recompute, training mode, the measured
+dtype) are asserted to compute the reference's numbers on a short sequence: output and every
+gradient against the same model on hcext.reference in float64, by the test suite's tolerance
+table (``check_models``; the JSON summary's ``check``).
+
 The issue's goal: mHC with recompute at most 1.10x the residual model's activation memory
 (the HC paper reports +26% at n = 4 without recompute).
 """
@@ -63,6 +68,8 @@ from hcext.nn import (  # noqa: E402
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts  # noqa: E402
 
 from benchmarks import bench_block, harness  # noqa: E402
+from benchmarks.bench_mhc import check_against_reference  # noqa: E402
+from hcext import reference as ref  # noqa: E402
 
 VARIANTS = {
     "residual": "residual x + F(x)",
@@ -145,6 +152,48 @@ def build(variant: str, cfg: dict, device, dtype) -> nn.Module:
     for b in branches:
         b.to(device=device, dtype=dtype)  # the coefficient parameters stay fp32
     return MHC(stack).to(device=device)
+
+
+class ReferenceMHC(nn.Module):
+    """MHC's model on hcext.reference (the same parameters, names included): per sub-layer
+    ``y, h_post, h_res = mhc_pre(x, ...)``, ``x = stream_mix_expand(branch(y), x, h_post, h_res)``."""
+
+    def __init__(self, stack: HyperConnectionStack):
+        super().__init__()
+        self.stack, self.n = stack, stack.num_streams
+
+    def forward(self, h):
+        x = expand_streams(h, self.n)
+        for hc in self.stack.layers:
+            y, h_post, h_res = ref.mhc_pre(x, hc.phi, hc.alpha, hc.bias, hc.sinkhorn_iters, hc.norm_eps,
+                                           hc.sinkhorn_eps, hc.pre_eps, hc.post_mult)
+            x = ref.stream_mix_expand(hc.branch(y).to(x.dtype), x, h_post, h_res)
+        return reduce_streams(x)
+
+
+def check_models(cfg: dict, device) -> Dict[str, dict]:
+    """Before measuring: the mHC models that are measured (without and with recompute, in training
+    mode, the measured dtype) on a short sequence: output and the gradients of the input and of
+    every parameter against ReferenceMHC run in float64, by the test suite's tolerance table
+    (bench_mhc.check_against_reference)."""
+    dtype = getattr(torch, cfg["dtype"])
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(1, min(cfg["seq"], 16), cfg["dim"], generator=gen).to(device, dtype)
+    grad = torch.randn(h.shape, generator=gen).to(device, dtype)
+    checks = {}
+    for variant in ("mhc", "mhc_recompute"):
+        model = build(variant, cfg, device, dtype).train()
+        assert model.stack.recomputing() == (variant == "mhc_recompute")
+        names = [n for n, _ in model.named_parameters()]
+        reference = ReferenceMHC(model.stack)
+
+        def as_fn(module):
+            return lambda x, *params: torch.func.functional_call(module, dict(zip(names, params)), (x,))
+
+        checks[variant] = check_against_reference(as_fn(model), as_fn(reference), [h, *model.parameters()], [grad],
+                                                  f"memory {variant}")
+        del model, reference
+    return checks
 
 
 def config(quick: bool, device: str, args) -> dict:
@@ -427,6 +476,7 @@ def main(argv=None):
     print(f"memory: {cfg['sub_layers']} sub-layers (attention + MLP), C={cfg['dim']}, n={cfg['streams']}, "
           f"{cfg['tokens']} tokens ({cfg['batch']} x {cfg['seq']}), {cfg['dtype']}, L_r={cfg['block_size']}",
           flush=True)
+    checks = check_models(cfg, a.device)  # what is measured computes the right numbers
     measured = {}
     for v in VARIANTS:
         start = time.perf_counter()
@@ -443,6 +493,7 @@ def main(argv=None):
         mhc_recompute_vs_residual_sac=by["mhc_recompute"]["peak_vs_residual_sac"],
         mhc_vs_residual=by["mhc"]["peak_vs_residual"],
         goal_met=ratio <= GOAL,
+        check=checks,
     )
     if a.device == "cpu":
         summary["method_check"] = measured["residual"]["method_check"]

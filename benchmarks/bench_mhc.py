@@ -53,6 +53,11 @@ Stream ops alone (mode "ops", forward, no grad): hcext.ops.stream_aggregate (rea
 C per token) and hcext.ops.stream_mix_expand (reads n*C + C, writes n*C) with fixed
 coefficients, in GB/s and as a fraction of the copy's GB/s.
 
+Correctness (asserted before timing): hcext's sub-layer (outputs and, in fwd+bwd, the gradients
+of every input) and the two stream ops against hcext.reference run in float64, by the test
+suite's tolerance table (tests/helpers.py; check_against_reference); each row's ``check``
+records the largest error as a fraction of the allowed one.
+
 Targets (reported, not asserted): CPU fwd+bwd >= 10x eager and >= 3x compiled; bytes must-move /
 time within 3x of the copy (>= 1/3 of copy bandwidth); on GPU the stream ops >= 80% of copy.
 
@@ -176,6 +181,90 @@ def speedups(row: dict, timings: Mapping[str, harness.Timing], baselines=("eager
 
 
 # ---------------------------------------------------------------------------------------
+# Correctness before timing (shared by every bench_*.py): what is timed is checked against
+# hcext.reference with the test suite's one tolerance table (tests/helpers.py)
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _test_helpers():
+    """tests/helpers.py: TOLERANCES and the comparisons built on it (imported on first use;
+    needs pytest, which requirements-dev.txt installs)."""
+    tests_dir = os.path.join(harness.REPO_ROOT, "tests")
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    import helpers
+
+    return helpers
+
+
+def run_and_grad(fn: Callable, args: Sequence, grads: Sequence[torch.Tensor] = None):
+    """(outputs, gradients): fn(*args) on fresh leaves of its floating tensor arguments and, with
+    ``grads`` (the incoming gradients of the outputs, in order), the gradient of every floating
+    tensor argument (zeros where unused), all detached. Without grads: under no_grad, no gradients."""
+    if grads is None:
+        with torch.no_grad():
+            outs = fn(*args)
+        return [o.detach() for o in ((outs,) if isinstance(outs, torch.Tensor) else outs)], []
+    leaves = [a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+              for a in args]
+    outs = fn(*leaves)
+    outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+    wrt = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+    got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+    return [o.detach() for o in outs], [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(wrt, got)]
+
+
+def _as(values: Sequence, dtype: torch.dtype) -> list:
+    return [v.detach().to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in values]
+
+
+def check_against_reference(fn: Callable, reference: Callable, args: Sequence, grads: Sequence[torch.Tensor] = None,
+                            what: str = "") -> dict:
+    """Asserts, before timing, that hcext computes what the benchmark times: ``fn(*args)`` (and,
+    with ``grads``, the gradients of every floating argument for those incoming gradients)
+    against ``reference`` run in float64 on the same values, by the rule of the test suite's
+    tolerance table (tests/helpers.py, as check_parity applies it): float32 inputs within the
+    float32 row (atol scaled by max(1, max |reference|), assert_scaled_close); any bfloat16 /
+    float16 input: each result's error at most twice that of the reference run on the same
+    low-precision inputs, plus the float32 atol (assert_within_twice_reference_error).
+
+    Returns ``{"reference": "float64", "rule": ..., "worst": w}`` for the JSON: w is the largest
+    error as a fraction of the error allowed (<= 1, or this raised AssertionError)."""
+    h = _test_helpers()
+    got_outs, got_grads = run_and_grad(fn, args, grads)
+    grads64 = _as(grads, torch.float64) if grads else None
+    want_outs, want_grads = run_and_grad(reference, _as(args, torch.float64), grads64)
+    low = any(isinstance(a, torch.Tensor) and a.dtype in LOW_PRECISION for a in args)
+    lowp = run_and_grad(reference, args, grads) if low else None
+    items = [(f"output {k}", a, b, lowp[0][k] if low else None)
+             for k, (a, b) in enumerate(zip(got_outs, want_outs))]
+    items += [(f"gradient {k}", a, b, lowp[1][k] if low else None)
+              for k, (a, b) in enumerate(zip(got_grads, want_grads))]
+    assert len(got_outs) == len(want_outs) and len(got_grads) == len(want_grads), what
+    atol32, rtol32 = h.TOLERANCES[torch.float32]["atol"], h.TOLERANCES[torch.float32]["rtol"]
+    worst = 0.0
+    for name, a, e, e_low in items:
+        label = f"{what}: {name} against hcext.reference (float64)"
+        e = e.to(a.device)
+        if a.numel() == 0:
+            continue
+        scale = max(1.0, e.abs().max().item())
+        err = (a.double() - e.double()).abs()
+        if low:
+            h.assert_within_twice_reference_error(a, e, e_low, name=label)
+            ref_err = (e_low.double() - e.double()).abs().max().item()
+            worst = max(worst, err.max().item() / (2 * ref_err + atol32 * scale))
+        else:
+            h.assert_scaled_close(a, e, torch.float32, name=label)
+            worst = max(worst, (err / (atol32 * scale + rtol32 * e.double().abs())).max().item())
+    rule = ("twice the low-precision reference's error + the float32 atol" if low
+            else "tests/helpers.py TOLERANCES float32 row, atol scaled by max(1, max |reference|)")
+    return {"reference": "hcext.reference in float64", "rule": rule, "worst": worst}
+
+
+# ---------------------------------------------------------------------------------------
 # The mHC sub-layer
 
 
@@ -270,6 +359,9 @@ def run_config(T, C, dtype, device, modes, repeats, warmup, with_compile, liger=
         fns = {"hcext": hcext_layer, "eager": reference_layer}
         if with_compile:
             fns["compiled"] = compile_fresh(reference_layer)
+        # Before timing: hcext's sub-layer against the reference (outputs and, in fwd+bwd, every gradient).
+        check = check_against_reference(hcext_layer, reference_layer, [x, phi, alpha, bias, f],
+                                        None if mode == "fwd" else (g_in, g_out), f"mhc T={T} C={C} {dtype} {mode}")
         specs = {name: (fn, args, args) for name, fn in fns.items()}
         if liger is not None:
             base = liger_args(x, phi, alpha, bias, f)
@@ -279,7 +371,7 @@ def run_config(T, C, dtype, device, modes, repeats, warmup, with_compile, liger=
         calls["copy"] = copy
         calls["clone"] = x.clone
         timings = harness.time_interleaved(calls, device, **sync_kw)
-        row = {**key, "mode": mode, "sinkhorn_iters": ITERS, "post_mult": POST_MULT}
+        row = {**key, "mode": mode, "sinkhorn_iters": ITERS, "post_mult": POST_MULT, "check": check}
         row["timings"] = {name: t.summary() for name, t in timings.items()}
         speedups(row, timings, baselines=("eager", "compiled", "liger"))
         if liger is not None and mode == "fwd":
@@ -319,8 +411,16 @@ def run_stream_ops(x, phi, alpha, bias, f, key, copy, copy_bytes, device, sync_k
             with torch.no_grad():
                 return ops.stream_mix_expand(f, x, h_post, h_res)
 
+    # Before timing: both ops against the reference, on the same coefficients.
+    check = {
+        "aggregate": check_against_reference(ops.stream_aggregate, reference.stream_aggregate, [x, h_pre],
+                                             what=f"stream_aggregate T={T} C={C} {x.dtype}"),
+        "mix_expand": check_against_reference(ops.stream_mix_expand, reference.stream_mix_expand, [f, x, h_post, h_res],
+                                              what=f"stream_mix_expand T={T} C={C} {x.dtype}"),
+    }
     timings = harness.time_interleaved({"aggregate": aggregate, "mix_expand": mix, "copy": copy}, device, **sync_kw)
-    row = {**key, "mode": "ops", "timings": {name: t.summary() for name, t in timings.items()}, "copy_bytes": copy_bytes}
+    row = {**key, "mode": "ops", "timings": {name: t.summary() for name, t in timings.items()},
+           "copy_bytes": copy_bytes, "check": check}
     row["bytes"] = {"aggregate": T * (n + 1) * C * s, "mix_expand": T * (2 * n + 1) * C * s}
     row["bandwidth"] = {op: bandwidth_stats(row["bytes"][op], timings[op], copy_bytes, timings["copy"])
                         for op in ("aggregate", "mix_expand")}

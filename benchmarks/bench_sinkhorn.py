@@ -7,6 +7,10 @@ Variants (all fp32, the same pre-allocated inputs):
             afresh for every shape and mode during the warm-up)
 Modes: fwd (inputs without grad), fwd+bwd (inputs requiring grad; out.backward(grad) with
 a fixed pre-allocated grad, accumulating into a pre-allocated .grad).
+Correctness (asserted before timing): hcext's output (and in fwd+bwd its gradient) against the
+reference run in float64, by the test suite's tolerance table (benchmarks/bench_mhc.py:
+check_against_reference); each row's ``check`` records the largest error as a fraction of the
+allowed one.
 
 Usage, from the repository root:
   python -m benchmarks.bench_sinkhorn [--device cpu|cuda] [--quick] [--repeats N]
@@ -29,6 +33,7 @@ import torch  # noqa: E402
 
 import hcext  # noqa: E402
 from benchmarks import harness  # noqa: E402
+from benchmarks.bench_mhc import check_against_reference  # noqa: E402
 
 TOKENS = (4096, 65536)
 NS = (4, 8, 16)
@@ -69,6 +74,10 @@ def run(device, tokens, ns, modes, repeats, warmup, with_compile, max_time_s=Non
             x = torch.randn(T, n, n, generator=gen).mul_(2).to(device)
             grad = torch.randn(T, n, n, generator=gen).to(device)
             for mode in modes:
+                # Before timing: hcext's Sinkhorn (and in fwd+bwd its gradient) against the reference.
+                check = check_against_reference(
+                    lambda t: _hcext_sinkhorn(t, ITERS, EPS), lambda t: hcext.reference.sinkhorn(t, ITERS, EPS), [x],
+                    None if mode == "fwd" else [grad], f"sinkhorn T={T} n={n} {mode}")
                 variants = _make_variants(x, grad, mode, with_compile)
                 timings = harness.time_interleaved(
                     variants,
@@ -78,7 +87,7 @@ def run(device, tokens, ns, modes, repeats, warmup, with_compile, max_time_s=Non
                     min_sample_ms=0.5 if device.type == "cuda" else 0.0,  # CUDA: calls of a few us
                     max_time_s=max_time_s,
                 )
-                row = {"tokens": T, "n": n, "mode": mode, "iters": ITERS, "dtype": "float32"}
+                row = {"tokens": T, "n": n, "mode": mode, "iters": ITERS, "dtype": "float32", "check": check}
                 row["timings"] = {name: t.summary() for name, t in timings.items()}
                 for base in ("eager", "compiled"):
                     if base in timings:

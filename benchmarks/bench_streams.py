@@ -57,6 +57,7 @@ import torch  # noqa: E402
 import hcext  # noqa: E402,F401  (loads the native library: torch.ops.hcext.*)
 from benchmarks import harness  # noqa: E402
 from benchmarks.bench_mhc import bandwidth_stats, compile_fresh, copy_callable, speedups  # noqa: E402
+from benchmarks.bench_mhc import check_against_reference as check_against_table  # noqa: E402
 from hcext import ops, reference  # noqa: E402
 
 N = 4
@@ -170,12 +171,17 @@ def run_config(T: int, C: int, dtype: torch.dtype, device: torch.device, modes, 
     for op in OPS:
         for mode in modes:
             max_diff = check_against_reference(op, inputs, mode)
+            # And against the reference in float64, by the test suite's tolerance table.
+            fn, ref, names = FUNCTIONS[op]
+            check = check_against_table(fn, ref, [inputs[k] for k in names],
+                                        None if mode == "fwd" else [inputs[f"g_{op}"]], f"{op} T={T} C={C} {mode}")
             calls = callables(op, inputs, mode, with_compile)
             calls["copy"] = copy
             timings = harness.time_interleaved(calls, device, **sync_kw)
             row = {**key, "op": op, "mode": mode, "timings": {name: t.summary() for name, t in timings.items()}}
             speedups(row, timings)
             row["max_rel_diff_vs_reference"] = max_diff
+            row["check"] = check
             row["bytes_must_move"] = bytes_must_move(T, N, C, x.element_size(), op, mode)
             row["copy_bytes"] = copy_bytes
             row["bandwidth"] = bandwidth_stats(row["bytes_must_move"], timings["hcext"], copy_bytes, timings["copy"])

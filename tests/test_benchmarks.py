@@ -45,6 +45,24 @@ def _check_bandwidth(bw):
     assert all(v > 0 and math.isfinite(v) for v in bw.values())
 
 
+def _check_speedup(r, base, cand="hcext", timings="timings"):
+    """The recorded speed-up is the ratio of the recorded timings (median and min), a finite number."""
+    t = r[timings]
+    for stat, suffix in (("median_ms", ""), ("min_ms", "_min")):
+        key = f"speedup_vs_{base}{suffix}"
+        if key in r:
+            assert math.isfinite(r[key]) and r[key] == pytest.approx(t[base][stat] / t[cand][stat], rel=1e-12), key
+
+
+def _check_checked(check):
+    """What was timed was checked against hcext.reference before timing (benchmarks/bench_mhc.py:
+    check_against_reference): the float64 reference, the suite's table, and the largest error
+    a fraction (<= 1) of the allowed one."""
+    assert check["reference"] == "hcext.reference in float64", check
+    assert "TOLERANCES" in check["rule"] or "twice" in check["rule"], check
+    assert 0 <= check["worst"] <= 1 and math.isfinite(check["worst"]), check
+
+
 def _check_common(data, benchmark):
     assert set(data) == {"metadata", "config", "results"}
     meta = data["metadata"]
@@ -65,7 +83,9 @@ def test_bench_mhc_quick(tmp_path):
         assert (r["n"], r["dtype"]) == (4, "float32")
     for r in rows[:2]:
         _check_timings(r["timings"], {"hcext", "eager", "copy", "clone"})
-        assert r["speedup_vs_eager"] > 0 and r["speedup_vs_eager_min"] > 0
+        assert "speedup_vs_eager" in r and "speedup_vs_eager_min" in r
+        _check_speedup(r, "eager")
+        _check_checked(r["check"])  # outputs and, in fwd+bwd, every gradient
         assert "speedup_vs_compiled" not in r and "speedup_vs_liger" not in r
         T, n, C = r["tokens"], r["n"], r["C"]
         assert r["bytes_must_move"] == bench_mhc.bytes_must_move(T, n, C, 4, r["mode"])
@@ -76,6 +96,9 @@ def test_bench_mhc_quick(tmp_path):
     assert "liger" not in data["config"]["variants"] and data["config"]["liger"]["skipped"]
     ops_row = rows[2]
     _check_timings(ops_row["timings"], {"aggregate", "mix_expand", "copy"})
+    assert set(ops_row["check"]) == {"aggregate", "mix_expand"}
+    for check in ops_row["check"].values():
+        _check_checked(check)
     assert set(ops_row["bandwidth"]) == {"aggregate", "mix_expand"}
     for bw in ops_row["bandwidth"].values():
         _check_bandwidth(bw)
@@ -100,7 +123,10 @@ def test_bench_hc_quick(tmp_path):
     for r in rows:
         package = has_package and r["kind"] == "dynamic"
         _check_timings(r["timings"], {"hcext", "eager", "copy"} | ({"package"} if package else set()))
-        assert r["speedup_vs_eager"] > 0
+        assert "speedup_vs_eager" in r
+        _check_speedup(r, "eager")
+        _check_speedup(r, "package")
+        _check_checked(r["check"])
         assert ("speedup_vs_package" in r) == package
         assert r["bytes_must_move"] == bench_mhc.bytes_must_move(r["tokens"], r["n"], r["C"], 4, r["mode"])
         _check_bandwidth(r["bandwidth"])
@@ -118,7 +144,12 @@ def test_bench_block_quick(tmp_path):
     variants = {"residual", "hcext_mhc", "ref_mhc"}
     assert set(row["median_ms"]) == variants and set(row["overhead_vs_residual"]) == {"hcext_mhc", "ref_mhc"}
     assert all(len(v) == 2 and min(v) > 0 for v in row["timings_ms"].values())
-    assert row["speedup_hcext_vs_ref"] > 0
+    assert row["speedup_hcext_vs_ref"] == pytest.approx(row["median_ms"]["ref_mhc"] / row["median_ms"]["hcext_mhc"],
+                                                        rel=1e-12)
+    for name in ("hcext_mhc", "ref_mhc"):
+        assert row["overhead_vs_residual"][name] == pytest.approx(
+            row["median_ms"][name] / row["median_ms"]["residual"] - 1, rel=1e-12, abs=1e-12)
+    _check_checked(row["check"])  # the hcext block against the reference block, output and every gradient
 
 
 def test_bench_streams_quick(tmp_path):
@@ -131,7 +162,9 @@ def test_bench_streams_quick(tmp_path):
     for r in rows:
         assert (r["tokens"], r["n"], r["C"], r["dtype"]) == (64, 4, 64, "float32")
         _check_timings(r["timings"], {"hcext", "eager", "copy"})
-        assert r["speedup_vs_eager"] > 0 and r["speedup_vs_eager_min"] > 0 and "speedup_vs_compiled" not in r
+        assert "speedup_vs_eager" in r and "speedup_vs_eager_min" in r and "speedup_vs_compiled" not in r
+        _check_speedup(r, "eager")
+        _check_checked(r["check"])
         # checked against the reference before timing
         assert 0 <= r["max_rel_diff_vs_reference"] <= bench_streams.CHECK_TOL["float32"]
         assert r["bytes_must_move"] == bench_streams.bytes_must_move(64, 4, 64, 4, r["op"], r["mode"])
@@ -189,6 +222,22 @@ def test_run_all_quick(tmp_path):
         with open(tmp_path / f"{rid}.json") as f:
             data[name] = json.load(f)
         assert data[name]["config"]["quick"] is True and data[name]["metadata"]["threads"] == threads
+
+    # Every benchmark checked what it timed (or measured) against the reference first.
+    for name in ("sinkhorn", "mhc", "hc", "boundary", "streams"):
+        for r in data[name]["results"]:
+            if name == "streams":
+                assert 0 <= r["max_rel_diff_vs_reference"] <= bench_streams.CHECK_TOL[r["dtype"]]
+                continue
+            checks = r["check"] if "worst" not in r["check"] else {"": r["check"]}
+            assert checks and (name != "boundary" or set(checks) == {"fused", "unfused"}), (name, r["check"])
+            for check in checks.values():
+                _check_checked(check)
+    for r in data["block"]["results"]:
+        _check_checked(r["check"])
+    assert set(data["memory"]["summary"]["check"]) == {"mhc", "mhc_recompute"}
+    for check in data["memory"]["summary"]["check"].values():
+        _check_checked(check)
 
     regions = _regions(doc.read_text())
     assert set(regions) == {"runs", *ids.values()}
