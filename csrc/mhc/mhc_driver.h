@@ -182,15 +182,16 @@ MhcGrads mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor
                            const std::optional<at::Tensor>& grad_h_pre, const std::optional<at::Tensor>& grad_h_post,
                            const std::optional<at::Tensor>& grad_h_res, int64_t iters, double sinkhorn_eps,
                            double pre_eps, double post_mult, const at::Tensor& extra,
-                           const StreamsCoef* pre_mix = nullptr) {
+                           const StreamsCoef* pre_mix = nullptr, bool boundary = false) {
   const NoAutocast no_autocast;
   const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
   check_mhc_scalars(pre_eps, post_mult, op);
   check_mhc_saved(d, x, proj, rstd, op);
   check_optional_grad(grad_layer_input, d.tokens * d.C, x, op, "grad_layer_input");
   check_optional_grad(grad_h_pre, d.tokens * d.n, x, op, pre_mix ? "grad_next_pre_mix" : "grad_h_pre");
-  check_optional_grad(grad_h_post, d.tokens * d.n, x, op, "grad_h_post");
-  check_optional_grad(grad_h_res, d.tokens * d.n * d.n, x, op, "grad_h_res");
+  // The boundary ops' coefficient gradients are those of the next layer's outputs.
+  check_optional_grad(grad_h_post, d.tokens * d.n, x, op, boundary ? "grad_h_post_next" : "grad_h_post");
+  check_optional_grad(grad_h_res, d.tokens * d.n * d.n, x, op, boundary ? "grad_h_res_next" : "grad_h_res");
   Backend backend(x);
   const MhcScalars s{static_cast<int>(iters), 0.0, sinkhorn_eps, pre_eps, post_mult};
   const auto opts = x.options().dtype(d.compute);
@@ -377,6 +378,15 @@ MhcPostPreGrads mhc_post_pre_backward_core(
     const at::Tensor& rstd, int64_t iters, double sinkhorn_eps, double pre_eps, double post_mult,
     std::array<bool, 4> output_mask) {
   const NoAutocast no_autocast;
+  // Every input of layer l's merge first, in the forward's order (x, the parameters, f,
+  // h_post, h_res, pre_mix), so that a bad one is named, under this op's name, before any work.
+  check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
+  const StreamsProblem p = check_streams_x(x, op);
+  check_streams_f(f, x, p, op);
+  check_streams_coef(h_post, "h_post", 1, x, p, op);
+  check_streams_coef(h_res, "h_res", 2, x, p, op);
+  StreamsCoef mix;
+  if (pre_mix) mix = check_streams_coef(*pre_mix, "pre_mix", 1, x, p, op);
   TORCH_CHECK(x_next.sizes() == x.sizes() && x_next.scalar_type() == x.scalar_type(), op,
               ": expected x_next with x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
               x_next.sizes(), " ", x_next.scalar_type());
@@ -387,9 +397,6 @@ MhcPostPreGrads mhc_post_pre_backward_core(
                 x.device(), ", got ", grad_x_next->sizes(), " ", grad_x_next->scalar_type(), " on ",
                 grad_x_next->device());
   }
-  check_mhc_args(x_next, phi, alpha, bias, iters, sinkhorn_eps, op);
-  StreamsCoef mix;
-  if (pre_mix) mix = check_streams_coef(*pre_mix, "pre_mix", 1, x_next, check_streams_x(x_next, op), op);
   MhcPostPreGrads out;
   at::Tensor g_next;
   const bool coefficient_path = has_value(grad_layer_input) || has_value(grad_h_post_next) ||
@@ -398,7 +405,8 @@ MhcPostPreGrads mhc_post_pre_backward_core(
     out.next = mhc_backward_core<Backend>(op, x_next, phi, alpha, bias, proj, rstd, grad_layer_input,
                                           pre_mix ? grad_next_pre_mix : std::nullopt, grad_h_post_next,
                                           grad_h_res_next, iters, sinkhorn_eps, pre_eps, post_mult,
-                                          has_value(grad_x_next) ? *grad_x_next : at::Tensor(), pre_mix ? &mix : nullptr);
+                                          has_value(grad_x_next) ? *grad_x_next : at::Tensor(), pre_mix ? &mix : nullptr,
+                                          /*boundary=*/true);
     g_next = out.next.x;
   } else {
     g_next = has_value(grad_x_next) ? *grad_x_next : at::zeros_like(x);

@@ -344,8 +344,8 @@ def _mhc_post_pre_backward_fake(
     n, C, D, compute = _check_mhc_post_pre_args(f, x, h_post, h_res, phi, alpha, bias, sinkhorn_iters, sinkhorn_eps, op)
     _check_mhc_scalars(pre_eps, post_mult, op)
     _check_boundary_backward(x, x_next, grad_x_next, op)
-    grads = (("grad_layer_input", grad_layer_input, C), ("grad_h_post", grad_h_post_next, n),
-             ("grad_h_res", grad_h_res_next, n * n))
+    grads = (("grad_layer_input", grad_layer_input, C), ("grad_h_post_next", grad_h_post_next, n),
+             ("grad_h_res_next", grad_h_res_next, n * n))
     _check_mhc_saved(x_next, n, D, compute, proj, rstd, grads, op)
     return (
         *(grad_or_skipped(m, t) for m, t in zip(output_mask, (f, x, h_post, h_res))),
@@ -472,8 +472,8 @@ def _mhc_post_pre_shifted_backward_fake(
     check_streams_coef(pre_mix, "pre_mix", 1, x, op)
     _check_mhc_scalars(pre_eps, post_mult, op)
     _check_boundary_backward(x, x_next, grad_x_next, op)
-    grads = (("grad_layer_input", grad_layer_input, C), ("grad_h_post", grad_h_post_next, n),
-             ("grad_h_res", grad_h_res_next, n * n), ("grad_next_pre_mix", grad_next_pre_mix, n))
+    grads = (("grad_layer_input", grad_layer_input, C), ("grad_h_post_next", grad_h_post_next, n),
+             ("grad_h_res_next", grad_h_res_next, n * n), ("grad_next_pre_mix", grad_next_pre_mix, n))
     _check_mhc_saved(x_next, n, D, compute, proj, rstd, grads, op)
     return (
         *(grad_or_skipped(m, t) for m, t in zip(output_mask, (f, x, h_post, h_res, pre_mix))),
