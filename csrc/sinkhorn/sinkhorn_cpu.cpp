@@ -7,7 +7,7 @@
 // Instruction set: the library is compiled for baseline x86-64 (no -march flags, so one
 // binary runs everywhere), and the kernels below are compiled once more for AVX2 and
 // once for AVX-512 through function target attributes. The best one the CPU supports is
-// picked at run time; HCEXT_CPU_ISA=baseline|avx2|avx512 asks for a lower one (tests,
+// picked at run time; HCEXT_CPU_ISA=baseline|avx2 asks for a lower one (tests,
 // benchmarks). All variants compute bit-identical results.
 //
 // Performance notes (2-core AVX-512 Xeon, n = 4, iters = 20): float lanes use a vector
