@@ -132,3 +132,27 @@ def test_static_hc_supports_double_backward():
     x = torch.randn(TOKENS, N, C, dtype=F64)
     static_alpha, static_beta = _leaf(N, N + 1), _leaf(N)
     assert torch.autograd.gradgradcheck(lambda a, b: hcext.ops.hc_coeffs(x, a, b), (static_alpha, static_beta))
+
+
+def _functorch_cases():
+    # One op of each registration path (a plain op, and the two stream ops that the mHC
+    # composites build on): every hcext op is registered the same way.
+    logits = torch.randn(TOKENS, N, N, dtype=F64)
+    x, h = torch.randn(TOKENS, N, C, dtype=F64), torch.randn(TOKENS, N, dtype=F64)
+    f, hr = torch.randn(TOKENS, C, dtype=F64), torch.randn(TOKENS, N, N, dtype=F64)
+    return {
+        "sinkhorn": (lambda t: hcext.ops.sinkhorn(t).sum(), logits),
+        "stream_aggregate": (lambda t: hcext.ops.stream_aggregate(t, h).sum(), x),
+        "stream_mix_expand": (lambda t: hcext.ops.stream_mix_expand(f, t, h, hr).sum(), x),
+    }
+
+
+@pytest.mark.parametrize("op", ["sinkhorn", "stream_aggregate", "stream_mix_expand"])
+def test_functorch_grad_is_refused(op):
+    # torch.func's grad transform does not support ops registered with
+    # torch.library.register_autograd in torch 2.14: it raises before computing anything, so
+    # neither a first nor a second derivative can come out silently wrong (README: Second
+    # derivatives). The message is torch's and does not name the op.
+    fn, arg = _functorch_cases()[op]
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(fn)(arg)
