@@ -158,9 +158,11 @@ Tensor6 mhc_pre_shifted_fwd_impl(const at::Tensor& x, const at::Tensor& pre_mix,
                                  const at::Tensor& alpha, const at::Tensor& bias, int64_t iters, double norm_eps,
                                  double sinkhorn_eps, double pre_eps, double post_mult) {
   const char* op = "hcext::mhc_pre_shifted";
+  // x and the parameters, then pre_mix, before any work (the fake kernel's order).
+  check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
+  check_streams_coef(pre_mix, "pre_mix", 1, x, check_streams_shape(x, op), op);
   auto [h_pre, h_post, h_res, proj, rstd] =
       mhc_coeffs_fwd_core<Backend>(op, x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
-  check_streams_coef(pre_mix, "pre_mix", 1, x, check_streams_x(x, op), op);
   return {stream_aggregate_impl<typename Backend::Streams>(x, pre_mix), h_post, h_res, h_pre, proj, rstd};
 }
 
@@ -285,7 +287,7 @@ Tensor5 mhc_shifted_backward_impl(const at::Tensor& x, const at::Tensor& pre_mix
                                   double pre_eps, double post_mult) {
   const char* op = "hcext::mhc_shifted_backward";
   check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
-  const StreamsCoef mix = check_streams_coef(pre_mix, "pre_mix", 1, x, check_streams_x(x, op), op);
+  const StreamsCoef mix = check_streams_coef(pre_mix, "pre_mix", 1, x, check_streams_shape(x, op), op);
   const MhcGrads g = mhc_backward_core<Backend>(op, x, phi, alpha, bias, proj, rstd, grad_layer_input,
                                                 grad_next_pre_mix, grad_h_post, grad_h_res, iters, sinkhorn_eps,
                                                 pre_eps, post_mult, at::Tensor(), &mix);
@@ -315,7 +317,8 @@ Tensor7 mhc_post_pre_fwd_core(const char* op, const at::Tensor& f, const at::Ten
   check_norm_eps(norm_eps, op);
   check_mhc_scalars(pre_eps, post_mult, op);
   const StreamsProblem p = check_streams_x(x, op);
-  const at::Tensor fc = check_streams_f(f, x, p, op);
+  check_streams_f(f, x, p, op);
+  const at::Tensor fc = f.contiguous();
   const StreamsCoef hp = check_streams_coef(h_post, "h_post", 1, x, p, op);
   const StreamsCoef hr = check_streams_coef(h_res, "h_res", 2, x, p, op);
   if (pre_mix) check_streams_coef(*pre_mix, "pre_mix", 1, x, p, op);
@@ -381,15 +384,15 @@ MhcPostPreGrads mhc_post_pre_backward_core(
   // Every input of layer l's merge first, in the forward's order (x, the parameters, f,
   // h_post, h_res, pre_mix), so that a bad one is named, under this op's name, before any work.
   check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
-  const StreamsProblem p = check_streams_x(x, op);
+  const StreamsProblem p = check_streams_shape(x, op);  // validation only: the mix backward copies
   check_streams_f(f, x, p, op);
   check_streams_coef(h_post, "h_post", 1, x, p, op);
   check_streams_coef(h_res, "h_res", 2, x, p, op);
   StreamsCoef mix;
   if (pre_mix) mix = check_streams_coef(*pre_mix, "pre_mix", 1, x, p, op);
-  TORCH_CHECK(x_next.sizes() == x.sizes() && x_next.scalar_type() == x.scalar_type(), op,
-              ": expected x_next with x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
-              x_next.sizes(), " ", x_next.scalar_type());
+  TORCH_CHECK(x_next.sizes() == x.sizes() && x_next.scalar_type() == x.scalar_type() && x_next.device() == x.device(),
+              op, ": expected x_next with x's shape ", x.sizes(), ", dtype ", x.scalar_type(), " and device ",
+              x.device(), ", got ", x_next.sizes(), " ", x_next.scalar_type(), " on ", x_next.device());
   if (has_value(grad_x_next)) {
     TORCH_CHECK(grad_x_next->sizes() == x.sizes() && grad_x_next->scalar_type() == x.scalar_type() &&
                     grad_x_next->device() == x.device(),

@@ -37,7 +37,9 @@ struct StreamsCoef {
   int64_t token_stride = 0;  // elements between tokens: 0 when shared
 };
 
-inline StreamsProblem check_streams_x(const at::Tensor& x, const char* op) {
+// Validates x and fills the sizes; p.x is x as given (callers that only check use this:
+// no copy of a non-contiguous x).
+inline StreamsProblem check_streams_shape(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.dim() >= 2, op, ": expected x of shape [..., n, C] with at least 2 dims, got ", x.dim(),
               " dim(s) with shape ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
@@ -47,12 +49,19 @@ inline StreamsProblem check_streams_x(const at::Tensor& x, const char* op) {
   TORCH_CHECK(n >= 1 && n <= kStreamsMaxN, op, ": expected n (x's dim -2) in [1, ", kStreamsMaxN, "], got ", n,
               " (x has shape ", x.sizes(), ")");
   StreamsProblem p;
-  p.x = x.contiguous();  // no copy when x already is contiguous
+  p.x = x;
   p.n = static_cast<int>(n);
   p.C = x.size(-1);
   p.lead = std::vector<int64_t>(x.sizes().begin(), x.sizes().end() - 2);
   p.tokens = 1;
   for (int64_t d : p.lead) p.tokens *= d;
+  return p;
+}
+
+// check_streams_shape, with p.x contiguous (no copy when x already is).
+inline StreamsProblem check_streams_x(const at::Tensor& x, const char* op) {
+  StreamsProblem p = check_streams_shape(x, op);
+  p.x = x.contiguous();
   return p;
 }
 
@@ -80,8 +89,9 @@ inline StreamsCoef check_streams_coef(const at::Tensor& h, const char* name, int
   return c;
 }
 
-// f: [..., C] with x's leading dims, C and dtype.
-inline at::Tensor check_streams_f(const at::Tensor& f, const at::Tensor& x, const StreamsProblem& p,
+// f: [..., C] with x's leading dims, C and dtype (validation only; the caller makes it
+// contiguous where a kernel reads it).
+inline void check_streams_f(const at::Tensor& f, const at::Tensor& x, const StreamsProblem& p,
                                   const char* op) {
   TORCH_CHECK(f.device() == x.device(), op, ": expected f on ", x.device(), " like x, got ", f.device());
   TORCH_CHECK(f.scalar_type() == x.scalar_type(), op, ": expected f to have x's dtype ", x.scalar_type(), ", got ",
@@ -90,7 +100,6 @@ inline at::Tensor check_streams_f(const at::Tensor& f, const at::Tensor& x, cons
               " like x's, got f of shape ", f.sizes());
   TORCH_CHECK(f.sizes().slice(0, f.dim() - 1) == at::IntArrayRef(p.lead), op, ": expected f's leading dims to be ",
               at::IntArrayRef(p.lead), " (x's leading dims), got f of shape ", f.sizes());
-  return f.contiguous();
 }
 
 // grad: the forward output's shape and x's dtype.

@@ -100,7 +100,8 @@ at::Tensor stream_mix_expand_impl(const at::Tensor& f_in, const at::Tensor& x_in
                                   const at::Tensor& h_res_in) {
   const char* op = "hcext::stream_mix_expand";
   const StreamsProblem p = check_streams_x(x_in, op);
-  const at::Tensor f = check_streams_f(f_in, x_in, p, op);
+  check_streams_f(f_in, x_in, p, op);
+  const at::Tensor f = f_in.contiguous();
   const StreamsCoef hp = check_streams_coef(h_post_in, "h_post", 1, x_in, p, op);
   const StreamsCoef hr = check_streams_coef(h_res_in, "h_res", 2, x_in, p, op);
   Backend backend(x_in);
@@ -123,7 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_mix_expand_bac
     const at::Tensor& h_res_in, std::array<bool, 4> output_mask) {
   const char* op = "hcext::stream_mix_expand_backward";
   const StreamsProblem p = check_streams_x(x_in, op);
-  const at::Tensor f = check_streams_f(f_in, x_in, p, op);
+  check_streams_f(f_in, x_in, p, op);
+  const at::Tensor f = f_in.contiguous();
   const StreamsCoef hp = check_streams_coef(h_post_in, "h_post", 1, x_in, p, op);
   const StreamsCoef hr = check_streams_coef(h_res_in, "h_res", 2, x_in, p, op);
   const at::Tensor g = check_streams_grad(grad_in, x_in.sizes(), x_in, op);

@@ -231,9 +231,9 @@ def _check_mhc_post_pre_args(f, x, h_post, h_res, phi, alpha, bias, sinkhorn_ite
 def _check_boundary_backward(x, x_next, grad_x_next, op):
     """The boundary backward ops' saved x_next and incoming grad_x_next: x's shape and dtype."""
     torch._check(
-        x_next.shape == x.shape and x_next.dtype == x.dtype,
-        lambda: f"{op}: expected x_next with x's shape {list(x.shape)} and dtype {x.dtype}, got "
-        f"{list(x_next.shape)} {x_next.dtype}",
+        x_next.shape == x.shape and x_next.dtype == x.dtype and x_next.device == x.device,
+        lambda: f"{op}: expected x_next with x's shape {list(x.shape)}, dtype {x.dtype} and device {x.device}, got "
+        f"{list(x_next.shape)} {x_next.dtype} on {x_next.device}",
     )
     g = grad_x_next
     torch._check(
