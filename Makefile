@@ -4,7 +4,8 @@
 #
 #   make demo    set up, build, run the main job (python -m hcext.demo: residual vs HC vs mHC)
 #   make test    set up, build (CPU + CUDA kernels when a CUDA toolkit is present), build and
-#                run the C++ test of the math headers (ctest), run pytest
+#                run the C++ test of the math headers (ctest), check the CUDA kernels' stack budget
+#                (ptxas -v, when nvcc is present), run pytest
 #   make bench   set up, build, run every benchmark (python -m benchmarks: JSON in benchmarks/results/,
 #                then benchmarks/RESULTS.md and the README table regenerated)
 #   make cmake   the whole library through CMake as well (IDEs, sanitizers; not needed otherwise)
@@ -23,7 +24,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 VENV_PY = "$$(bash .ci/venv.sh)/bin/python"
 
-.PHONY: setup build ctest cmake test demo bench mutation-test gpu-check clean
+.PHONY: setup build ctest ptxas-check cmake test demo bench mutation-test gpu-check clean
 
 setup:
 	bash .ci/venv.sh
@@ -59,7 +60,16 @@ cmake:
 	ctest --test-dir build-cmake --output-on-failure
 	echo "cmake build + ctest took $$(( $$(date +%s) - start )) s"
 
-test: build ctest
+# The CUDA kernels' registers, stack and spills (ptxas -v, sm_90; the full table in
+# build-ptxas.log), failing when a kernel's per-thread stack exceeds the documented budget
+# (benchmarks/ptxas_report.py). Skipped without nvcc.
+ptxas-check:
+	source .ci/env.sh
+	py=$(VENV_PY)
+	if [ -z "$${CUDA_HOME:-}" ]; then echo "ptxas check: no CUDA toolkit, skipped"; exit 0; fi
+	"$$py" -m benchmarks.ptxas_report > build-ptxas.log
+
+test: build ctest ptxas-check
 	py=$(VENV_PY)
 	"$$py" -m pytest tests -q
 
@@ -90,4 +100,4 @@ mutation-test: build
 	"$$py" -m tests.mutation.run
 
 clean:
-	rm -rf build build-cmake build-cmake.log build-setup.log hcext/_C*.so *.egg-info
+	rm -rf build build-cmake build-cmake.log build-setup.log build-ptxas.log hcext/_C*.so *.egg-info
