@@ -384,4 +384,4 @@ def test_readme_usage(device, disable):
         residual = decorated.decorate_branch(branch)(residual)
         outputs[label] = reduce_stream(residual)
     assert outputs["hcext"].shape == residual0.shape
-    torch.testing.assert_close(outputs["hcext"], outputs["package"], atol=1e-5, rtol=1e-5)
+    assert_close_dtype(outputs["hcext"], outputs["package"])
