@@ -75,7 +75,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from . import init as hc_init
-from . import ops
+from . import ops, reference
 
 __all__ = [
     "HyperConnection",
@@ -154,8 +154,7 @@ def _shifted_state(state, where: str) -> Tuple[Tensor, Optional[Tensor]]:
 def _initial_pre_mix(x: Tensor) -> Tensor:
     """DeepSeek-V4.1's ``π_0 = e_0`` for streams x: ``[n]`` (shared by every token), one-hot on
     stream 0, in x's compute dtype (``hcext.reference.shifted_initial_pre_mix``)."""
-    e0 = (torch.arange(x.shape[-2], device=x.device) == 0).to(ops.compute_dtype(x.dtype))
-    return _like_streams(e0, x)
+    return _like_streams(reference.shifted_initial_pre_mix(x.shape[-2], ops.compute_dtype(x.dtype), x.device), x)
 
 
 def shifted_collapse(streams, pre: Optional[Tensor] = None) -> Tensor:

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <initializer_list>
+#include <type_traits>
 #include <optional>
 #include <vector>
 
@@ -59,6 +60,15 @@ void dispatch_stream_dtype(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
+// dispatch_stream_dtype for a pass whose compute type S is already chosen: fn(X{}) with X
+// the backend's type of the streams' dtype, instantiated only for the dtypes computed in S.
+template <typename S, typename Bf16, typename Half, typename Fn>
+void dispatch_stream_dtype_for(at::ScalarType dtype, Fn&& fn) {
+  dispatch_stream_dtype<Bf16, Half>(dtype, [&](auto x_tag, auto s_tag) {
+    if constexpr (std::is_same_v<decltype(s_tag), S>) fn(x_tag);
+  });
+}
+
 // x's leading dims ([..., n, C] without n, C), then `tail`.
 inline std::vector<int64_t> lead_shape(const at::Tensor& x, std::initializer_list<int64_t> tail) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
@@ -68,10 +78,12 @@ inline std::vector<int64_t> lead_shape(const at::Tensor& x, std::initializer_lis
 
 inline bool has_value(const OptTensor& t) { return t.has_value() && t->defined(); }
 
-// The tensor's data, or null for an undefined tensor (an absent optional input).
+// The tensor's data as T*, or null for an undefined or empty tensor (an absent optional
+// input, an output that was not requested). T may be a backend's 16-bit type (the same bits
+// as ATen's) and const-qualified.
 template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? static_cast<T*>(t.data_ptr()) : nullptr;
 }
 
 // An optional input as contiguous [rows, cols] in `dtype`, or undefined when absent.

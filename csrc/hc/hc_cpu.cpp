@@ -158,14 +158,6 @@ void dispatch_row_kernels(int n, Fn&& fn) {
   });
 }
 
-// fn(X{}) with X x's C++ type, for the types that go with the compute type T.
-template <typename T, typename Fn>
-void with_x_type(const at::Tensor& x, Fn&& fn) {
-  CpuStreamsBackend::dispatch_dtype(x.scalar_type(), [&](auto xtag, auto stag) {
-    if constexpr (std::is_same_v<decltype(stag), T>) fn(xtag);
-  });
-}
-
 template <typename T>
 void epilogue_backward_pass(const HcDims& d, const HcParams<T>& p, const T* q, const T* stats, const T* g_pre,
                             const T* g_post, const T* g_res, T* e, T* xcoef, T* partial) {
@@ -188,7 +180,7 @@ struct CpuHcBackend {
   void forward(const at::Tensor& x, const T* wt_t, const HcDims& d, const HcParams<T>& p, T eps, T* proj, T* stats,
                T* h_pre, T* h_post, T* h_res) {
     const int64_t grain = token_grain(d.n * d.C * (d.shape.K + 2));
-    with_x_type<T>(x, [&](auto xtag) {
+    CpuStreamsBackend::dispatch_dtype_for<T>(x.scalar_type(), [&](auto xtag) {
       using X = decltype(xtag);
       const X* xp = static_cast<const X*>(x.data_ptr());
       dispatch_row_kernels(d.n, [&](auto k, auto kMaxK) {
@@ -217,7 +209,7 @@ struct CpuHcBackend {
     const int64_t chunks = (tokens + chunk_tokens - 1) / chunk_tokens;
     std::vector<T> partials(chunks > 1 ? chunks * C * K : 0);
     T* out_base = chunks > 1 ? partials.data() : G.data_ptr<T>();
-    with_x_type<T>(x, [&](auto xtag) {
+    CpuStreamsBackend::dispatch_dtype_for<T>(x.scalar_type(), [&](auto xtag) {
       using X = decltype(xtag);
       const X* xp = static_cast<const X*>(x.data_ptr());
       dispatch_row_kernels(n, [&](auto k, auto kMaxK) {
@@ -246,7 +238,7 @@ struct CpuHcBackend {
   void grad_x(const at::Tensor& x, const T* wc_t, const T* e, const T* xcoef, const T* stats, at::Tensor& dx,
               const HcDims& d) {
     const int64_t grain = token_grain(d.n * d.C * (d.shape.K + 2));
-    with_x_type<T>(x, [&](auto xtag) {
+    CpuStreamsBackend::dispatch_dtype_for<T>(x.scalar_type(), [&](auto xtag) {
       using X = decltype(xtag);
       const X* xp = static_cast<const X*>(x.data_ptr());
       X* out = static_cast<X*>(dx.data_ptr());

@@ -49,8 +49,8 @@ struct HcWeights {
 
   template <typename T>
   HcParams<T> params() const {
-    return HcParams<T>{static_alpha.data_ptr<T>(), static_beta.data_ptr<T>(), ptr_or_null<T>(alpha_scale),
-                       ptr_or_null<T>(beta_scale),      ptr_or_null<T>(col_bias),       ptr_or_null<T>(col_sum)};
+    return HcParams<T>{static_alpha.data_ptr<T>(), static_beta.data_ptr<T>(), data_or_null<const T>(alpha_scale),
+                       data_or_null<const T>(beta_scale),      data_or_null<const T>(col_bias),       data_or_null<const T>(col_sum)};
   }
 };
 
@@ -154,8 +154,8 @@ HcTensor9 hc_coeffs_backward_impl(const at::Tensor& x, const at::Tensor& static_
   if (T_ > 0) {
     dispatch_compute(d.compute, [&](auto zero) {
       using T = decltype(zero);
-      backend.template epilogue_backward<T>(d, w.params<T>(), q.data_ptr<T>(), st.data_ptr<T>(), ptr_or_null<T>(gp),
-                                            ptr_or_null<T>(gq), ptr_or_null<T>(gr), e.data_ptr<T>(), xcoef.data_ptr<T>(),
+      backend.template epilogue_backward<T>(d, w.params<T>(), q.data_ptr<T>(), st.data_ptr<T>(), data_or_null<const T>(gp),
+                                            data_or_null<const T>(gq), data_or_null<const T>(gr), e.data_ptr<T>(), xcoef.data_ptr<T>(),
                                             partial.data_ptr<T>());
     });
   }

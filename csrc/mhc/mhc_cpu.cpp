@@ -191,16 +191,14 @@ struct CpuMhcBackend {
   // x: contiguous rows of len elements in their own dtype; xf (nullable) receives them in T.
   template <typename T>
   void rows(const at::Tensor& x, T* xf, T* rstd, int64_t tokens, int64_t len, T norm_eps) {
-    Streams::dispatch_dtype(x.scalar_type(), [&](auto xtag, auto stag) {
+    Streams::dispatch_dtype_for<T>(x.scalar_type(), [&](auto xtag) {
       using X = decltype(xtag);
-      if constexpr (std::is_same_v<decltype(stag), T>) {
-        const X* xp = static_cast<const X*>(x.data_ptr());
-        dispatch_row_kernels([&](auto k) {
-          at::parallel_for(0, tokens, row_grain(len), [&](int64_t t0, int64_t t1) {
-            decltype(k)::rows(xp, xf, rstd, len, norm_eps, t0, t1);
-          });
+      const X* xp = static_cast<const X*>(x.data_ptr());
+      dispatch_row_kernels([&](auto k) {
+        at::parallel_for(0, tokens, row_grain(len), [&](int64_t t0, int64_t t1) {
+          decltype(k)::rows(xp, xf, rstd, len, norm_eps, t0, t1);
         });
-      }
+      });
     });
   }
   template <typename T>
@@ -226,17 +224,16 @@ struct CpuMhcBackend {
   void grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy, const T* mix,
               int64_t mix_stride, const T* alpha, const T* bias, double pre_eps, const at::Tensor& extra,
               at::Tensor& dx, const MhcDims& d) {
-    Streams::dispatch_dtype(dx.scalar_type(), [&](auto xtag, auto stag) {
+    Streams::dispatch_dtype_for<T>(dx.scalar_type(), [&](auto xtag) {
       using X = decltype(xtag);
-      if constexpr (std::is_same_v<decltype(stag), T>) {
-        const X* e = extra.defined() ? extra.data_ptr<X>() : nullptr;
-        dispatch_row_kernels([&](auto k) {
-          at::parallel_for(0, d.tokens, row_grain(d.n * d.C), [&](int64_t t0, int64_t t1) {
-            decltype(k)::grad_x(xf, dxp, proj, rstd, drstd, gy, mix, mix_stride, alpha, bias, static_cast<T>(pre_eps), e,
-                                dx.data_ptr<X>(), d.n, d.C, d.D, t0, t1);
-          });
+      const X* e = data_or_null<const X>(extra);
+      X* out = data_or_null<X>(dx);
+      dispatch_row_kernels([&](auto k) {
+        at::parallel_for(0, d.tokens, row_grain(d.n * d.C), [&](int64_t t0, int64_t t1) {
+          decltype(k)::grad_x(xf, dxp, proj, rstd, drstd, gy, mix, mix_stride, alpha, bias, static_cast<T>(pre_eps), e,
+                              out, d.n, d.C, d.D, t0, t1);
         });
-      }
+      });
     });
   }
 };

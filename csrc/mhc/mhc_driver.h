@@ -231,12 +231,12 @@ MhcGrads mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor
       backend.template layer_input_grad<T>(xf.data_ptr<T>(), gy.data_ptr<T>(), nullptr, gmix.rows<T>(), d);
     } else if (gy.defined()) {
       at::Tensor total = at::empty({T_, n}, opts);
-      backend.template layer_input_grad<T>(xf.data_ptr<T>(), gy.data_ptr<T>(), ptr_or_null<T>(gpre),
+      backend.template layer_input_grad<T>(xf.data_ptr<T>(), gy.data_ptr<T>(), data_or_null<const T>(gpre),
                                            total.data_ptr<T>(), d);
       gpre = total;
     }
     backend.template epilogue_backward<T>(P.data_ptr<T>(), R.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(),
-                                          ptr_or_null<T>(gpre), ptr_or_null<T>(gpost), ptr_or_null<T>(gres),
+                                          data_or_null<const T>(gpre), data_or_null<const T>(gpost), data_or_null<const T>(gres),
                                           dl.data_ptr<T>(), dproj.data_ptr<T>(), dalpha.data_ptr<T>(),
                                           drstd.data_ptr<T>(), d, s);
     grad_phi = at::mm(xf.t(), dproj);
@@ -247,7 +247,7 @@ MhcGrads mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor
     // The layer input's coefficient: pre_mix's (shifted) or h_pre recomputed from proj (null).
     const T* mix = pre_mix && gy.defined() ? pre_mix->h.data_ptr<T>() : nullptr;
     backend.template grad_x<T>(xf.data_ptr<T>(), dxp.data_ptr<T>(), P.data_ptr<T>(), R.data_ptr<T>(),
-                               drstd.data_ptr<T>(), ptr_or_null<T>(gy), mix, pre_mix ? pre_mix->token_stride : 0,
+                               drstd.data_ptr<T>(), data_or_null<const T>(gy), mix, pre_mix ? pre_mix->token_stride : 0,
                                a.data_ptr<T>(), b.data_ptr<T>(), pre_eps, extra_rows, grad_x, d);
   });
   if (pre_mix && gy.defined()) {

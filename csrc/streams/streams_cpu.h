@@ -21,6 +21,11 @@ struct CpuStreamsBackend {
   static void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
     dispatch_stream_dtype<c10::BFloat16, c10::Half>(dtype, fn);
   }
+  // fn(T{}) for the stream dtypes computed in S (the passes that already chose S).
+  template <typename S, typename Fn>
+  static void dispatch_dtype_for(at::ScalarType dtype, Fn&& fn) {
+    dispatch_stream_dtype_for<S, c10::BFloat16, c10::Half>(dtype, fn);
+  }
 
   template <typename T, typename S>
   void aggregate_forward(const T* x, const S* h, int64_t h_stride, T* y, int64_t tokens, int n, int64_t C);

@@ -30,13 +30,6 @@
 
 namespace hcext {
 
-// The tensor's data as T*, or null for an undefined or empty tensor (an output that was
-// not requested, an absent input). T may be a backend's 16-bit type (same bits as ATen's).
-template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? static_cast<T*>(t.data_ptr()) : nullptr;
-}
-
 // A shared coefficient's gradient: the per-token rows summed over tokens in a fixed order.
 template <class Backend>
 void finish_coef_grad(Backend& backend, CoefGrad& g, const StreamsCoef& c, int64_t tokens, int64_t K) {
