@@ -5,7 +5,11 @@
 #   make demo    set up, build, run the main job (python -m hcext.demo: residual vs HC vs mHC)
 #   make test    set up, build (CPU + CUDA kernels when a CUDA toolkit is present), build and
 #                run the C++ test of the math headers (ctest), check the CUDA kernels' stack budget
-#                (ptxas -v, when nvcc is present), run pytest
+#                (ptxas -v, when nvcc is present), run pytest, then make test-emu
+#   make test-emu  the CUDA path without a GPU: build the emulated grid (tests/emu/CMakeLists.txt:
+#                the CUDA kernels as host C++, one fiber per CUDA thread), run its C++ test under
+#                ThreadSanitizer, then the Python suite's emulated tests (tests/emu/ and every
+#                family test's `emu` device) with the glue and kernels under AddressSanitizer
 #   make bench   set up, build, run every benchmark (python -m benchmarks: JSON in benchmarks/results/,
 #                then benchmarks/RESULTS.md and the README table regenerated)
 #   make cmake   the whole library through CMake as well (IDEs, sanitizers; not needed otherwise)
@@ -24,7 +28,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 VENV_PY = "$$(bash .ci/venv.sh)/bin/python"
 
-.PHONY: setup build ctest ptxas-check cmake test demo bench mutation-test gpu-check clean
+.PHONY: setup build ctest ptxas-check cmake test test-emu demo bench mutation-test gpu-check clean
 
 setup:
 	bash .ci/venv.sh
@@ -72,6 +76,31 @@ ptxas-check:
 test: build ctest ptxas-check
 	py=$(VENV_PY)
 	"$$py" -m pytest tests -q
+	$(MAKE) --no-print-directory test-emu
+
+# The families whose ops have CUDA kernels: their tests also run on the `emu` device.
+EMU_FAMILY_TESTS = tests/test_streams.py tests/test_sinkhorn.py tests/test_mhc.py tests/test_mhc_post_pre.py \
+	tests/test_mhc_shifted.py tests/test_hc.py
+
+# Needs the CUDA toolkit's headers only (no GPU, no nvcc run). The sanitizer runtimes are
+# preloaded (python itself is not instrumented); libstdc++ with them, so that ASan can
+# intercept C++ exceptions thrown by torch. Slow tests (inductor compiles) are left out.
+test-emu: build
+	source .ci/env.sh
+	py=$(VENV_PY)
+	if [ -z "$${CUDA_HOME:-}" ]; then echo "test-emu: no CUDA toolkit headers (CUDA_HOME)"; exit 1; fi
+	start=$$(date +%s)
+	echo "building the emulated CUDA backend (compiler output: build-emu.log)"
+	{ PATH="$$(dirname "$$py"):$$PATH" cmake -S tests/emu -B build-emu -G Ninja -DPython3_EXECUTABLE="$$py" \
+	    -DCUDA_HOME="$$CUDA_HOME" && cmake --build build-emu; } > build-emu.log 2>&1 || { tail -n 60 build-emu.log; exit 1; }
+	echo "emulated backend built in $$(( $$(date +%s) - start )) s"
+	ctest --test-dir build-emu --output-on-failure
+	HCEXT_EMU_BUILD="$$PWD/build-emu" \
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0:abort_on_error=1 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  "$$py" -m pytest tests/emu $(EMU_FAMILY_TESTS) -k emu -m "not slow" -q -p no:cacheprovider
+	echo "test-emu took $$(( $$(date +%s) - start )) s"
 
 demo: build
 	py=$(VENV_PY)
@@ -100,4 +129,4 @@ mutation-test: build
 	"$$py" -m tests.mutation.run
 
 clean:
-	rm -rf build build-cmake build-cmake.log build-setup.log build-ptxas.log hcext/_C*.so *.egg-info
+	rm -rf build build-cmake build-cmake.log build-setup.log build-ptxas.log build-emu build-emu.log hcext/_C*.so *.egg-info

@@ -11,6 +11,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "common/cuda_launch.cuh"
 #include "common/stream_dtype.h"
 #include "hcext/lanes.h"
 
@@ -92,6 +93,7 @@ struct alignas(sizeof(T) * VEC > 16 ? 16 : sizeof(T) * VEC) Pack {
 
 template <typename T, int VEC>
 __device__ __forceinline__ Lanes<ComputeOf<T>, VEC> load(const T* p) {
+  HCEXT_CHECK_ALIGNED(p, alignof(Pack<T, VEC>));
   const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
   Lanes<ComputeOf<T>, VEC> r;
 #pragma unroll
@@ -101,6 +103,7 @@ __device__ __forceinline__ Lanes<ComputeOf<T>, VEC> load(const T* p) {
 
 template <typename T, int VEC>
 __device__ __forceinline__ void store(T* p, const Lanes<ComputeOf<T>, VEC>& r) {
+  HCEXT_CHECK_ALIGNED(p, alignof(Pack<T, VEC>));
   Pack<T, VEC> pk;
 #pragma unroll
   for (int l = 0; l < VEC; ++l) pk.v[l] = Convert<T>::out(r.v[l]);

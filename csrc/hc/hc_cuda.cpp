@@ -18,13 +18,13 @@ struct CudaHcBackend : CudaContext {
   template <typename T>
   void forward(const at::Tensor& x, const T* wt_t, const HcDims& d, const HcParams<T>& p, T eps, T* proj, T* stats,
                T* h_pre, T* h_post, T* h_res) {
-    C10_CUDA_CHECK(cuda::hc_forward<T>(x.data_ptr(), stream_dtype(x.scalar_type()), wt_t, d.shape, p, d.tokens, d.C, eps,
+    HCEXT_CUDA_CHECK(cuda::hc_forward<T>(x.data_ptr(), stream_dtype(x.scalar_type()), wt_t, d.shape, p, d.tokens, d.C, eps,
                                        proj, stats, h_pre, h_post, h_res, stream));
   }
   template <typename T>
   void epilogue_backward(const HcDims& d, const HcParams<T>& p, const T* q, const T* stats, const T* g_pre,
                          const T* g_post, const T* g_res, T* e, T* xcoef, T* partial) {
-    C10_CUDA_CHECK(cuda::hc_epilogue_backward<T>(d.shape, p, d.tokens, d.C, q, stats, g_pre, g_post, g_res, e, xcoef,
+    HCEXT_CUDA_CHECK(cuda::hc_epilogue_backward<T>(d.shape, p, d.tokens, d.C, q, stats, g_pre, g_post, g_res, e, xcoef,
                                                  partial, stream));
   }
   template <typename T>
@@ -32,20 +32,20 @@ struct CudaHcBackend : CudaContext {
     const int64_t chunks = cuda::hc_grad_chunks(d.tokens, d.C, d.shape.K);
     // Per-chunk partials; none needed for one chunk.
     const at::Tensor workspace = scratch<T>(chunks > 1 ? chunks * d.C * d.shape.K : 0);
-    C10_CUDA_CHECK(cuda::hc_centered_grad<T>(x.data_ptr(), stream_dtype(x.scalar_type()), e, stats, d.n, d.shape.K,
+    HCEXT_CUDA_CHECK(cuda::hc_centered_grad<T>(x.data_ptr(), stream_dtype(x.scalar_type()), e, stats, d.n, d.shape.K,
                                              d.tokens, d.C, chunks > 1 ? workspace.data_ptr<T>() : nullptr,
                                              G.data_ptr<T>(), stream));
   }
   template <typename T>
   void grad_x(const at::Tensor& x, const T* wc_t, const T* e, const T* xcoef, const T* stats, at::Tensor& dx,
               const HcDims& d) {
-    C10_CUDA_CHECK(cuda::hc_grad_x<T>(x.data_ptr(), stream_dtype(x.scalar_type()), wc_t, e, xcoef, stats, dx.data_ptr(),
+    HCEXT_CUDA_CHECK(cuda::hc_grad_x<T>(x.data_ptr(), stream_dtype(x.scalar_type()), wc_t, e, xcoef, stats, dx.data_ptr(),
                                       d.n, d.shape.K, d.tokens, d.C, stream));
   }
 };
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hcext, CUDA, m) { register_hc_kernels<CudaHcBackend>(m); }
+HCEXT_CUDA_KERNELS(m) { register_hc_kernels<CudaHcBackend>(m); }
 
 }  // namespace hcext

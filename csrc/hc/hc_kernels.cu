@@ -34,7 +34,7 @@ __device__ __forceinline__ T warp_sum(T v) {
 
 // kMaxK >= shape.K: the projections are held in registers (loops guarded by k < K).
 template <typename T, typename X, int kMaxK>
-__global__ void forward_kernel(const X* __restrict__ x, const T* __restrict__ wt_t, HcShape s, HcParams<T> p,
+__global__ void hc_forward_kernel(const X* __restrict__ x, const T* __restrict__ wt_t, HcShape s, HcParams<T> p,
                                int64_t tokens, int64_t C, T norm_eps, T* __restrict__ proj, T* __restrict__ stats,
                                T* __restrict__ h_pre, T* __restrict__ h_post, T* __restrict__ h_res) {
   const int n = s.n, K = s.K;
@@ -70,7 +70,7 @@ __global__ void forward_kernel(const X* __restrict__ x, const T* __restrict__ wt
 }
 
 template <typename T>
-__global__ void epilogue_backward_kernel(HcShape s, HcParams<T> p, int64_t tokens, int64_t C,
+__global__ void hc_epilogue_backward_kernel(HcShape s, HcParams<T> p, int64_t tokens, int64_t C,
                                          const T* __restrict__ proj, const T* __restrict__ stats,
                                          const T* __restrict__ g_pre, const T* __restrict__ g_post,
                                          const T* __restrict__ g_res, T* __restrict__ e, T* __restrict__ xcoef,
@@ -85,7 +85,7 @@ __global__ void epilogue_backward_kernel(HcShape s, HcParams<T> p, int64_t token
 
 // partial[chunk, c, k] = Σ_{t in chunk} Σ_i (x_tic - mean_ti) e_tik. Grid: (channel blocks, chunks).
 template <typename T, typename X, int kMaxK>
-__global__ void centered_grad_kernel(const X* __restrict__ x, const T* __restrict__ e, const T* __restrict__ stats,
+__global__ void hc_centered_grad_kernel(const X* __restrict__ x, const T* __restrict__ e, const T* __restrict__ stats,
                                      int n, int K, int64_t tokens, int64_t C, int64_t chunk_tokens,
                                      T* __restrict__ partial) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -113,7 +113,7 @@ __global__ void centered_grad_kernel(const X* __restrict__ x, const T* __restric
 }
 
 template <typename T, typename X>
-__global__ void grad_x_kernel(const X* __restrict__ x, const T* __restrict__ wc_t, const T* __restrict__ e,
+__global__ void hc_grad_x_kernel(const X* __restrict__ x, const T* __restrict__ wc_t, const T* __restrict__ e,
                               const T* __restrict__ xcoef, const T* __restrict__ stats, X* __restrict__ dx, int n,
                               int K, int64_t tokens, int64_t C) {
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
@@ -145,26 +145,26 @@ unsigned int capped_blocks(int64_t count) {
 template <typename T>
 cudaError_t hc_forward(const void* x, StreamDtype xtype, const T* wt_t, HcShape shape, HcParams<T> params, int64_t tokens,
                        int64_t C, T norm_eps, T* proj, T* stats, T* h_pre, T* h_post, T* h_res, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
   const int warps = shape.n < kMaxWarps ? shape.n : kMaxWarps;
   with_stream_ptr<T>(xtype, x, [&](const auto* xp) {
     using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     dispatch_columns(shape.n, [&]<int kMaxK>() {
-      forward_kernel<T, X, kMaxK><<<capped_blocks(tokens), 32 * warps, 0, stream>>>(
-          xp, wt_t, shape, params, tokens, C, norm_eps, proj, stats, h_pre, h_post, h_res);
+      err = launch<hc_forward_kernel<T, X, kMaxK>>(capped_blocks(tokens), 32 * warps, 0, stream, xp, wt_t, shape, params, tokens, C, norm_eps, proj, stats, h_pre, h_post, h_res);
     });
   });
-  return cudaGetLastError();
+  return err;
 }
 
 template <typename T>
 cudaError_t hc_epilogue_backward(HcShape shape, HcParams<T> params, int64_t tokens, int64_t C, const T* proj,
                                  const T* stats, const T* g_pre, const T* g_post, const T* g_res, T* e, T* xcoef,
                                  T* partial, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
-  epilogue_backward_kernel<T><<<capped_blocks(ceil_div(tokens, kTokenThreads)), kTokenThreads, 0, stream>>>(
-      shape, params, tokens, C, proj, stats, g_pre, g_post, g_res, e, xcoef, partial);
-  return cudaGetLastError();
+  err = launch<hc_epilogue_backward_kernel<T>>(capped_blocks(ceil_div(tokens, kTokenThreads)), kTokenThreads, 0, stream, shape, params, tokens, C, proj, stats, g_pre, g_post, g_res, e, xcoef, partial);
+  return err;
 }
 
 int64_t hc_grad_chunks(int64_t tokens, int64_t C, int K) {
@@ -179,6 +179,7 @@ int64_t hc_grad_chunks(int64_t tokens, int64_t C, int K) {
 template <typename T>
 cudaError_t hc_centered_grad(const void* x, StreamDtype xtype, const T* e, const T* stats, int n, int K, int64_t tokens,
                              int64_t C, T* workspace, T* G, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
   const int64_t chunks = hc_grad_chunks(tokens, C, K);
   const int64_t chunk_tokens = (tokens + chunks - 1) / chunks;
@@ -188,11 +189,10 @@ cudaError_t hc_centered_grad(const void* x, StreamDtype xtype, const T* e, const
   with_stream_ptr<T>(xtype, x, [&](const auto* xp) {
     using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     dispatch_columns(n, [&]<int kMaxK>() {
-      centered_grad_kernel<T, X, kMaxK><<<grid, kChannelThreads, 0, stream>>>(xp, e, stats, n, K, tokens, C,
+      err = launch<hc_centered_grad_kernel<T, X, kMaxK>>(grid, kChannelThreads, 0, stream, xp, e, stats, n, K, tokens, C,
                                                                              chunk_tokens, partial);
     });
   });
-  cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || used == 1) return err;
   return sum_over_tokens<T>(partial, G, used, C * K, stream);
 }
@@ -200,13 +200,14 @@ cudaError_t hc_centered_grad(const void* x, StreamDtype xtype, const T* e, const
 template <typename T>
 cudaError_t hc_grad_x(const void* x, StreamDtype xtype, const T* wc_t, const T* e, const T* xcoef, const T* stats,
                       void* dx, int n, int K, int64_t tokens, int64_t C, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
   with_stream_ptr<T>(xtype, x, [&](const auto* xp) {
     using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-    grad_x_kernel<T, X><<<capped_blocks(tokens), kRowThreads, 0, stream>>>(xp, wc_t, e, xcoef, stats,
+    err = launch<hc_grad_x_kernel<T, X>>(capped_blocks(tokens), kRowThreads, 0, stream, xp, wc_t, e, xcoef, stats,
                                                                            static_cast<X*>(dx), n, K, tokens, C);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 #define HCEXT_INSTANTIATE_HC(T)                                                                                     \

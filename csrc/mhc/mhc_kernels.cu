@@ -32,7 +32,7 @@ struct WorkspaceHistory {
 // allow it (see can_vectorize), else VEC = 1.
 template <typename X, typename T, int VEC>
 __global__ void __launch_bounds__(kRowThreads)
-    rows_kernel(const X* __restrict__ x, T* __restrict__ xf, T* __restrict__ rstd, int64_t len, T norm_eps) {
+    mhc_rows_kernel(const X* __restrict__ x, T* __restrict__ xf, T* __restrict__ rstd, int64_t len, T norm_eps) {
   __shared__ T smem[kRowThreads / 32][1];
   const int64_t t = blockIdx.x;
   T acc[1] = {T(0)};
@@ -47,24 +47,30 @@ __global__ void __launch_bounds__(kRowThreads)
 
 template <typename T, int kN, int kMaxN>
 __global__ void __launch_bounds__(kTokenThreads)
-    epilogue_kernel(const T* __restrict__ proj, const T* __restrict__ rstd, const T* __restrict__ alpha,
+    mhc_epilogue_kernel(const T* __restrict__ proj, const T* __restrict__ rstd, const T* __restrict__ alpha,
                     const T* __restrict__ bias, T* __restrict__ h_pre, T* __restrict__ h_post, T* __restrict__ h_res,
                     int64_t tokens, int n_rt, int iters, T sinkhorn_eps, T pre_eps, T post_mult) {
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= tokens) return;
   const int n = kN > 0 ? kN : n_rt;
   const int D = mhc_coeff_width(n);
-  T hr[kMaxN * kMaxN];  // the Sinkhorn's working matrix, in registers for the n = 4 path
+  // The Sinkhorn's working matrix: in registers for the n = 4 path, in local memory up to
+  // kThreadMatrixMaxN, beyond in the output row itself.
+  constexpr bool kGlobal = kMaxN > kThreadMatrixMaxN;
+  T local[kGlobal ? 1 : kMaxN * kMaxN];
+  T* out = h_res + t * n * n;
+  T* hr = kGlobal ? out : local;
   mhc_coeffs_epilogue<kN>(proj + t * D, rstd[t], alpha, bias, n, iters, sinkhorn_eps, pre_eps, post_mult,
                           h_pre + t * n, h_post + t * n, hr);
-  T* out = h_res + t * n * n;
-  HCEXT_UNROLL
-  for (int k = 0; k < n * n; ++k) out[k] = hr[k];
+  if constexpr (!kGlobal) {
+    HCEXT_UNROLL
+    for (int k = 0; k < n * n; ++k) out[k] = hr[k];
+  }
 }
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kRowThreads)
-    layer_input_grad_kernel(const T* __restrict__ xf, const T* __restrict__ gy, const T* __restrict__ g_pre,
+    mhc_layer_input_grad_kernel(const T* __restrict__ xf, const T* __restrict__ gy, const T* __restrict__ g_pre,
                             T* __restrict__ g_pre_out, int n, int64_t C) {
   __shared__ T smem[kRowThreads / 32][1];
   const int64_t t = blockIdx.x;
@@ -83,16 +89,23 @@ __global__ void __launch_bounds__(kRowThreads)
 
 template <typename T, int kN, int kMaxN>
 __global__ void __launch_bounds__(kTokenThreads)
-    epilogue_backward_kernel(const T* __restrict__ proj, const T* __restrict__ rstd, const T* __restrict__ alpha,
+    mhc_epilogue_backward_kernel(const T* __restrict__ proj, const T* __restrict__ rstd, const T* __restrict__ alpha,
                              const T* __restrict__ bias, const T* __restrict__ g_pre, const T* __restrict__ g_post,
                              const T* __restrict__ g_res, T* __restrict__ dl, T* __restrict__ dproj,
-                             T* __restrict__ dalpha, T* __restrict__ drstd, T* __restrict__ workspace, int64_t tokens,
-                             int n_rt, int iters, T sinkhorn_eps, T post_mult) {
+                             T* __restrict__ dalpha, T* __restrict__ drstd, T* __restrict__ workspace,
+                             T* __restrict__ matrices, int64_t tokens, int n_rt, int iters, T sinkhorn_eps,
+                             T post_mult) {
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= tokens) return;
   const int n = kN > 0 ? kN : n_rt;
   const int D = mhc_coeff_width(n);
-  T gp[kMaxN], gq[kMaxN], gr[kMaxN * kMaxN], scratch[kMaxN * kMaxN];
+  // gr (the h_res gradient, worked on in place) and the Sinkhorn's scratch matrix: local up to
+  // kThreadMatrixMaxN, beyond in the token's two slices of `matrices`.
+  constexpr bool kGlobal = kMaxN > kThreadMatrixMaxN;
+  T gp[kMaxN], gq[kMaxN];
+  T local_r[kGlobal ? 1 : kMaxN * kMaxN], local_s[kGlobal ? 1 : kMaxN * kMaxN];
+  T* gr = kGlobal ? matrices + t * 2 * n * n : local_r;
+  T* scratch = kGlobal ? gr + n * n : local_s;
   HCEXT_UNROLL
   for (int i = 0; i < n; ++i) {
     gp[i] = g_pre ? g_pre[t * n + i] : T(0);
@@ -109,7 +122,7 @@ __global__ void __launch_bounds__(kTokenThreads)
 
 template <typename T, typename X, int VEC>
 __global__ void __launch_bounds__(kRowThreads)
-    grad_x_kernel(const T* __restrict__ xf, const T* dxp, const T* __restrict__ proj, const T* __restrict__ rstd,
+    mhc_grad_x_kernel(const T* __restrict__ xf, const T* dxp, const T* __restrict__ proj, const T* __restrict__ rstd,
                   const T* __restrict__ drstd, const T* __restrict__ gy, const T* __restrict__ mix,
                   int64_t mix_stride, const T* __restrict__ alpha,
                   const T* __restrict__ bias, T pre_eps, const X* __restrict__ extra, X* dx, int n, int64_t C,
@@ -145,39 +158,41 @@ void with_vec(bool vectorize, Fn&& fn) {
 template <typename T>
 cudaError_t mhc_rows(const void* x, StreamDtype xtype, T* xf, T* rstd, int64_t tokens, int64_t len, T norm_eps,
                      cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
   with_stream_ptr<T>(xtype, const_cast<void*>(x), [&](auto* xp) {
     using X = std::remove_pointer_t<decltype(xp)>;
     // The fp32 copy takes the same VEC values (as T) per thread: its rows must allow it too.
     const bool vectorize = can_vectorize<X>(len, {xp}) && can_vectorize<T>(len, {xf});
     with_vec<X>(vectorize, [&]<int VEC>() {
-      rows_kernel<X, T, VEC><<<static_cast<unsigned int>(tokens), kRowThreads, 0, stream>>>(xp, xf, rstd, len,
+      err = launch<mhc_rows_kernel<X, T, VEC>>(static_cast<unsigned int>(tokens), kRowThreads, 0, stream, xp, xf, rstd, len,
                                                                                            norm_eps);
     });
   });
-  return cudaGetLastError();
+  return err;
 }
 
 template <typename T>
 cudaError_t mhc_epilogue(const T* proj, const T* rstd, const T* alpha, const T* bias, T* h_pre, T* h_post, T* h_res,
                          int64_t tokens, int n, int iters, T sinkhorn_eps, T pre_eps, T post_mult, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
   dispatch_n(n, [&]<int kN, int kMaxN>() {
-    epilogue_kernel<T, kN, kMaxN><<<ceil_div(tokens, kTokenThreads), kTokenThreads, 0, stream>>>(
-        proj, rstd, alpha, bias, h_pre, h_post, h_res, tokens, n, iters, sinkhorn_eps, pre_eps, post_mult);
+    err = launch<mhc_epilogue_kernel<T, kN, kMaxN>>(ceil_div(tokens, kTokenThreads), kTokenThreads, 0, stream, proj, rstd, alpha, bias, h_pre, h_post, h_res, tokens, n, iters, sinkhorn_eps, pre_eps, post_mult);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 template <typename T>
 cudaError_t mhc_layer_input_grad(const T* xf, const T* gy, const T* g_pre, T* g_pre_out, int64_t tokens, int n,
                                  int64_t C, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
   with_vec<T>(can_vectorize<T>(C, {xf, gy}), [&]<int VEC>() {
-    layer_input_grad_kernel<T, VEC><<<static_cast<unsigned int>(tokens), kRowThreads, 0, stream>>>(xf, gy, g_pre,
+    err = launch<mhc_layer_input_grad_kernel<T, VEC>>(static_cast<unsigned int>(tokens), kRowThreads, 0, stream, xf, gy, g_pre,
                                                                                                   g_pre_out, n, C);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 template <typename T>
@@ -185,19 +200,22 @@ cudaError_t mhc_epilogue_backward(const T* proj, const T* rstd, const T* alpha, 
                                   const T* g_post, const T* g_res, T* dl, T* dproj, T* dalpha, T* drstd,
                                   T* workspace, int64_t tokens, int n, int iters, T sinkhorn_eps, T post_mult,
                                   cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
   dispatch_n(n, [&]<int kN, int kMaxN>() {
-    epilogue_backward_kernel<T, kN, kMaxN><<<ceil_div(tokens, kTokenThreads), kTokenThreads, 0, stream>>>(
-        proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha, drstd, workspace, tokens, n, iters,
-        sinkhorn_eps, post_mult);
+    err = launch<mhc_epilogue_backward_kernel<T, kN, kMaxN>>(
+        ceil_div(tokens, kTokenThreads), kTokenThreads, 0, stream, proj, rstd, alpha, bias, g_pre, g_post, g_res, dl,
+        dproj, dalpha, drstd, workspace, workspace + int64_t(sinkhorn_half_steps(iters)) * n * tokens, tokens, n,
+        iters, sinkhorn_eps, post_mult);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 template <typename T>
 cudaError_t mhc_grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy,
                        const T* mix, int64_t mix_stride, const T* alpha, const T* bias, T pre_eps, const void* extra, void* dx, StreamDtype xtype,
                        int64_t tokens, int n, int64_t C, int64_t D, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
   with_stream_ptr<T>(xtype, dx, [&](auto* dxp_out) {
     using X = std::remove_pointer_t<decltype(dxp_out)>;
@@ -205,11 +223,10 @@ cudaError_t mhc_grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, 
     const X* extra_x = static_cast<const X*>(extra);
     const bool vectorize = can_vectorize<X>(C, {dxp_out, extra_x}) && can_vectorize<T>(C, {xf, dxp, gy});
     with_vec<X>(vectorize, [&]<int VEC>() {
-      grad_x_kernel<T, X, VEC><<<static_cast<unsigned int>(tokens), kRowThreads, 0, stream>>>(
-          xf, dxp, proj, rstd, drstd, gy, mix, mix_stride, alpha, bias, pre_eps, extra_x, dxp_out, n, C, D);
+      err = launch<mhc_grad_x_kernel<T, X, VEC>>(static_cast<unsigned int>(tokens), kRowThreads, 0, stream, xf, dxp, proj, rstd, drstd, gy, mix, mix_stride, alpha, bias, pre_eps, extra_x, dxp_out, n, C, D);
     });
   });
-  return cudaGetLastError();
+  return err;
 }
 
 #define HCEXT_INSTANTIATE_MHC(T)                                                                                   \

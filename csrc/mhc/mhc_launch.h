@@ -28,7 +28,9 @@ cudaError_t mhc_layer_input_grad(const T* xf, const T* gy, const T* g_pre, T* g_
                                  int64_t C, cudaStream_t stream);
 
 // Backward epilogue (any g_* may be null = zero): -> dl, dproj [tokens, D], dalpha [tokens, 3],
-// drstd [tokens]. workspace: (2*iters-1) * n * tokens elements.
+// drstd [tokens]. workspace: (2*iters-1) * n * tokens elements (the Sinkhorn's half-step
+// denominators), then thread_matrix_workspace(tokens, n, 2) (hcext/dispatch.h: two n x n
+// matrices per token for n > kThreadMatrixMaxN).
 template <typename T>
 cudaError_t mhc_epilogue_backward(const T* proj, const T* rstd, const T* alpha, const T* bias, const T* g_pre,
                                   const T* g_post, const T* g_res, T* dl, T* dproj, T* dalpha, T* drstd,

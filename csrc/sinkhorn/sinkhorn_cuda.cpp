@@ -16,19 +16,20 @@ struct CudaSinkhornBackend : CudaContext {
 
   template <typename T>
   void forward(const T* logits, T* out, int64_t tokens, int n, int iters, T eps) {
-    C10_CUDA_CHECK(cuda::sinkhorn_forward<T>(logits, out, tokens, n, iters, eps, stream));
+    HCEXT_CUDA_CHECK(cuda::sinkhorn_forward<T>(logits, out, tokens, n, iters, eps, stream));
   }
   template <typename T>
   void backward(const T* grad, const T* logits, T* grad_logits, int64_t tokens, int n, int iters, T eps) {
-    // The recomputed half-step denominators.
-    const at::Tensor workspace = scratch<T>(int64_t(sinkhorn_half_steps(iters)) * n * tokens);
-    C10_CUDA_CHECK(cuda::sinkhorn_backward<T>(grad, logits, grad_logits, workspace.data_ptr<T>(), tokens, n, iters,
+    // The recomputed half-step denominators (and, for large n, each token's iterates).
+    const at::Tensor workspace = scratch<T>(int64_t(sinkhorn_half_steps(iters)) * n * tokens +
+                                            thread_matrix_workspace(tokens, n, 1));
+    HCEXT_CUDA_CHECK(cuda::sinkhorn_backward<T>(grad, logits, grad_logits, workspace.data_ptr<T>(), tokens, n, iters,
                                               eps, stream));
   }
 };
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hcext, CUDA, m) { register_sinkhorn_kernels<CudaSinkhornBackend>(m); }
+HCEXT_CUDA_KERNELS(m) { register_sinkhorn_kernels<CudaSinkhornBackend>(m); }
 
 }  // namespace hcext

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include "common/cuda_launch.cuh"
 #include "hcext/sinkhorn.h"
 #include "sinkhorn/sinkhorn_launch.h"
 
@@ -32,27 +33,39 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_forward_kernel(const T* __r
   if (token >= tokens) return;
   const int n = kN > 0 ? kN : n_rt;
   const int nn = n * n;
-  T P[kMaxN * kMaxN];
+  // Large n: the iterates live in the output row itself (see kThreadMatrixMaxN).
+  constexpr bool kGlobal = kMaxN > kThreadMatrixMaxN;
+  T local[kGlobal ? 1 : kMaxN * kMaxN];
+  T* dst = out + token * nn;
+  T* P = kGlobal ? dst : local;
   const T* src = logits + token * nn;
   HCEXT_UNROLL
   for (int k = 0; k < nn; ++k) P[k] = src[k];
   SinkhornNoHistory none;
   hcext::sinkhorn_forward<kN>(P, n, iters, eps, none);
-  T* dst = out + token * nn;
-  HCEXT_UNROLL
-  for (int k = 0; k < nn; ++k) dst[k] = P[k];
+  if constexpr (!kGlobal) {
+    HCEXT_UNROLL
+    for (int k = 0; k < nn; ++k) dst[k] = P[k];
+  }
 }
 
 template <typename T, int kN, int kMaxN>
 __global__ void __launch_bounds__(kThreads)
     sinkhorn_backward_kernel(const T* __restrict__ grad, const T* __restrict__ logits, T* __restrict__ grad_logits,
-                             T* __restrict__ workspace, int64_t tokens, int n_rt, int iters, T eps) {
+                             T* __restrict__ workspace, T* __restrict__ matrices, int64_t tokens, int n_rt, int iters,
+                             T eps) {
   const int64_t token = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (token >= tokens) return;
   const int n = kN > 0 ? kN : n_rt;
   const int nn = n * n;
-  T P[kMaxN * kMaxN];
-  T G[kMaxN * kMaxN];
+  // Large n: the gradient is worked on in the output row, the iterates in the token's slice of
+  // `matrices` (see kThreadMatrixMaxN).
+  constexpr bool kGlobal = kMaxN > kThreadMatrixMaxN;
+  T local_p[kGlobal ? 1 : kMaxN * kMaxN];
+  T local_g[kGlobal ? 1 : kMaxN * kMaxN];
+  T* dst = grad_logits + token * nn;
+  T* P = kGlobal ? matrices + token * nn : local_p;
+  T* G = kGlobal ? dst : local_g;
   const T* g = grad + token * nn;
   HCEXT_UNROLL
   for (int k = 0; k < nn; ++k) G[k] = g[k];
@@ -63,9 +76,10 @@ __global__ void __launch_bounds__(kThreads)
   };
   WorkspaceHistory<T> hist{workspace, tokens, token, n};
   hcext::sinkhorn_backward<kN>(P, G, n, iters, eps, hist, load_logits);
-  T* dst = grad_logits + token * nn;
-  HCEXT_UNROLL
-  for (int k = 0; k < nn; ++k) dst[k] = G[k];
+  if constexpr (!kGlobal) {
+    HCEXT_UNROLL
+    for (int k = 0; k < nn; ++k) dst[k] = G[k];
+  }
 }
 
 inline unsigned int num_blocks(int64_t tokens) { return static_cast<unsigned int>((tokens + kThreads - 1) / kThreads); }
@@ -74,22 +88,26 @@ inline unsigned int num_blocks(int64_t tokens) { return static_cast<unsigned int
 
 template <typename T>
 cudaError_t sinkhorn_forward(const T* logits, T* out, int64_t tokens, int n, int iters, T eps, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
   dispatch_n(n, [&]<int kN, int kMaxN>() {
-    sinkhorn_forward_kernel<T, kN, kMaxN><<<num_blocks(tokens), kThreads, 0, stream>>>(logits, out, tokens, n, iters, eps);
+    err = launch<sinkhorn_forward_kernel<T, kN, kMaxN>>(num_blocks(tokens), kThreads, 0, stream, logits, out, tokens, n,
+                                                        iters, eps);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 template <typename T>
 cudaError_t sinkhorn_backward(const T* grad, const T* logits, T* grad_logits, T* workspace, int64_t tokens, int n,
                               int iters, T eps, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
   dispatch_n(n, [&]<int kN, int kMaxN>() {
-    sinkhorn_backward_kernel<T, kN, kMaxN><<<num_blocks(tokens), kThreads, 0, stream>>>(
-        grad, logits, grad_logits, workspace, tokens, n, iters, eps);
+    err = launch<sinkhorn_backward_kernel<T, kN, kMaxN>>(
+        num_blocks(tokens), kThreads, 0, stream, grad, logits, grad_logits, workspace,
+        workspace + int64_t(sinkhorn_half_steps(iters)) * n * tokens, tokens, n, iters, eps);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 template cudaError_t sinkhorn_forward<float>(const float*, float*, int64_t, int, int, float, cudaStream_t);

@@ -8,6 +8,6 @@
 
 namespace hcext {
 
-TORCH_LIBRARY_IMPL(hcext, CUDA, m) { register_streams_kernels<CudaStreamsBackend>(m); }
+HCEXT_CUDA_KERNELS(m) { register_streams_kernels<CudaStreamsBackend>(m); }
 
 }  // namespace hcext

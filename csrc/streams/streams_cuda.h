@@ -22,34 +22,34 @@ struct CudaStreamsBackend : CudaContext {
 
   template <typename T, typename S>
   void aggregate_forward(const T* x, const S* h, int64_t h_stride, T* y, int64_t tokens, int n, int64_t C) {
-    C10_CUDA_CHECK((cuda::stream_aggregate_forward<T, S>(x, h, h_stride, y, tokens, n, C, stream)));
+    HCEXT_CUDA_CHECK((cuda::stream_aggregate_forward<T, S>(x, h, h_stride, y, tokens, n, C, stream)));
   }
   template <typename T, typename S>
   void aggregate_backward(const T* gy, const T* x, const S* h, int64_t h_stride, T* grad_x, S* gh_rows,
                           int64_t tokens, int n, int64_t C) {
-    C10_CUDA_CHECK((cuda::stream_aggregate_backward<T, S>(gy, x, h, h_stride, grad_x, gh_rows, tokens, n, C, stream)));
+    HCEXT_CUDA_CHECK((cuda::stream_aggregate_backward<T, S>(gy, x, h, h_stride, grad_x, gh_rows, tokens, n, C, stream)));
   }
   template <typename T, typename S>
   void mix_forward(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr, int64_t hr_stride, T* out,
                    int64_t tokens, int n, int64_t C) {
-    C10_CUDA_CHECK((cuda::stream_mix_expand_forward<T, S>(f, x, hp, hp_stride, hr, hr_stride, out, tokens, n, C, stream)));
+    HCEXT_CUDA_CHECK((cuda::stream_mix_expand_forward<T, S>(f, x, hp, hp_stride, hr, hr_stride, out, tokens, n, C, stream)));
   }
   template <typename T, typename S>
   void mix_backward(const T* g, const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr,
                     int64_t hr_stride, T* grad_f, T* grad_x, S* ghp_rows, S* ghr_rows, int64_t tokens, int n,
                     int64_t C) {
-    C10_CUDA_CHECK((cuda::stream_mix_expand_backward<T, S>(g, f, x, hp, hp_stride, hr, hr_stride, grad_f, grad_x,
+    HCEXT_CUDA_CHECK((cuda::stream_mix_expand_backward<T, S>(g, f, x, hp, hp_stride, hr, hr_stride, grad_f, grad_x,
                                                           ghp_rows, ghr_rows, tokens, n, C, stream)));
   }
   template <typename T, typename S>
   void mix_rows(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr, int64_t hr_stride, T* out,
                 S* xf, S* rstd, S norm_eps, int64_t tokens, int n, int64_t C) {
-    C10_CUDA_CHECK((cuda::stream_mix_rows<T, S>(f, x, hp, hp_stride, hr, hr_stride, out, xf, rstd, norm_eps, tokens, n,
+    HCEXT_CUDA_CHECK((cuda::stream_mix_rows<T, S>(f, x, hp, hp_stride, hr, hr_stride, out, xf, rstd, norm_eps, tokens, n,
                                                C, stream)));
   }
   template <typename S>
   void sum_over_tokens(const S* partials, S* out, int64_t tokens, int64_t K) {
-    C10_CUDA_CHECK((cuda::sum_over_tokens<S>(partials, out, tokens, K, stream)));
+    HCEXT_CUDA_CHECK((cuda::sum_over_tokens<S>(partials, out, tokens, K, stream)));
   }
 };
 

@@ -138,10 +138,7 @@ __global__ void __launch_bounds__(kTokenThreads)
           r.v[l] = Convert<T>::in(Convert<T>::out(o.v[l]));
           squares[0] += r.v[l] * r.v[l];
         }
-        if (xf) {
-#pragma unroll
-          for (int l = 0; l < VEC; ++l) xf[(t * n + i) * C + c + l] = r.v[l];
-        }
+        if (xf) store<S, VEC>(xf + (t * n + i) * C + c, r);  // 128-bit stores, like the other rows
       }
     }
     block_sum<1>(squares, 1, smem, [&](int, S s) { rstd[t] = mhc_rstd<S>(s, S(n * C), norm_eps); });
@@ -345,70 +342,75 @@ void dispatch(int n, bool vectorize, Fn&& fn) {
 template <typename T, typename S>
 cudaError_t stream_aggregate_forward(const T* x, const S* h_pre, int64_t h_stride, T* y, int64_t tokens, int n,
                                      int64_t C, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0 || C == 0) return cudaSuccess;
   dispatch<T>(n, can_vectorize<T>(C, {x, y}), [&]<int kN, int VEC>() {
     const int64_t total = tokens * (C / VEC);
-    aggregate_forward_kernel<T, kN, VEC><<<elementwise_blocks(total), kThreads, 0, stream>>>(x, h_pre, h_stride, y,
+    err = launch<aggregate_forward_kernel<T, kN, VEC>>(elementwise_blocks(total), kThreads, 0, stream, x, h_pre, h_stride, y,
                                                                                              tokens, n, C);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 template <typename T, typename S>
 cudaError_t stream_aggregate_backward(const T* grad, const T* x, const S* h_pre, int64_t h_stride, T* grad_x,
                                       S* grad_h_pre_rows, int64_t tokens, int n, int64_t C, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0 || (grad_x == nullptr && grad_h_pre_rows == nullptr)) return cudaSuccess;
   dispatch<T>(n, can_vectorize<T>(C, {grad, x, grad_x}), [&]<int kN, int VEC>() {
-    aggregate_backward_kernel<T, kN, VEC><<<token_blocks(tokens), token_threads(C / VEC), 0, stream>>>(
-        grad, x, h_pre, h_stride, grad_x, grad_h_pre_rows, tokens, n, C);
+    err = launch<aggregate_backward_kernel<T, kN, VEC>>(token_blocks(tokens), token_threads(C / VEC), 0, stream, grad, x, h_pre, h_stride, grad_x, grad_h_pre_rows, tokens, n, C);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 template <typename T, typename S>
 cudaError_t stream_mix_expand_forward(const T* f, const T* x, const S* h_post, int64_t hp_stride, const S* h_res,
                                       int64_t hr_stride, T* out, int64_t tokens, int n, int64_t C,
                                       cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0 || C == 0) return cudaSuccess;
   dispatch<T>(n, can_vectorize<T>(C, {f, x, out}), [&]<int kN, int VEC>() {
     const int64_t total = tokens * (C / VEC);
-    mix_forward_kernel<T, kN, VEC><<<elementwise_blocks(total), kThreads, 0, stream>>>(f, x, h_post, hp_stride, h_res,
+    err = launch<mix_forward_kernel<T, kN, VEC>>(elementwise_blocks(total), kThreads, 0, stream, f, x, h_post, hp_stride, h_res,
                                                                                        hr_stride, out, tokens, n, C);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 template <typename T, typename S>
 cudaError_t stream_mix_expand_backward(const T* grad, const T* f, const T* x, const S* h_post, int64_t hp_stride,
                                        const S* h_res, int64_t hr_stride, T* grad_f, T* grad_x, S* grad_h_post_rows,
                                        S* grad_h_res_rows, int64_t tokens, int n, int64_t C, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
   if (!grad_f && !grad_x && !grad_h_post_rows && !grad_h_res_rows) return cudaSuccess;
   dispatch<T>(n, can_vectorize<T>(C, {grad, f, x, grad_f, grad_x}), [&]<int kN, int VEC>() {
-    mix_backward_kernel<T, kN, VEC><<<token_blocks(tokens), token_threads(C / VEC), 0, stream>>>(
-        grad, f, x, h_post, hp_stride, h_res, hr_stride, grad_f, grad_x, grad_h_post_rows, grad_h_res_rows, tokens, n,
+    err = launch<mix_backward_kernel<T, kN, VEC>>(token_blocks(tokens), token_threads(C / VEC), 0, stream, grad, f, x, h_post, hp_stride, h_res, hr_stride, grad_f, grad_x, grad_h_post_rows, grad_h_res_rows, tokens, n,
         C);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 template <typename T, typename S>
 cudaError_t stream_mix_rows(const T* f, const T* x, const S* h_post, int64_t hp_stride, const S* h_res,
                             int64_t hr_stride, T* out, S* xf, S* rstd, S norm_eps, int64_t tokens, int n, int64_t C,
                             cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
-  dispatch<T>(n, can_vectorize<T>(C, {f, x, out}), [&]<int kN, int VEC>() {
-    mix_rows_kernel<T, kN, VEC><<<token_blocks(tokens), token_threads(C / VEC), 0, stream>>>(
-        f, x, h_post, hp_stride, h_res, hr_stride, out, xf, rstd, norm_eps, tokens, n, C);
+  // xf takes the same VEC values in S per thread: its rows must allow it too.
+  const bool vectorize = can_vectorize<T>(C, {f, x, out}) && can_vectorize<S>(C, {xf});
+  dispatch<T>(n, vectorize, [&]<int kN, int VEC>() {
+    err = launch<mix_rows_kernel<T, kN, VEC>>(token_blocks(tokens), token_threads(C / VEC), 0, stream, f, x, h_post, hp_stride, h_res, hr_stride, out, xf, rstd, norm_eps, tokens, n, C);
   });
-  return cudaGetLastError();
+  return err;
 }
 
 template <typename S>
 cudaError_t sum_over_tokens(const S* partials, S* out, int64_t tokens, int64_t K, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   if (K == 0) return cudaSuccess;
-  sum_over_tokens_kernel<S><<<static_cast<unsigned int>(K), kTokenThreads, 0, stream>>>(partials, out, tokens, K);
-  return cudaGetLastError();
+  err = launch<sum_over_tokens_kernel<S>>(static_cast<unsigned int>(K), kTokenThreads, 0, stream, partials, out, tokens, K);
+  return err;
 }
 
 #define HCEXT_INSTANTIATE_STREAMS(T, S)                                                                              \

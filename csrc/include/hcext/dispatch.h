@@ -13,6 +13,19 @@ namespace hcext {
 
 constexpr int kMaxStreams = 32;
 
+// CUDA kernels that work on an n x n matrix per thread (the Sinkhorn, the mHC epilogues) keep
+// it in registers / local memory up to this n, and in a per-token slice of global memory
+// beyond (the output itself, or a workspace the glue allocates): local memory is reserved for
+// every thread the GPU can hold at once, whatever n the call has, so kernels for n up to 32
+// must not ask for n = 32's matrices there (build-ptxas.log; the ptxas check's stack budget).
+constexpr int kThreadMatrixMaxN = 8;
+
+// Elements of global workspace the Sinkhorn backward needs per call beyond its half-step
+// denominators: one n x n matrix per token (`matrices`) when n > kThreadMatrixMaxN.
+inline long long thread_matrix_workspace(long long tokens, int n, int matrices) {
+  return n > kThreadMatrixMaxN ? tokens * n * n * matrices : 0;
+}
+
 template <typename Fn>
 void dispatch_n(int n, Fn&& fn) {
   if (n == 4) return fn.template operator()<4, 4>();
