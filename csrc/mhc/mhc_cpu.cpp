@@ -1,10 +1,13 @@
 // The CPU backend of the mHC family (the sequence of passes is mhc_driver.h; the layer
 // input and the boundary's mix are the streams CPU backend's, streams_cpu.h). Here are the
 // CPU passes: at::parallel_for over tokens, the per-token epilogues (hcext/mhc.h,
-// shared with CUDA) on blocks of kW tokens held in Lanes.
+// shared with CUDA) on blocks of kW tokens held in Lanes, and the passes over x that
+// replace the projection GEMMs (mhc_cpu_passes.cpp: x read in its own dtype, no fp32 copy).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,6 +20,7 @@
 #include "hcext/dispatch.h"
 #include "hcext/lanes.h"
 #include "hcext/mhc.h"
+#include "mhc/mhc_cpu_passes.h"
 #include "mhc/mhc_driver.h"
 #include "streams/streams_cpu.h"
 
@@ -36,32 +40,18 @@ using cpu::LaneHistory;
 using cpu::load_lanes;
 using cpu::store_lanes;
 
-// ---- Row passes over x's n*C channels (vectorised, compiled per ISA: common/cpu_isa.h).
+// ---- Row pass over x's channels (vectorised, compiled per ISA: common/cpu_isa.h).
 // S: the compute type (float, double); X: the streams' dtype.
 
-// rstd[t] from the sum of squares of row t; xf (nullable) receives the row in S.
+// out[t, i] = g_pre[t, i] (or 0) + sum_c gy[t, c] * x[t, i, c]: the layer input's share of
+// dh_pre (x in its own dtype X).
 template <typename S, typename X>
-[[gnu::always_inline]] inline void rows_range(const X* x, S* xf, S* rstd, int64_t len, S norm_eps, int64_t t0,
-                                              int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) {
-    Lanes<S, kVec> squares(S(0));
-    for_channel_blocks(len, [&](int64_t c, auto valid) __attribute__((always_inline)) {
-      const Lanes<S, kVec> v = load_block<S>(x + t * len + c, valid);
-      squares = squares + v * v;
-      if (xf) store_block(xf + t * len + c, v, valid);
-    });
-    rstd[t] = mhc_rstd<S>(lane_sum(squares), S(len), norm_eps);
-  }
-}
-
-// out[t, i] = g_pre[t, i] (or 0) + sum_c gy[t, c] * xf[t, i, c]: the layer input's share of dh_pre.
-template <typename S>
-[[gnu::always_inline]] inline void layer_input_grad_range(const S* xf, const S* gy, const S* g_pre, S* out, int n,
+[[gnu::always_inline]] inline void layer_input_grad_range(const X* x, const S* gy, const S* g_pre, S* out, int n,
                                                           int64_t C, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     for (int i = 0; i < n; ++i) {
       Lanes<S, kVec> acc(S(0));
-      const S* row = xf + (t * n + i) * C;
+      const X* row = x + (t * n + i) * C;
       for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
         acc = acc + load_block<S>(gy + t * C + c, valid) * load_block<S>(row + c, valid);
       });
@@ -70,43 +60,10 @@ template <typename S>
   }
 }
 
-// dx = dxp (the projection GEMM's share) + rstd's share + the layer input's share
-// (h_i * gy, when gy: h_i = mix[t * mix_stride + i] for the shifted collapse, else h_pre[i]
-// recomputed from proj) + extra (when non-null: a gradient from another consumer of x,
-// in x's dtype), summed in S and rounded to x's dtype once. dx may alias dxp (block by
-// block, every element is read before it is written).
-template <typename S, typename X>
-[[gnu::always_inline]] inline void grad_x_range(const S* xf, const S* dxp, const S* proj, const S* rstd,
-                                                const S* drstd, const S* gy, const S* mix, int64_t mix_stride,
-                                                const S* alpha, const S* bias, S pre_eps,
-                                                const X* extra, X* dx, int n, int64_t C, int64_t D, int64_t t0,
-                                                int64_t t1) {
-  const int64_t len = n * C;
-  for (int64_t t = t0; t < t1; ++t) {
-    const S factor = mhc_rstd_grad_factor<S>(drstd[t], rstd[t], S(len));
-    for (int i = 0; i < n; ++i) {
-      const int64_t row = t * len + i * C;
-      const S h = !gy ? S(0)
-                  : mix ? mix[t * mix_stride + i]
-                        : mhc_h_pre<S, S>(proj[t * D + i], rstd[t], alpha, bias[i], pre_eps);
-      for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
-        Lanes<S, kVec> v = load_block<S>(dxp + row + c, valid) + factor * load_block<S>(xf + row + c, valid);
-        if (gy) v = v + h * load_block<S>(gy + t * C + c, valid);
-        if (extra) v = v + load_block<S>(extra + row + c, valid);
-        store_block(dx + row + c, v, valid);
-      });
-    }
-  }
-}
-
 #define HCEXT_MHC_ROW_KERNELS(Name, ...)                                                          \
   struct Name {                                                                                   \
     template <typename... A>                                                                      \
-    __VA_ARGS__ static void rows(A... a) { rows_range(a...); }                                    \
-    template <typename... A>                                                                      \
     __VA_ARGS__ static void layer_input_grad(A... a) { layer_input_grad_range(a...); }            \
-    template <typename... A>                                                                      \
-    __VA_ARGS__ static void grad_x(A... a) { grad_x_range(a...); }                                \
   };
 HCEXT_MHC_ROW_KERNELS(BaselineRowKernels)
 HCEXT_MHC_ROW_KERNELS(Avx2RowKernels, HCEXT_TARGET_AVX2)
@@ -187,54 +144,111 @@ struct CpuMhcBackend {
   explicit CpuMhcBackend(const at::Tensor&) {}
 
   using Streams = CpuStreamsBackend;
-
-  // x: contiguous rows of len elements in their own dtype; xf (nullable) receives them in T.
+  // proj = x @ phi and rstd, one pass over x's rows (contiguous [tokens, n*C], x's dtype).
+  // Each token's sums run over k in order whatever the threads' split: deterministic.
   template <typename T>
-  void rows(const at::Tensor& x, T* xf, T* rstd, int64_t tokens, int64_t len, T norm_eps) {
-    Streams::dispatch_dtype_for<T>(x.scalar_type(), [&](auto xtag) {
+  void project(const at::Tensor& x_rows, const at::Tensor& phi, at::Tensor& proj_rows, at::Tensor& rstd_rows,
+               const MhcDims& d, T norm_eps) {
+    T* proj = proj_rows.data_ptr<T>();
+    T* rstd = rstd_rows.data_ptr<T>();
+    const int64_t len = d.n * d.C, D = d.D;
+    const int64_t Dp = cpu::mhc_project_width(D, std::is_same_v<T, double>);
+    at::Tensor phi_pad = phi.contiguous();
+    if (Dp != D) {
+      at::Tensor padded = at::zeros({len, Dp}, phi.options());
+      padded.narrow(1, 0, D).copy_(phi);
+      phi_pad = padded;
+    }
+    const T* ph = phi_pad.data_ptr<T>();
+    Streams::dispatch_dtype_for<T>(x_rows.scalar_type(), [&](auto xtag) {
       using X = decltype(xtag);
-      const X* xp = static_cast<const X*>(x.data_ptr());
+      const X* xp = static_cast<const X*>(x_rows.data_ptr());
+      at::parallel_for(0, d.tokens, std::max<int64_t>(4, row_grain(len * D / 8)), [&](int64_t t0, int64_t t1) {
+        std::vector<T> buf(std::is_same_v<X, T> ? 0 : 4 * len);
+        cpu::mhc_project_rows<T, X>(xp, ph, Dp, proj, rstd, len, D, norm_eps, t0, t1, buf.data());
+      });
+    });
+  }
+  // layer_input_grad on x's own rows (no copy in T).
+  template <typename T>
+  void layer_input_grad_x(const at::Tensor& x_rows, const T* gy, const T* g_pre, T* out, const MhcDims& d) {
+    Streams::dispatch_dtype_for<T>(x_rows.scalar_type(), [&](auto xtag) {
+      using X = decltype(xtag);
+      const X* xp = static_cast<const X*>(x_rows.data_ptr());
       dispatch_row_kernels([&](auto k) {
-        at::parallel_for(0, tokens, row_grain(len), [&](int64_t t0, int64_t t1) {
-          decltype(k)::rows(xp, xf, rstd, len, norm_eps, t0, t1);
+        at::parallel_for(0, d.tokens, row_grain(d.n * d.C), [&](int64_t t0, int64_t t1) {
+          decltype(k)::layer_input_grad(xp, gy, g_pre, out, d.n, d.C, t0, t1);
         });
       });
     });
   }
+  // grad_x (every term, rounded once to x's dtype) and grad_phi [len, D], one pass over x's
+  // rows. grad_phi's sum over tokens runs in fixed chunks of tokens (their number depends on
+  // the token count only) added in chunk order: deterministic, whatever the thread count.
+  // mix: the shifted collapse's pre_mix (null: h_pre recomputed from proj).
+  template <typename T>
+  void grad_x_phi(const at::Tensor& x_rows, const at::Tensor& phi, const at::Tensor& dproj_rows, const T* proj,
+                  const T* rstd,
+                  const T* drstd, const T* gy, const T* mix, int64_t mix_stride, const T* alpha, const T* bias,
+                  double pre_eps, const at::Tensor& extra, at::Tensor& dx, at::Tensor& grad_phi, const MhcDims& d) {
+    const int n = d.n;
+    const int64_t T_ = d.tokens, len = n * d.C, D = d.D;
+    const auto opts = phi.options();
+    const T* dproj = dproj_rows.data_ptr<T>();
+    // Per-token factors: the RMS statistic's share and the layer input's coefficient.
+    at::Tensor factor = at::empty({T_}, opts), h = at::empty({gy ? T_ * n : 0}, opts);
+    T* fp = factor.data_ptr<T>();
+    T* hp = h.data_ptr<T>();
+    at::parallel_for(0, T_, 1024, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        fp[t] = mhc_rstd_grad_factor<T>(drstd[t], rstd[t], T(len));
+        if (!gy) continue;
+        for (int i = 0; i < n; ++i) {
+          hp[t * n + i] = mix ? mix[t * mix_stride + i]
+                              : mhc_h_pre<T, T>(proj[t * D + i], rstd[t], alpha, bias[i], static_cast<T>(pre_eps));
+        }
+      }
+    });
+    const at::Tensor phiT = phi.t().contiguous();  // [D, len]
+    int64_t chunk = std::max<int64_t>(256, (T_ + 15) / 16);
+    chunk = (chunk + 3) / 4 * 4;
+    const int64_t chunks = (T_ + chunk - 1) / chunk;
+    at::Tensor partials = at::zeros({chunks, D, len}, opts);
+    T* part = partials.data_ptr<T>();
+    Streams::dispatch_dtype_for<T>(x_rows.scalar_type(), [&](auto xtag) {
+      using X = decltype(xtag);
+      const X* xp = static_cast<const X*>(x_rows.data_ptr());
+      const X* ex = data_or_null<const X>(extra);
+      X* out = static_cast<X*>(dx.data_ptr());
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          cpu::mhc_grad_x_phi_rows<T, X>(xp, phiT.data_ptr<T>(), dproj, fp, gy ? hp : nullptr, gy, ex, out,
+                                         part + c * D * len, n, d.C, D, c * chunk, std::min(T_, (c + 1) * chunk));
+        }
+      });
+    });
+    grad_phi = at::empty({len, D}, opts);
+    T* g = grad_phi.data_ptr<T>();
+    at::parallel_for(0, len, 256, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        for (int64_t dd = 0; dd < D; ++dd) {
+          T s = part[dd * len + k];
+          for (int64_t c = 1; c < chunks; ++c) s += part[(c * D + dd) * len + k];
+          g[k * D + dd] = s;
+        }
+      }
+    });
+  }
+
   template <typename T>
   void epilogue(const T* proj, const T* rstd, const T* alpha, const T* bias, T* h_pre, T* h_post, T* h_res,
                 const MhcDims& d, const MhcScalars& s) {
     epilogue_forward<T>(proj, rstd, alpha, bias, h_pre, h_post, h_res, d, s);
   }
   template <typename T>
-  void layer_input_grad(const T* xf, const T* gy, const T* g_pre, T* out, const MhcDims& d) {
-    dispatch_row_kernels([&](auto k) {
-      at::parallel_for(0, d.tokens, row_grain(d.n * d.C), [&](int64_t t0, int64_t t1) {
-        decltype(k)::layer_input_grad(xf, gy, g_pre, out, d.n, d.C, t0, t1);
-      });
-    });
-  }
-  template <typename T>
   void epilogue_backward(const T* proj, const T* rstd, const T* alpha, const T* bias, const T* g_pre, const T* g_post,
                          const T* g_res, T* dl, T* dproj, T* dalpha, T* drstd, const MhcDims& d, const MhcScalars& s) {
     hcext::epilogue_backward<T>(proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha, drstd, d, s);
-  }
-  // extra: undefined, or a [tokens, n*C]-sized contiguous gradient in dx's dtype.
-  template <typename T>
-  void grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy, const T* mix,
-              int64_t mix_stride, const T* alpha, const T* bias, double pre_eps, const at::Tensor& extra,
-              at::Tensor& dx, const MhcDims& d) {
-    Streams::dispatch_dtype_for<T>(dx.scalar_type(), [&](auto xtag) {
-      using X = decltype(xtag);
-      const X* e = data_or_null<const X>(extra);
-      X* out = data_or_null<X>(dx);
-      dispatch_row_kernels([&](auto k) {
-        at::parallel_for(0, d.tokens, row_grain(d.n * d.C), [&](int64_t t0, int64_t t1) {
-          decltype(k)::grad_x(xf, dxp, proj, rstd, drstd, gy, mix, mix_stride, alpha, bias, static_cast<T>(pre_eps), e,
-                              out, d.n, d.C, d.D, t0, t1);
-        });
-      });
-    });
   }
 };
 

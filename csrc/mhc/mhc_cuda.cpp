@@ -3,6 +3,8 @@
 // on the current stream under a device guard. No host synchronisation.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
@@ -18,21 +20,37 @@ struct CudaMhcBackend : CudaContext {
   using CudaContext::CudaContext;
   using Streams = CudaStreamsBackend;
 
-  // x: contiguous rows of len elements in their own dtype; xf (nullable) receives them in T.
+  // proj = x̃ @ phi and rstd. n <= 6: one pass over x in its own dtype (mhc_project). Larger n:
+  // the GEMM formulation: x's rows in T (a copy for bf16/fp16, written by the rstd pass), then
+  // cuBLAS (TF32 only when the user enabled torch.backends.cuda.matmul.allow_tf32).
   template <typename T>
-  void rows(const at::Tensor& x, T* xf, T* rstd, int64_t tokens, int64_t len, T norm_eps) {
-    HCEXT_CUDA_CHECK(cuda::mhc_rows<T>(x.data_ptr(), stream_dtype(x.scalar_type()), xf, rstd, tokens, len, norm_eps,
-                                     stream));
+  void project(const at::Tensor& x_rows, const at::Tensor& phi, at::Tensor& proj, at::Tensor& rstd, const MhcDims& d,
+               T norm_eps) {
+    const int64_t len = d.n * d.C;
+    const StreamDtype xtype = stream_dtype(x_rows.scalar_type());
+    if (d.D <= cuda::kMhcFusedMaxD) {
+      const at::Tensor workspace = scratch<T>(cuda::mhc_project_workspace(d.tokens, len, int(d.D)));
+      HCEXT_CUDA_CHECK(cuda::mhc_project<T>(x_rows.data_ptr(), xtype, phi.data_ptr<T>(), workspace.data_ptr<T>(),
+                                            proj.data_ptr<T>(), rstd.data_ptr<T>(), d.tokens, len, int(d.D), norm_eps,
+                                            stream));
+      return;
+    }
+    const bool copy = x_rows.scalar_type() != d.compute;
+    const at::Tensor xf = copy ? scratch<T>(d.tokens * len).view({d.tokens, len}) : x_rows;
+    HCEXT_CUDA_CHECK(cuda::mhc_rows<T>(x_rows.data_ptr(), xtype, copy ? xf.data_ptr<T>() : nullptr, rstd.data_ptr<T>(),
+                                       d.tokens, len, norm_eps, stream));
+    at::mm_out(proj, xf, phi);
   }
   template <typename T>
   void epilogue(const T* proj, const T* rstd, const T* alpha, const T* bias, T* h_pre, T* h_post, T* h_res,
                 const MhcDims& d, const MhcScalars& s) {
     HCEXT_CUDA_CHECK(cuda::mhc_epilogue<T>(proj, rstd, alpha, bias, h_pre, h_post, h_res, d.tokens, d.n, s.iters,
-                                         T(s.sinkhorn_eps), T(s.pre_eps), T(s.post_mult), stream));
+                                           T(s.sinkhorn_eps), T(s.pre_eps), T(s.post_mult), stream));
   }
   template <typename T>
-  void layer_input_grad(const T* xf, const T* gy, const T* g_pre, T* out, const MhcDims& d) {
-    HCEXT_CUDA_CHECK(cuda::mhc_layer_input_grad<T>(xf, gy, g_pre, out, d.tokens, d.n, d.C, stream));
+  void layer_input_grad_x(const at::Tensor& x_rows, const T* gy, const T* g_pre, T* out, const MhcDims& d) {
+    HCEXT_CUDA_CHECK(cuda::mhc_layer_input_grad<T>(x_rows.data_ptr(), stream_dtype(x_rows.scalar_type()), gy, g_pre,
+                                                   out, d.tokens, d.n, d.C, stream));
   }
   template <typename T>
   void epilogue_backward(const T* proj, const T* rstd, const T* alpha, const T* bias, const T* g_pre, const T* g_post,
@@ -41,18 +59,36 @@ struct CudaMhcBackend : CudaContext {
     const at::Tensor workspace = scratch<T>(int64_t(sinkhorn_half_steps(s.iters)) * d.n * d.tokens +
                                             thread_matrix_workspace(d.tokens, d.n, 2));
     HCEXT_CUDA_CHECK(cuda::mhc_epilogue_backward<T>(proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha,
-                                                  drstd, workspace.data_ptr<T>(), d.tokens, d.n, s.iters,
-                                                  T(s.sinkhorn_eps), T(s.post_mult), stream));
+                                                    drstd, workspace.data_ptr<T>(), d.tokens, d.n, s.iters,
+                                                    T(s.sinkhorn_eps), T(s.post_mult), stream));
   }
+  // grad_x and grad_phi. n <= 6: one pass over x (mhc_grad_x_phi). Larger n: x's rows in T,
+  // grad_phi = xfᵀ @ dproj and dxp = dproj @ phiᵀ by cuBLAS, then the grad_x pass (dx may
+  // overwrite dxp in place when x is in T).
   template <typename T>
-  void grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, const T* drstd, const T* gy, const T* mix,
-              int64_t mix_stride, const T* alpha,
-              const T* bias, double pre_eps, const at::Tensor& extra, at::Tensor& dx, const MhcDims& d) {
-    HCEXT_CUDA_CHECK(cuda::mhc_grad_x<T>(xf, dxp, proj, rstd, drstd, gy, mix, mix_stride, alpha, bias, T(pre_eps),
-                                       extra.defined() ? extra.data_ptr() : nullptr, dx.data_ptr(),
-                                       stream_dtype(dx.scalar_type()), d.tokens, d.n, d.C, d.D, stream));
+  void grad_x_phi(const at::Tensor& x_rows, const at::Tensor& phi, const at::Tensor& dproj, const T* proj,
+                  const T* rstd, const T* drstd, const T* gy, const T* mix, int64_t mix_stride, const T* alpha,
+                  const T* bias, double pre_eps, const at::Tensor& extra, at::Tensor& dx, at::Tensor& grad_phi,
+                  const MhcDims& d) {
+    const int64_t len = d.n * d.C;
+    const void* ex = extra.defined() ? extra.data_ptr() : nullptr;
+    if (d.D <= cuda::kMhcFusedMaxD) {
+      const at::Tensor workspace = scratch<T>(cuda::mhc_grad_phi_workspace(d.tokens, len, int(d.D)));
+      grad_phi = at::empty({len, d.D}, phi.options());
+      HCEXT_CUDA_CHECK(cuda::mhc_grad_x_phi<T>(x_rows.data_ptr(), stream_dtype(x_rows.scalar_type()), phi.data_ptr<T>(),
+                                               dproj.data_ptr<T>(), proj, rstd, drstd, gy, mix, mix_stride, alpha, bias,
+                                               T(pre_eps), ex, dx.data_ptr(), workspace.data_ptr<T>(),
+                                               grad_phi.data_ptr<T>(), d.tokens, d.n, d.C, int(d.D), stream));
+      return;
+    }
+    const at::Tensor xf = x_rows.to(d.compute);
+    grad_phi = at::mm(xf.t(), dproj);
+    at::Tensor dxp = at::mm(dproj, phi.t());
+    if (x_rows.scalar_type() == d.compute) dx = dxp;
+    HCEXT_CUDA_CHECK(cuda::mhc_grad_x<T>(xf.data_ptr<T>(), dxp.data_ptr<T>(), proj, rstd, drstd, gy, mix, mix_stride,
+                                         alpha, bias, T(pre_eps), ex, dx.data_ptr(), stream_dtype(dx.scalar_type()),
+                                         d.tokens, d.n, d.C, d.D, stream));
   }
-
 };
 
 }  // namespace

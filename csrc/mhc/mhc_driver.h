@@ -3,33 +3,35 @@
 // A Backend (CpuMhcBackend in mhc_cpu.cpp, CudaMhcBackend in mhc_cuda.cpp) supplies the
 // passes over memory (CPU loops or CUDA kernels) and names the streams backend it composes
 // (Backend::Streams), whose passes the layer input and the boundary's mix use through
-// streams_driver.h (never through the dispatcher). The GEMMs are at::mm on either device
-// (cuBLAS on CUDA, with TF32 only when the user enabled torch.backends.cuda.matmul.allow_tf32).
+// streams_driver.h (never through the dispatcher).
 //
-// Backend interface (T: the compute type):
+// The projection x̃ @ phi is never a GEMM on a copy of x here: the backends read x's rows in
+// their own dtype (fp32, bf16, fp16, fp64) in passes that also produce what the GEMM's
+// neighbours needed a pass of their own for (the RMS statistic; grad_x's other terms).
+// (The CUDA backend keeps a GEMM formulation inside itself for n > 6, see mhc_cuda.cpp.)
+//
+// Backend interface (T: the compute type; x_rows: x as contiguous [tokens, n*C], its dtype):
 //   explicit Backend(const at::Tensor& x)              device guard, stream
-//   rows<T>(x, xf, rstd, tokens, len, norm_eps)        rstd of each row of contiguous x; xf
-//                                                      (nullable) receives x in T
+//   project<T>(x_rows, phi, proj, rstd, d, norm_eps)   proj [tokens, D] = x̃ @ phi and rstd [tokens]
 //   epilogue<T>(proj, rstd, alpha, bias, h_pre, h_post, h_res, d, s)
-//   layer_input_grad<T>(xf, gy, g_pre, out, d)
+//   layer_input_grad_x<T>(x_rows, gy, g_pre, out, d)   out = g_pre + sum_c gy * x_i
 //   epilogue_backward<T>(proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha, drstd, d, s)
-//   grad_x<T>(xf, dxp, proj, rstd, drstd, gy, alpha, bias, pre_eps, extra, dx, d)
+//   grad_x_phi<T>(x_rows, phi, dproj, proj, rstd, drstd, gy, mix, mix_stride, alpha, bias,
+//                 pre_eps, extra, dx, grad_phi, d)     grad_x and grad_phi, one pass over x
 //
 // Forward (mhc_coeffs_fwd):
-//   xf   = x as [tokens, n*C] in fp32, rstd = 1/sqrt(mean(xf²) + norm_eps)    backend.rows
-//   proj = xf @ phi                                                             at::mm
+//   proj = x̃ @ phi, rstd = 1/sqrt(mean(x̃²) + norm_eps)                        backend.project
 //   h_pre, h_post, h_res = epilogue(proj, rstd)   (hcext/mhc.h)                backend.epilogue
 // Backward (mhc_backward), from the saved proj and rstd:
 //   g_pre += sum_c gy * x_i            (only when the layer input has a gradient: mhc_pre)
+//                                                                               backend.layer_input_grad_x
 //   dl, dproj, dalpha, drstd = epilogue_backward(...)                           backend.epilogue_backward
-//   grad_phi = xfᵀ @ dproj, dxp = dproj @ phiᵀ                                  at::mm
-//   grad_x = dxp + rstd's share + h_pre ⊗ gy, in fp32, rounded once             backend.grad_x
-//            (dx may alias dxp: the passes read element k before writing element k)
+//   grad_x = dproj @ phiᵀ + rstd's share + h_pre ⊗ gy (+ extra), summed in the compute dtype and
+//            rounded once; grad_phi = x̃ᵀ @ dproj (fixed-order partial sums)   backend.grad_x_phi
 
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -54,27 +56,6 @@ struct MhcScalars {
 using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// x as fp32 (fp64) rows [tokens, n*C]; no copy for contiguous x in the compute dtype.
-inline at::Tensor rows_in_compute_dtype(const at::Tensor& x, const MhcDims& d) {
-  return x.reshape({d.tokens, d.n * d.C}).to(d.compute).contiguous();
-}
-
-// One read of x: rstd, and the copy in the compute dtype the GEMM needs when x is not in it
-// (otherwise x's own rows). -> the GEMM's rows [tokens, n*C].
-template <class Backend>
-at::Tensor rows_and_rstd(Backend& backend, const at::Tensor& x, at::Tensor& rstd, const MhcDims& d, double norm_eps) {
-  const at::Tensor xc = x.contiguous();
-  const int64_t len = d.n * d.C;
-  const bool copy = xc.scalar_type() != d.compute;
-  at::Tensor xf = copy ? at::empty({d.tokens, len}, x.options().dtype(d.compute)) : xc.reshape({d.tokens, len});
-  dispatch_compute(d.compute, [&](auto zero) {
-    using T = decltype(zero);
-    backend.template rows<T>(xc, copy ? xf.data_ptr<T>() : nullptr, rstd.data_ptr<T>(), d.tokens, len,
-                             static_cast<T>(norm_eps));
-  });
-  return xf;
-}
-
 // The coefficient outputs of a forward, allocated for x's leading dims (compute dtype).
 struct MhcCoeffs {
   at::Tensor h_pre, h_post, h_res;  // [..., n], [..., n], [..., n, n]
@@ -90,13 +71,23 @@ struct MhcCoeffs {
     rstd = at::empty(lead_shape(x, {}), opts);
   }
 
-  // From x's rows in the compute dtype (xf [tokens, n*C]) and the rstd already written:
-  // proj = xf @ phi (one GEMM), then the per-token epilogue.
+  // proj and rstd from one pass over x's rows (contiguous, x's dtype), then the per-token
+  // epilogue.
   template <class Backend>
-  void compute(Backend& backend, const at::Tensor& xf, const at::Tensor& phi, const at::Tensor& alpha,
+  void compute(Backend& backend, const at::Tensor& x_rows, const at::Tensor& phi, const at::Tensor& alpha,
                const at::Tensor& bias, const MhcDims& d, const MhcScalars& s) {
-    at::Tensor proj_rows = proj.view({d.tokens, d.D});
-    at::mm_out(proj_rows, xf, phi);
+    const at::Tensor ph = phi.contiguous();
+    at::Tensor proj_rows = proj.view({d.tokens, d.D}), rstd_rows = rstd.view({d.tokens});
+    dispatch_compute(d.compute, [&](auto zero) {
+      using T = decltype(zero);
+      backend.template project<T>(x_rows, ph, proj_rows, rstd_rows, d, static_cast<T>(s.norm_eps));
+    });
+    epilogue(backend, alpha, bias, d, s);
+  }
+
+  template <class Backend>
+  void epilogue(Backend& backend, const at::Tensor& alpha, const at::Tensor& bias, const MhcDims& d,
+                const MhcScalars& s) {
     const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
     dispatch_compute(d.compute, [&](auto zero) {
       using T = decltype(zero);
@@ -118,7 +109,7 @@ Tensor5 mhc_coeffs_fwd_core(const char* op, const at::Tensor& x, const at::Tenso
   Backend backend(x);
   const MhcScalars s{static_cast<int>(iters), norm_eps, sinkhorn_eps, pre_eps, post_mult};
   MhcCoeffs c(x, d);
-  if (d.tokens > 0) c.compute(backend, rows_and_rstd(backend, x, c.rstd, d, norm_eps), phi, alpha, bias, d, s);
+  if (d.tokens > 0) c.compute(backend, x.contiguous().view({d.tokens, d.n * d.C}), phi, alpha, bias, d, s);
   return {c.h_pre, c.h_post, c.h_res, c.proj, c.rstd};
 }
 
@@ -215,7 +206,7 @@ MhcGrads mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor
   }
   const at::Tensor extra_rows = extra.defined() ? extra.reshape({d.tokens, d.n * d.C}).contiguous() : at::Tensor();
   const int64_t T_ = d.tokens, n = d.n, D = d.D;
-  const at::Tensor xf = rows_in_compute_dtype(x, d);
+  const at::Tensor xr = x.contiguous().view({T_, n * d.C});  // x's own rows, its dtype
   const at::Tensor P = proj.reshape({T_, D}).contiguous(), R = rstd.reshape({T_}).contiguous();
   const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
   const at::Tensor gy = optional_rows(grad_layer_input, T_, d.C, d.compute);
@@ -227,28 +218,27 @@ MhcGrads mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor
   at::Tensor grad_phi, grad_x;
   dispatch_compute(d.compute, [&](auto zero) {
     using T = decltype(zero);
+    auto layer_input_grad = [&](const T* g_pre, T* total) {
+      backend.template layer_input_grad_x<T>(xr, gy.data_ptr<T>(), g_pre, total, d);
+    };
     if (gy.defined() && pre_mix) {
-      backend.template layer_input_grad<T>(xf.data_ptr<T>(), gy.data_ptr<T>(), nullptr, gmix.rows<T>(), d);
+      layer_input_grad(nullptr, gmix.rows<T>());
     } else if (gy.defined()) {
       at::Tensor total = at::empty({T_, n}, opts);
-      backend.template layer_input_grad<T>(xf.data_ptr<T>(), gy.data_ptr<T>(), data_or_null<const T>(gpre),
-                                           total.data_ptr<T>(), d);
+      layer_input_grad(data_or_null<const T>(gpre), total.data_ptr<T>());
       gpre = total;
     }
     backend.template epilogue_backward<T>(P.data_ptr<T>(), R.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(),
                                           data_or_null<const T>(gpre), data_or_null<const T>(gpost), data_or_null<const T>(gres),
                                           dl.data_ptr<T>(), dproj.data_ptr<T>(), dalpha.data_ptr<T>(),
                                           drstd.data_ptr<T>(), d, s);
-    grad_phi = at::mm(xf.t(), dproj);
-    const at::Tensor dxp = at::mm(dproj, phi.t());
-    // When x is already in the compute dtype, grad_x overwrites dxp in place: one fresh
-    // [tokens, n*C] buffer less (on the CPU a fresh buffer costs page faults).
-    grad_x = x.scalar_type() == d.compute ? dxp : at::empty({T_, d.n * d.C}, x.options());
     // The layer input's coefficient: pre_mix's (shifted) or h_pre recomputed from proj (null).
     const T* mix = pre_mix && gy.defined() ? pre_mix->h.data_ptr<T>() : nullptr;
-    backend.template grad_x<T>(xf.data_ptr<T>(), dxp.data_ptr<T>(), P.data_ptr<T>(), R.data_ptr<T>(),
-                               drstd.data_ptr<T>(), data_or_null<const T>(gy), mix, pre_mix ? pre_mix->token_stride : 0,
-                               a.data_ptr<T>(), b.data_ptr<T>(), pre_eps, extra_rows, grad_x, d);
+    grad_x = at::empty({T_, d.n * d.C}, x.options());
+    backend.template grad_x_phi<T>(xr, phi.contiguous(), dproj, P.data_ptr<T>(), R.data_ptr<T>(),
+                                   drstd.data_ptr<T>(), data_or_null<const T>(gy), mix,
+                                   pre_mix ? pre_mix->token_stride : 0, a.data_ptr<T>(), b.data_ptr<T>(), pre_eps,
+                                   extra_rows, grad_x, grad_phi, d);
   });
   if (pre_mix && gy.defined()) {
     typename Backend::Streams streams(x);
@@ -296,11 +286,9 @@ Tensor5 mhc_shifted_backward_impl(const at::Tensor& x, const at::Tensor& pre_mix
 
 // ---- The fused layer boundary (hcext::mhc_post_pre).
 //
-// Forward: x_next = mix_expand(f, x, h_post, h_res) in the pass that also reduces the stored
-//   x_next to rstd (and writes its fp32 copy for the GEMM when x is not fp32)
-//                                                      stream_mix_rows (the streams backend)
-//   proj = xf_next @ phi; epilogue -> h_pre, h_post_next, h_res_next; layer_input =
-//   stream_aggregate(x_next, h_pre): the rest of mhc_pre, unchanged.
+// Forward: x_next = mix_expand(f, x, h_post, h_res)    stream_mix_into (the streams backend)
+//   proj and rstd of the stored x_next (the projection pass), epilogue -> h_pre, h_post_next,
+//   h_res_next; layer_input = stream_aggregate(x_next, h_pre): the rest of mhc_pre, unchanged.
 // Backward: grad of x_next = grad_x_next (from x_next's other consumers) + the coefficient
 //   path's share, summed in fp32 and rounded once (mhc_backward_core's extra); then
 //   stream_mix_expand_backward (the streams backend).
@@ -330,10 +318,9 @@ Tensor7 mhc_post_pre_fwd_core(const char* op, const at::Tensor& f, const at::Ten
   if (d.tokens > 0) {
     // The GEMM reads x_next's rows in the compute dtype: a copy written by the same pass
     // when x is not in it, else x_next itself.
-    const bool copy = p.x.scalar_type() != d.compute;
-    at::Tensor xf = copy ? at::empty({d.tokens, d.n * d.C}, x.options().dtype(d.compute)) : at::Tensor();
-    stream_mix_rows<Streams>(p, fc, hp, hr, x_next, xf, c.rstd, norm_eps);
-    c.compute(backend, copy ? xf : x_next.view({d.tokens, d.n * d.C}), phi, alpha, bias, d, s);
+    // The mix, then the projection pass over the stored x_next (with its rstd).
+    stream_mix_into<Streams>(p, fc, hp, hr, x_next);
+    c.compute(backend, x_next.view({d.tokens, d.n * d.C}), phi, alpha, bias, d, s);
   }
   const at::Tensor layer_input = stream_aggregate_impl<Streams>(x_next, pre_mix ? *pre_mix : c.h_pre);
   return {x_next, layer_input, c.h_post, c.h_res, c.h_pre, c.proj, c.rstd};

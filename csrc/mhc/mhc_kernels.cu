@@ -1,7 +1,14 @@
-// CUDA kernels of the mHC coefficient ops (see csrc/mhc/mhc_cuda.cpp for the glue and the
-// GEMMs, which are cuBLAS through at::mm). Per-token coefficient math is the shared
-// hcext/mhc.h; rows of x are reduced one block per token, in a fixed order (deterministic).
-// No torch header here.
+// CUDA kernels of the mHC coefficient ops (see csrc/mhc/mhc_cuda.cpp for the glue). Per-token
+// coefficient math is the shared hcext/mhc.h; every sum has a fixed order (deterministic, no
+// atomics). No torch header here.
+//
+// The projection x̃ @ phi (D = n² + 2n columns) for D <= kMhcFusedMaxD (n <= 6) runs without a
+// GEMM library and without a copy of x: mhc_project_kernel reads x in its own dtype once, tiles
+// of 32 tokens x 32 k with phi's matching rows in shared memory, a split over k whose partial
+// sums (with the sum of squares) mhc_project_reduce_kernel adds in split order;
+// mhc_grad_x_phi_kernel writes grad_x (every term summed in T, rounded once) and grad_phi's
+// per-chunk partial sums in one pass over x, added in chunk order by mhc_grad_phi_reduce_kernel.
+// Larger n keep the GEMM formulation (cuBLAS through at::mm in the glue on x's rows in T).
 
 #include <cuda_runtime.h>
 
@@ -68,16 +75,16 @@ __global__ void __launch_bounds__(kTokenThreads)
   }
 }
 
-template <typename T, int VEC>
+template <typename T, typename X, int VEC>
 __global__ void __launch_bounds__(kRowThreads)
-    mhc_layer_input_grad_kernel(const T* __restrict__ xf, const T* __restrict__ gy, const T* __restrict__ g_pre,
-                            T* __restrict__ g_pre_out, int n, int64_t C) {
+    mhc_layer_input_grad_kernel(const X* __restrict__ x, const T* __restrict__ gy, const T* __restrict__ g_pre,
+                                T* __restrict__ g_pre_out, int n, int64_t C) {
   __shared__ T smem[kRowThreads / 32][1];
   const int64_t t = blockIdx.x;
   for (int i = 0; i < n; ++i) {
     T acc[1] = {T(0)};
     for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kRowThreads) * VEC) {
-      const Lanes<T, VEC> p = load<T, VEC>(gy + t * C + c) * load<T, VEC>(xf + (t * n + i) * C + c);
+      const Lanes<T, VEC> p = load<T, VEC>(gy + t * C + c) * load<X, VEC>(x + (t * n + i) * C + c);
 #pragma unroll
       for (int l = 0; l < VEC; ++l) acc[0] += p.v[l];
     }
@@ -146,6 +153,185 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
+// ---- The fused projection (D <= kMhcFusedMaxD) --------------------------------------------
+
+constexpr int kProjTokens = 32;                       // tokens per block tile
+constexpr int kProjK = 32;                            // k per shared-memory step
+constexpr int kProjGroups = 8;                        // thread (token, group): columns group + 8 j
+constexpr int kProjThreads = kProjTokens * kProjGroups;
+constexpr int kProjCols = kMhcFusedMaxD / kProjGroups;
+
+// partial[split, t, :D] = sum over this split's k of x[t, k] phi[k, :]; partial[split, t, D] =
+// sum of x[t, k]². Grid: (token tiles, splits).
+template <typename X, typename T>
+__global__ void __launch_bounds__(kProjThreads)
+    mhc_project_kernel(const X* __restrict__ x, const T* __restrict__ phi, T* __restrict__ partial, int64_t tokens,
+                       int64_t len, int D, int64_t k_per_split) {
+  __shared__ T xs[kProjTokens][kProjK + 1];  // +1: tokens in different banks
+  __shared__ T ps[kProjK][kMhcFusedMaxD];
+  const int tok = threadIdx.x / kProjGroups, grp = threadIdx.x % kProjGroups;
+  const int64_t t0 = int64_t(blockIdx.x) * kProjTokens;
+  const int64_t k_begin = int64_t(blockIdx.y) * k_per_split;
+  const int64_t k_end = k_begin + k_per_split < len ? k_begin + k_per_split : len;
+  T acc[kProjCols], squares = T(0);
+#pragma unroll
+  for (int j = 0; j < kProjCols; ++j) acc[j] = T(0);
+  for (int64_t kb = k_begin; kb < k_end; kb += kProjK) {
+    for (int e = threadIdx.x; e < kProjTokens * kProjK; e += kProjThreads) {
+      const int r = e / kProjK, kk = e % kProjK;
+      const int64_t t = t0 + r, k = kb + kk;
+      xs[r][kk] = (t < tokens && k < k_end) ? T(to_compute(x[t * len + k])) : T(0);
+    }
+    for (int e = threadIdx.x; e < kProjK * kMhcFusedMaxD; e += kProjThreads) {
+      const int kk = e / kMhcFusedMaxD, c = e % kMhcFusedMaxD;
+      const int64_t k = kb + kk;
+      ps[kk][c] = (k < k_end && c < D) ? phi[k * D + c] : T(0);
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int kk = 0; kk < kProjK; ++kk) {
+      const T v = xs[tok][kk];
+      squares += v * v;
+#pragma unroll
+      for (int j = 0; j < kProjCols; ++j) acc[j] += v * ps[kk][grp + kProjGroups * j];
+    }
+    __syncthreads();  // the tiles are refilled
+  }
+  const int64_t t = t0 + tok;
+  if (t < tokens) {
+    T* out = partial + (int64_t(blockIdx.y) * tokens + t) * (D + 1);
+#pragma unroll
+    for (int j = 0; j < kProjCols; ++j) {
+      const int c = grp + kProjGroups * j;
+      if (c < D) out[c] = acc[j];
+    }
+    if (grp == 0) out[D] = squares;
+  }
+}
+
+// proj[t, c] = sum over splits (in order) of partial[split, t, c]; rstd[t] from the squares.
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    mhc_project_reduce_kernel(const T* __restrict__ partial, T* __restrict__ proj, T* __restrict__ rstd,
+                              int64_t tokens, int D, int splits, int64_t len, T norm_eps) {
+  const int64_t total = tokens * (D + 1);
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = e / (D + 1);
+    const int c = int(e - t * (D + 1));
+    T s = partial[e];
+    for (int sp = 1; sp < splits; ++sp) s += partial[int64_t(sp) * total + e];
+    if (c < D) {
+      proj[t * D + c] = s;
+    } else {
+      rstd[t] = mhc_rstd<T>(s, T(len), norm_eps);
+    }
+  }
+}
+
+constexpr int kGradThreads = 256;  // one k (element of a token's row) per thread
+constexpr int kGradTokens = 32;    // tokens staged in shared memory per step
+
+// For this block's k and its chunk of tokens: dx[t, k] = sum_d dproj[t, d] phi[k, d] +
+// factor[t] x[t, k] + h[t, i] gy[t, c] + extra[t, k] (k = i C + c), rounded once to X; and
+// partial[chunk, k, d] = sum over the chunk's tokens of x[t, k] dproj[t, d]. phi's row k
+// stays in registers for the whole chunk. Grid: (k blocks, token chunks).
+template <typename X, typename T, int kMaxD>
+__global__ void __launch_bounds__(kGradThreads)
+    mhc_grad_x_phi_kernel(const X* __restrict__ x, const T* __restrict__ phi, const T* __restrict__ dproj,
+                          const T* __restrict__ proj, const T* __restrict__ rstd, const T* __restrict__ drstd,
+                          const T* __restrict__ gy, const T* __restrict__ mix, int64_t mix_stride,
+                          const T* __restrict__ alpha, const T* __restrict__ bias, T pre_eps,
+                          const X* __restrict__ extra, X* __restrict__ dx, T* __restrict__ partial, int64_t tokens,
+                          int n, int64_t C, int D, int64_t tokens_per_chunk) {
+  __shared__ T dps[kGradTokens][kMaxD];
+  __shared__ T fs[kGradTokens];
+  __shared__ T hs[kGradTokens][kMhcFusedMaxN];
+  const int64_t len = int64_t(n) * C;
+  const int64_t k = int64_t(blockIdx.x) * kGradThreads + threadIdx.x;
+  const bool active = k < len;
+  const int i = active ? int(k / C) : 0;
+  const int64_t c = active ? k - i * C : 0;
+  T ph[kMaxD], g[kMaxD];
+#pragma unroll
+  for (int d = 0; d < kMaxD; ++d) {
+    ph[d] = (active && d < D) ? phi[k * D + d] : T(0);
+    g[d] = T(0);
+  }
+  const int64_t t_begin = int64_t(blockIdx.y) * tokens_per_chunk;
+  const int64_t t_end = t_begin + tokens_per_chunk < tokens ? t_begin + tokens_per_chunk : tokens;
+  for (int64_t tb = t_begin; tb < t_end; tb += kGradTokens) {
+    const int nt = int(t_end - tb < kGradTokens ? t_end - tb : kGradTokens);
+    for (int e = threadIdx.x; e < nt * kMaxD; e += kGradThreads) {
+      const int j = e / kMaxD, d = e % kMaxD;
+      dps[j][d] = d < D ? dproj[(tb + j) * D + d] : T(0);
+    }
+    for (int j = threadIdx.x; j < nt; j += kGradThreads) {
+      const int64_t t = tb + j;
+      fs[j] = mhc_rstd_grad_factor<T>(drstd[t], rstd[t], T(len));
+      for (int q = 0; q < n; ++q) {
+        hs[j][q] = !gy ? T(0) : mix ? mix[t * mix_stride + q] : mhc_h_pre<T, T>(proj[t * D + q], rstd[t], alpha, bias[q], pre_eps);
+      }
+    }
+    __syncthreads();
+    if (active) {
+      for (int j = 0; j < nt; ++j) {
+        const int64_t t = tb + j;
+        const T xv = T(to_compute(x[t * len + k]));
+        T v = fs[j] * xv;
+#pragma unroll
+        for (int d = 0; d < kMaxD; ++d) {
+          v += dps[j][d] * ph[d];
+          g[d] += dps[j][d] * xv;
+        }
+        if (gy) v += hs[j][i] * gy[t * C + c];
+        if (extra) v += T(to_compute(extra[t * len + k]));
+        store_as(dx + t * len + k, v);
+      }
+    }
+    __syncthreads();  // the staged tokens are replaced
+  }
+  if (active) {
+    T* out = partial + (int64_t(blockIdx.y) * len + k) * D;
+#pragma unroll
+    for (int d = 0; d < kMaxD; ++d) {
+      if (d < D) out[d] = g[d];
+    }
+  }
+}
+
+// grad_phi[e] = sum over chunks (in order) of partial[chunk, e], e over [len * D].
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    mhc_grad_phi_reduce_kernel(const T* __restrict__ partial, T* __restrict__ grad_phi, int64_t count, int chunks) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < count; e += int64_t(gridDim.x) * blockDim.x) {
+    T s = partial[e];
+    for (int q = 1; q < chunks; ++q) s += partial[int64_t(q) * count + e];
+    grad_phi[e] = s;
+  }
+}
+
+// The split of the projection over k: about 1024 blocks in all, whole kProjK steps per split.
+struct ProjSplit {
+  int64_t k_per_split;
+  int splits;
+};
+inline ProjSplit project_split(int64_t tokens, int64_t len) {
+  const int64_t tiles = (tokens + kProjTokens - 1) / kProjTokens;
+  const int64_t steps = (len + kProjK - 1) / kProjK;
+  int64_t want = (1024 + tiles - 1) / tiles;
+  want = want < 1 ? 1 : (want > steps ? steps : want);
+  const int64_t per = (steps + want - 1) / want;
+  return {per * kProjK, int((steps + per - 1) / per)};
+}
+
+// The token chunks of the backward: about 1024 blocks in all, at most 16 partials of grad_phi.
+inline int64_t grad_tokens_per_chunk(int64_t tokens, int64_t len) {
+  const int64_t kblocks = (len + kGradThreads - 1) / kGradThreads;
+  int64_t chunks = (1024 + kblocks - 1) / kblocks;
+  chunks = chunks < 1 ? 1 : (chunks > 16 ? 16 : chunks);
+  return (tokens + chunks - 1) / chunks;
+}
+
 // fn.template operator()<VEC>(): 16 bytes of X per access when `vectorize`, else 1 element.
 template <typename X, typename Fn>
 void with_vec(bool vectorize, Fn&& fn) {
@@ -184,13 +370,18 @@ cudaError_t mhc_epilogue(const T* proj, const T* rstd, const T* alpha, const T* 
 }
 
 template <typename T>
-cudaError_t mhc_layer_input_grad(const T* xf, const T* gy, const T* g_pre, T* g_pre_out, int64_t tokens, int n,
-                                 int64_t C, cudaStream_t stream) {
+cudaError_t mhc_layer_input_grad(const void* x, StreamDtype xtype, const T* gy, const T* g_pre, T* g_pre_out,
+                                 int64_t tokens, int n, int64_t C, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
-  with_vec<T>(can_vectorize<T>(C, {xf, gy}), [&]<int VEC>() {
-    err = launch<mhc_layer_input_grad_kernel<T, VEC>>(static_cast<unsigned int>(tokens), kRowThreads, 0, stream, xf, gy, g_pre,
-                                                                                                  g_pre_out, n, C);
+  with_stream_ptr<T>(xtype, x, [&](const auto* xp) {
+    using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    // VEC = 16 bytes of X, with gy read as VEC values of T: C must allow both.
+    const bool vectorize = can_vectorize<X>(C, {xp}) && can_vectorize<T>(C, {gy});
+    with_vec<X>(vectorize, [&]<int VEC>() {
+      err = launch<mhc_layer_input_grad_kernel<T, X, VEC>>(static_cast<unsigned int>(tokens), kRowThreads, 0, stream,
+                                                           xp, gy, g_pre, g_pre_out, n, C);
+    });
   });
   return err;
 }
@@ -229,12 +420,79 @@ cudaError_t mhc_grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, 
   return err;
 }
 
+int64_t mhc_project_workspace(int64_t tokens, int64_t len, int D) {
+  return int64_t(project_split(tokens, len).splits) * tokens * (D + 1);
+}
+
+int64_t mhc_grad_phi_workspace(int64_t tokens, int64_t len, int D) {
+  if (tokens == 0) return 0;
+  const int64_t per = grad_tokens_per_chunk(tokens, len);
+  return (tokens + per - 1) / per * len * D;
+}
+
+template <typename T>
+cudaError_t mhc_project(const void* x, StreamDtype xtype, const T* phi, T* workspace, T* proj, T* rstd,
+                        int64_t tokens, int64_t len, int D, T norm_eps, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  if (tokens == 0) return cudaSuccess;
+  const ProjSplit sp = project_split(tokens, len);
+  const dim3 grid(ceil_div(tokens, kProjTokens), static_cast<unsigned int>(sp.splits));
+  with_stream_ptr<T>(xtype, x, [&](const auto* xp) {
+    using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    err = launch<mhc_project_kernel<X, T>>(grid, kProjThreads, 0, stream, xp, phi, workspace, tokens, len, D,
+                                          sp.k_per_split);
+  });
+  if (err != cudaSuccess) return err;
+  const int64_t total = tokens * (D + 1);
+  const int64_t blocks = (total + kRowThreads - 1) / kRowThreads;
+  return launch<mhc_project_reduce_kernel<T>>(static_cast<unsigned int>(blocks < 65536 ? blocks : 65536), kRowThreads,
+                                              0, stream, workspace, proj, rstd, tokens, D, sp.splits, len, norm_eps);
+}
+
+template <typename T>
+cudaError_t mhc_grad_x_phi(const void* x, StreamDtype xtype, const T* phi, const T* dproj, const T* proj,
+                           const T* rstd, const T* drstd, const T* gy, const T* mix, int64_t mix_stride,
+                           const T* alpha, const T* bias, T pre_eps, const void* extra, void* dx, T* workspace,
+                           T* grad_phi, int64_t tokens, int n, int64_t C, int D, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  const int64_t len = int64_t(n) * C;
+  if (tokens == 0 || len == 0) return cudaSuccess;
+  const int64_t per = grad_tokens_per_chunk(tokens, len);
+  const int chunks = int((tokens + per - 1) / per);
+  const dim3 grid(ceil_div(len, kGradThreads), static_cast<unsigned int>(chunks));
+  with_stream_ptr<T>(xtype, dx, [&](auto* dxp) {
+    using X = std::remove_pointer_t<decltype(dxp)>;
+    const X* xp = static_cast<const X*>(x);
+    const X* ex = static_cast<const X*>(extra);
+    auto go = [&]<int kMaxD>() {
+      err = launch<mhc_grad_x_phi_kernel<X, T, kMaxD>>(grid, kGradThreads, 0, stream, xp, phi, dproj, proj, rstd, drstd,
+                                                       gy, mix, mix_stride, alpha, bias, pre_eps, ex, dxp, workspace,
+                                                       tokens, n, C, D, per);
+    };
+    if (D <= 24) {
+      go.template operator()<24>();
+    } else {
+      go.template operator()<kMhcFusedMaxD>();
+    }
+  });
+  if (err != cudaSuccess) return err;
+  const int64_t count = len * D;
+  const int64_t blocks = (count + kRowThreads - 1) / kRowThreads;
+  return launch<mhc_grad_phi_reduce_kernel<T>>(static_cast<unsigned int>(blocks < 65536 ? blocks : 65536), kRowThreads,
+                                               0, stream, workspace, grad_phi, count, chunks);
+}
+
 #define HCEXT_INSTANTIATE_MHC(T)                                                                                   \
   template cudaError_t mhc_rows<T>(const void*, StreamDtype, T*, T*, int64_t, int64_t, T, cudaStream_t);            \
   template cudaError_t mhc_epilogue<T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int, int, T, T, \
                                        T, cudaStream_t);                                                          \
-  template cudaError_t mhc_layer_input_grad<T>(const T*, const T*, const T*, T*, int64_t, int, int64_t,            \
-                                               cudaStream_t);                                                     \
+  template cudaError_t mhc_layer_input_grad<T>(const void*, StreamDtype, const T*, const T*, T*, int64_t, int,      \
+                                               int64_t, cudaStream_t);                                            \
+  template cudaError_t mhc_project<T>(const void*, StreamDtype, const T*, T*, T*, T*, int64_t, int64_t, int, T,     \
+                                      cudaStream_t);                                                              \
+  template cudaError_t mhc_grad_x_phi<T>(const void*, StreamDtype, const T*, const T*, const T*, const T*,          \
+                                         const T*, const T*, const T*, int64_t, const T*, const T*, T,              \
+                                         const void*, void*, T*, T*, int64_t, int, int64_t, int, cudaStream_t);     \
   template cudaError_t mhc_epilogue_backward<T>(const T*, const T*, const T*, const T*, const T*, const T*,        \
                                                 const T*, T*, T*, T*, T*, T*, int64_t, int, int, T, T,             \
                                                 cudaStream_t);                                                    \

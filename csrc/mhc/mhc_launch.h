@@ -12,6 +12,32 @@
 
 namespace hcext::cuda {
 
+// The fused projection (mhc_project, mhc_grad_x_phi: no GEMM library, no copy of x) handles
+// D = n² + 2n <= kMhcFusedMaxD, i.e. n <= 6; larger n keep the GEMM formulation (mhc_rows +
+// cuBLAS + mhc_grad_x).
+constexpr int kMhcFusedMaxN = 6;
+constexpr int kMhcFusedMaxD = kMhcFusedMaxN * kMhcFusedMaxN + 2 * kMhcFusedMaxN;  // 48
+
+// Elements of T of workspace the two fused passes need.
+int64_t mhc_project_workspace(int64_t tokens, int64_t len, int D);
+int64_t mhc_grad_phi_workspace(int64_t tokens, int64_t len, int D);
+
+// proj [tokens, D] = x @ phi [len, D] and rstd [tokens], one pass over x (in its own dtype,
+// xtype) split over k, the splits' partial sums added in order (deterministic). D <= kMhcFusedMaxD.
+template <typename T>
+cudaError_t mhc_project(const void* x, StreamDtype xtype, const T* phi, T* workspace, T* proj, T* rstd,
+                        int64_t tokens, int64_t len, int D, T norm_eps, cudaStream_t stream);
+
+// One pass over x (xtype) for the backward, D <= kMhcFusedMaxD:
+//   dx = dproj @ phiᵀ + (-drstd rstd³ / len) x + (gy ? h_i gy : 0) + (extra ? extra : 0),
+//        summed in T and written once in x's dtype (h_i as in mhc_grad_x);
+//   grad_phi [len, D] = xᵀ @ dproj, from per-chunk partial sums (workspace) added in chunk order.
+template <typename T>
+cudaError_t mhc_grad_x_phi(const void* x, StreamDtype xtype, const T* phi, const T* dproj, const T* proj,
+                           const T* rstd, const T* drstd, const T* gy, const T* mix, int64_t mix_stride,
+                           const T* alpha, const T* bias, T pre_eps, const void* extra, void* dx, T* workspace,
+                           T* grad_phi, int64_t tokens, int n, int64_t C, int D, cudaStream_t stream);
+
 // rstd[t] = 1/sqrt(sum(x[t]²)/len + norm_eps); xf (optional) receives x in T.
 template <typename T>
 cudaError_t mhc_rows(const void* x, StreamDtype xtype, T* xf, T* rstd, int64_t tokens, int64_t len, T norm_eps,
@@ -22,10 +48,10 @@ template <typename T>
 cudaError_t mhc_epilogue(const T* proj, const T* rstd, const T* alpha, const T* bias, T* h_pre, T* h_post, T* h_res,
                          int64_t tokens, int n, int iters, T sinkhorn_eps, T pre_eps, T post_mult, cudaStream_t stream);
 
-// g_pre_out[t, i] = (g_pre ? g_pre[t, i] : 0) + sum_c gy[t, c] * xf[t, i*C + c].
+// g_pre_out[t, i] = (g_pre ? g_pre[t, i] : 0) + sum_c gy[t, c] * x[t, i*C + c] (x in xtype).
 template <typename T>
-cudaError_t mhc_layer_input_grad(const T* xf, const T* gy, const T* g_pre, T* g_pre_out, int64_t tokens, int n,
-                                 int64_t C, cudaStream_t stream);
+cudaError_t mhc_layer_input_grad(const void* x, StreamDtype xtype, const T* gy, const T* g_pre, T* g_pre_out,
+                                 int64_t tokens, int n, int64_t C, cudaStream_t stream);
 
 // Backward epilogue (any g_* may be null = zero): -> dl, dproj [tokens, D], dalpha [tokens, 3],
 // drstd [tokens]. workspace: (2*iters-1) * n * tokens elements (the Sinkhorn's half-step

@@ -136,14 +136,11 @@ template <int kN, int kMaxN, typename T, typename S>
   }
 }
 
-// out = mix(f, x, h_post, h_res) over the tokens [t0, t1). kRows (the first pass of
-// hcext::mhc_post_pre): also reduce each token's n*C outputs, as stored (rounded to T), to
-// rstd = 1/sqrt(mean(out²) + norm_eps) (hcext/mhc.h), and (xf non-null) write them in the
-// compute type S, so that the next layer's coefficients do not read the new streams back.
-template <int kN, int kMaxN, bool kRows, typename T, typename S>
-[[gnu::always_inline]] inline void mix_range(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr,
-                                             int64_t hr_stride, T* out, S* xf, S* rstd, S norm_eps, int64_t t0,
-                                             int64_t t1, int n_rt, int64_t C) {
+// out = mix(f, x, h_post, h_res) over the tokens [t0, t1).
+template <int kN, int kMaxN, typename T, typename S>
+[[gnu::always_inline]] inline void mix_forward_range(const T* f, const T* x, const S* hp, int64_t hp_stride,
+                                                     const S* hr, int64_t hr_stride, T* out, int64_t t0, int64_t t1,
+                                                     int n_rt, int64_t C) {
   const int n = kN > 0 ? kN : n_rt;
   Block<S> X[kMaxN];
   for (int64_t t = t0; t < t1; ++t) {
@@ -151,7 +148,6 @@ template <int kN, int kMaxN, bool kRows, typename T, typename S>
     const LocalCoefs<kN, kMaxN, S> hpt(hp + t * hp_stride, n);
     const LocalCoefs<kN, kMaxN * kMaxN, S> hrt(hr + t * hr_stride, n * n);
     T* ot = out + t * n * C;
-    Block<S> squares(S(0));
     for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
       for (int j = 0; j < n; ++j) X[j] = load_block<S>(xt + j * C + c, valid);
       const Block<S> F = load_block<S>(f + t * C + c, valid);
@@ -159,31 +155,9 @@ template <int kN, int kMaxN, bool kRows, typename T, typename S>
         const Block<S> o = stream_mix_value<kN, Block<S>>(hrt.v + i * n, hpt.v[i], F, n,
                                                           [&](int j) __attribute__((always_inline)) { return X[j]; });
         store_block(ot + i * C + c, o, valid);
-        if constexpr (kRows) {
-          Block<S> r = o;  // the stored value (lanes past `valid` are 0: the inputs load as 0 there)
-          if constexpr (!std::is_same_v<T, S>) r = load_block<S>(ot + i * C + c, valid);
-          squares = squares + r * r;
-          if (xf) store_block(xf + (t * n + i) * C + c, r, valid);
-        }
       }
     });
-    if constexpr (kRows) rstd[t] = mhc_rstd<S>(lane_sum(squares), S(n * C), norm_eps);
   }
-}
-
-template <int kN, int kMaxN, typename T, typename S>
-[[gnu::always_inline]] inline void mix_forward_range(const T* f, const T* x, const S* hp, int64_t hp_stride,
-                                                     const S* hr, int64_t hr_stride, T* out, int64_t t0, int64_t t1,
-                                                     int n_rt, int64_t C) {
-  mix_range<kN, kMaxN, false>(f, x, hp, hp_stride, hr, hr_stride, out, static_cast<S*>(nullptr),
-                              static_cast<S*>(nullptr), S(0), t0, t1, n_rt, C);
-}
-
-template <int kN, int kMaxN, typename T, typename S>
-[[gnu::always_inline]] inline void mix_rows_range(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr,
-                                                  int64_t hr_stride, T* out, S* xf, S* rstd, S norm_eps, int64_t t0,
-                                                  int64_t t1, int n_rt, int64_t C) {
-  mix_range<kN, kMaxN, true>(f, x, hp, hp_stride, hr, hr_stride, out, xf, rstd, norm_eps, t0, t1, n_rt, C);
 }
 
 // Every output pointer is nullable (not requested). gh_post: [tokens, n] rows, gh_res:
@@ -245,8 +219,6 @@ template <int kN, int kMaxN, typename T, typename S>
     __VA_ARGS__ static void mix_forward(A... a) { mix_forward_range<kN, kMaxN>(a...); }               \
     template <int kN, int kMaxN, typename... A>                                                 \
     __VA_ARGS__ static void mix_backward(A... a) { mix_backward_range<kN, kMaxN>(a...); }             \
-    template <int kN, int kMaxN, typename... A>                                                 \
-    __VA_ARGS__ static void mix_rows(A... a) { mix_rows_range<kN, kMaxN>(a...); }                     \
   };
 HCEXT_STREAMS_KERNELS(BaselineKernels)
 HCEXT_STREAMS_KERNELS(Avx2Kernels, HCEXT_TARGET_AVX2)
@@ -319,18 +291,6 @@ void CpuStreamsBackend::mix_backward(const T* g, const T* f, const T* x, const S
   });
 }
 
-template <typename T, typename S>
-void CpuStreamsBackend::mix_rows(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr,
-                                 int64_t hr_stride, T* out, S* xf, S* rstd, S norm_eps, int64_t tokens, int n,
-                                 int64_t C) {
-  dispatch_kernels(n, [&](auto k, auto kN, auto kMaxN) {
-    for_tokens(tokens, n, C, [&](int64_t t0, int64_t t1) {
-      decltype(k)::template mix_rows<decltype(kN)::value, decltype(kMaxN)::value>(f, x, hp, hp_stride, hr, hr_stride, out, xf, rstd, norm_eps, t0,
-                                                    t1, n, C);
-    });
-  });
-}
-
 template <typename S>
 void CpuStreamsBackend::sum_over_tokens(const S* partials, S* out, int64_t tokens, int64_t K) {
   sum_rows_fixed_order(partials, out, tokens, K);
@@ -343,9 +303,7 @@ void CpuStreamsBackend::sum_over_tokens(const S* partials, S* out, int64_t token
   template void CpuStreamsBackend::mix_forward<T, S>(const T*, const T*, const S*, int64_t, const S*, int64_t, T*,   \
                                                      int64_t, int, int64_t);                                        \
   template void CpuStreamsBackend::mix_backward<T, S>(const T*, const T*, const T*, const S*, int64_t, const S*,     \
-                                                      int64_t, T*, T*, S*, S*, int64_t, int, int64_t);              \
-  template void CpuStreamsBackend::mix_rows<T, S>(const T*, const T*, const S*, int64_t, const S*, int64_t, T*, S*,  \
-                                                  S*, S, int64_t, int, int64_t);
+                                                      int64_t, T*, T*, S*, S*, int64_t, int, int64_t);
 HCEXT_INSTANTIATE_CPU_STREAMS(float, float)
 HCEXT_INSTANTIATE_CPU_STREAMS(double, double)
 HCEXT_INSTANTIATE_CPU_STREAMS(c10::BFloat16, float)

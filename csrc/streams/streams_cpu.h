@@ -39,9 +39,6 @@ struct CpuStreamsBackend {
   void mix_backward(const T* g, const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr,
                     int64_t hr_stride, T* grad_f, T* grad_x, S* ghp_rows, S* ghr_rows, int64_t tokens, int n,
                     int64_t C);
-  template <typename T, typename S>
-  void mix_rows(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr, int64_t hr_stride, T* out,
-                S* xf, S* rstd, S norm_eps, int64_t tokens, int n, int64_t C);
   template <typename S>
   void sum_over_tokens(const S* partials, S* out, int64_t tokens, int64_t K);
 };

@@ -41,12 +41,6 @@ struct CudaStreamsBackend : CudaContext {
     HCEXT_CUDA_CHECK((cuda::stream_mix_expand_backward<T, S>(g, f, x, hp, hp_stride, hr, hr_stride, grad_f, grad_x,
                                                           ghp_rows, ghr_rows, tokens, n, C, stream)));
   }
-  template <typename T, typename S>
-  void mix_rows(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr, int64_t hr_stride, T* out,
-                S* xf, S* rstd, S norm_eps, int64_t tokens, int n, int64_t C) {
-    HCEXT_CUDA_CHECK((cuda::stream_mix_rows<T, S>(f, x, hp, hp_stride, hr, hr_stride, out, xf, rstd, norm_eps, tokens, n,
-                                               C, stream)));
-  }
   template <typename S>
   void sum_over_tokens(const S* partials, S* out, int64_t tokens, int64_t K) {
     HCEXT_CUDA_CHECK((cuda::sum_over_tokens<S>(partials, out, tokens, K, stream)));

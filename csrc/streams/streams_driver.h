@@ -13,7 +13,6 @@
 //   aggregate_backward<T, S>(gy, x, h, h_stride, grad_x, gh_rows, tokens, n, C)
 //   mix_forward<T, S>(f, x, hp, hp_stride, hr, hr_stride, out, tokens, n, C)
 //   mix_backward<T, S>(g, f, x, hp, hp_stride, hr, hr_stride, grad_f, grad_x, ghp_rows, ghr_rows, tokens, n, C)
-//   mix_rows<T, S>(f, x, hp, hp_stride, hr, hr_stride, out, xf, rstd, norm_eps, tokens, n, C)
 //   sum_over_tokens<S>(partials, out, tokens, K)               fixed order: deterministic
 // Null output pointers mean "not requested". A coefficient's token stride is 0 when it is
 // shared by every token.
@@ -145,21 +144,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_mix_expand_bac
 }
 
 // The first pass of hcext::mhc_post_pre (called by the mHC driver on checked inputs):
-// out = stream_mix_expand(f, x, h_post, h_res) (contiguous, x's dtype and shape), and from
-// the stored outputs rstd[t] = 1/sqrt(mean(out[t]²) + norm_eps) ([tokens], compute dtype);
-// xf (when defined: [tokens, n*C] in the compute dtype) receives the outputs as well.
+// out = stream_mix_expand(f, x, h_post, h_res), into a contiguous tensor of x's shape and dtype.
 template <class Backend>
-void stream_mix_rows(const StreamsProblem& p, const at::Tensor& f, const StreamsCoef& hp, const StreamsCoef& hr,
-                     at::Tensor& out, at::Tensor& xf, at::Tensor& rstd, double norm_eps) {
+void stream_mix_into(const StreamsProblem& p, const at::Tensor& f, const StreamsCoef& hp, const StreamsCoef& hr,
+                     at::Tensor& out) {
   if (p.tokens == 0) return;
   Backend backend(p.x);
   Backend::dispatch_dtype(p.x.scalar_type(), [&](auto t_tag, auto s_tag) {
     using T = decltype(t_tag);
     using S = decltype(s_tag);
-    backend.template mix_rows<T, S>(data_or_null<const T>(f), data_or_null<const T>(p.x),
-                                    data_or_null<const S>(hp.h), hp.token_stride, data_or_null<const S>(hr.h),
-                                    hr.token_stride, data_or_null<T>(out), data_or_null<S>(xf),
-                                    data_or_null<S>(rstd), static_cast<S>(norm_eps), p.tokens, p.n, p.C);
+    backend.template mix_forward<T, S>(data_or_null<const T>(f), data_or_null<const T>(p.x),
+                                       data_or_null<const S>(hp.h), hp.token_stride, data_or_null<const S>(hr.h),
+                                       hr.token_stride, data_or_null<T>(out), p.tokens, p.n, p.C);
   });
 }
 

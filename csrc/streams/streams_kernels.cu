@@ -105,46 +105,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// mix_forward_kernel plus, per token, the sum of squares of the stored outputs -> rstd
-// (hcext/mhc.h) and an optional copy in S (xf): one block per token, so the sum is a
-// fixed-order block_sum.
-template <typename T, int kN, int VEC>
-__global__ void __launch_bounds__(kTokenThreads)
-    mix_rows_kernel(const T* __restrict__ f, const T* __restrict__ x, const ComputeOf<T>* __restrict__ hp,
-                    int64_t hp_stride, const ComputeOf<T>* __restrict__ hr, int64_t hr_stride, T* __restrict__ out,
-                    ComputeOf<T>* __restrict__ xf, ComputeOf<T>* __restrict__ rstd, ComputeOf<T> norm_eps,
-                    int64_t tokens, int n_rt, int64_t C) {
-  using S = ComputeOf<T>;
-  using V = Lanes<S, VEC>;
-  __shared__ S smem[kMaxWarps][1];
-  const int n = kN > 0 ? kN : n_rt;
-  const int64_t groups = C / VEC;
-  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
-    const T* xt = x + t * n * C;
-    T* ot = out + t * n * C;
-    const S* hpt = hp + t * hp_stride;
-    const S* hrt = hr + t * hr_stride;
-    S squares[1] = {S(0)};
-    for (int64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
-      const int64_t c = gi * VEC;
-      const V F = load<T, VEC>(f + t * C + c);
-      auto rows = [&](int j) { return load<T, VEC>(xt + j * C + c); };  // reloads hit L1
-      for (int i = 0; i < n; ++i) {
-        const V o = stream_mix_value<kN, V>(hrt + i * n, hpt[i], F, n, rows);
-        store<T, VEC>(ot + i * C + c, o);
-        V r;  // the stored value
-#pragma unroll
-        for (int l = 0; l < VEC; ++l) {
-          r.v[l] = Convert<T>::in(Convert<T>::out(o.v[l]));
-          squares[0] += r.v[l] * r.v[l];
-        }
-        if (xf) store<S, VEC>(xf + (t * n + i) * C + c, r);  // 128-bit stores, like the other rows
-      }
-    }
-    block_sum<1>(squares, 1, smem, [&](int, S s) { rstd[t] = mhc_rstd<S>(s, S(n * C), norm_eps); });
-  }
-}
-
 // ---------------------------------------------------------------------------------------
 // Backward kernels: one block per token. Null outputs are skipped (uniform branches).
 
@@ -391,20 +351,6 @@ cudaError_t stream_mix_expand_backward(const T* grad, const T* f, const T* x, co
   return err;
 }
 
-template <typename T, typename S>
-cudaError_t stream_mix_rows(const T* f, const T* x, const S* h_post, int64_t hp_stride, const S* h_res,
-                            int64_t hr_stride, T* out, S* xf, S* rstd, S norm_eps, int64_t tokens, int n, int64_t C,
-                            cudaStream_t stream) {
-  cudaError_t err = cudaSuccess;
-  if (tokens == 0) return cudaSuccess;
-  // xf takes the same VEC values in S per thread: its rows must allow it too.
-  const bool vectorize = can_vectorize<T>(C, {f, x, out}) && can_vectorize<S>(C, {xf});
-  dispatch<T>(n, vectorize, [&]<int kN, int VEC>() {
-    err = launch<mix_rows_kernel<T, kN, VEC>>(token_blocks(tokens), token_threads(C / VEC), 0, stream, f, x, h_post, hp_stride, h_res, hr_stride, out, xf, rstd, norm_eps, tokens, n, C);
-  });
-  return err;
-}
-
 template <typename S>
 cudaError_t sum_over_tokens(const S* partials, S* out, int64_t tokens, int64_t K, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
@@ -421,9 +367,7 @@ cudaError_t sum_over_tokens(const S* partials, S* out, int64_t tokens, int64_t K
   template cudaError_t stream_mix_expand_forward<T, S>(const T*, const T*, const S*, int64_t, const S*, int64_t, T*, \
                                                        int64_t, int, int64_t, cudaStream_t);                         \
   template cudaError_t stream_mix_expand_backward<T, S>(const T*, const T*, const T*, const S*, int64_t, const S*,  \
-                                                        int64_t, T*, T*, S*, S*, int64_t, int, int64_t, cudaStream_t); \
-  template cudaError_t stream_mix_rows<T, S>(const T*, const T*, const S*, int64_t, const S*, int64_t, T*, S*, S*, S, \
-                                             int64_t, int, int64_t, cudaStream_t);
+                                                        int64_t, T*, T*, S*, S*, int64_t, int, int64_t, cudaStream_t);
 
 HCEXT_INSTANTIATE_STREAMS(float, float)
 HCEXT_INSTANTIATE_STREAMS(double, double)

@@ -35,14 +35,6 @@ cudaError_t stream_mix_expand_backward(const T* grad, const T* f, const T* x, co
                                        const S* h_res, int64_t hr_stride, T* grad_f, T* grad_x, S* grad_h_post_rows,
                                        S* grad_h_res_rows, int64_t tokens, int n, int64_t C, cudaStream_t stream);
 
-// stream_mix_expand_forward that also writes, from the stored outputs (rounded to T),
-// rstd[t] = 1/sqrt(mean(out[t]²) + norm_eps) and (xf non-null) the outputs in S: the first
-// pass of hcext::mhc_post_pre. One block per token; deterministic.
-template <typename T, typename S>
-cudaError_t stream_mix_rows(const T* f, const T* x, const S* h_post, int64_t hp_stride, const S* h_res,
-                            int64_t hr_stride, T* out, S* xf, S* rstd, S norm_eps, int64_t tokens, int n, int64_t C,
-                            cudaStream_t stream);
-
 // out[k] = sum_t partials[t * K + k] in a fixed order (deterministic); K <= 2^31 - 1.
 template <typename S>
 cudaError_t sum_over_tokens(const S* partials, S* out, int64_t tokens, int64_t K, cudaStream_t stream);

@@ -50,9 +50,21 @@ def _copy_repo(dst: str) -> None:
         shutil.copy2(src, os.path.join(dst, rel))
 
 
+def _first_report(text: str) -> str:
+    """The most telling line of a failure: a sanitizer's summary, the emulator's error, an
+    assertion, or pytest's first FAILED line."""
+    lines = text.splitlines()
+    for keys in (("SUMMARY: ",), ("ERROR: AddressSanitizer", "runtime error"), ("hcext_emu", "emulated CUDA launch"),
+                 ("E   ",), ("FAILED", "FAIL ")):
+        for line in lines:
+            if any(k in line for k in keys):
+                return line.strip()[:220]
+    return ""
+
+
 def _run(cmd, cwd, env=None, timeout=1800):
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, shell=isinstance(cmd, str))
-    return p.returncode, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.returncode, p.stdout[-20000:] + p.stderr[-20000:]
 
 
 def main() -> int:
@@ -82,11 +94,7 @@ def main() -> int:
                    "UBSAN_OPTIONS": "halt_on_error=1", "PYTHONPATH": tmp}
             rc_p, out_p = _run([py, "-m", "pytest", "tests/emu", "-x", "-q", "-p", "no:cacheprovider"], tmp, env=env)
             caught = rc_c != 0 or rc_p != 0
-            first = ""
-            for line in (out_c + "\n" + out_p).splitlines():
-                if any(k in line for k in ("SUMMARY", "FAIL ", "FAILED", "Error:", "error ")):
-                    first = line.strip()[:220]
-                    break
+            first = _first_report(out_c + "\n" + out_p)
             rows.append((name, rel, f"caught (C++ TSan test rc={rc_c}, pytest rc={rc_p})" if caught else "SURVIVED",
                          first, time.time() - start))
         print(rows[-1], flush=True)

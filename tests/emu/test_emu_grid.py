@@ -17,7 +17,8 @@ from helpers import forward_backward, sample
 def _workload():
     """One forward + backward of every op family, shaped to reach every kernel: per-token and
     shared coefficients (the fixed-order sum over tokens), n = 4 (fast paths) and n = 5
-    (generic), fp32 and bf16 streams, original HC with enough tokens for several Ĝ chunks."""
+    (generic), n = 8 (mHC's GEMM formulation on CUDA), fp32 and bf16 streams, original HC with
+    enough tokens for several Ĝ chunks."""
     torch.manual_seed(0)
     results = []
     for n, C, dtype in [(4, 64, torch.float32), (5, 12, torch.bfloat16)]:
@@ -42,6 +43,12 @@ def _workload():
         ]
         for fn, s in calls:
             results.append(forward_backward(fn, s))
+    # n = 8 (D = 80): the CUDA backend's GEMM formulation of the projection (mhc_rows, mhc_grad_x).
+    n, C = 8, 16
+    D = n * n + 2 * n
+    results.append(forward_backward(hcext.mhc_pre, sample(torch.randn(5, n, C, dtype=torch.bfloat16),
+                                                          torch.randn(n * C, D) / math.sqrt(n * C), torch.rand(3),
+                                                          torch.randn(D) * 0.5)))
     T, n, C = 300, 4, 24  # HC: 300 tokens -> several 64-token chunks of the Ĝ reduction
     x = torch.randn(T, n, C)
     hc = lambda *a: hcext.hc_coeffs(*a, norm="layer")  # noqa: E731

@@ -10,6 +10,7 @@
 //  - finite, non-trivial outputs.
 // Values are checked against the reference by the Python suite (tests/emu/test_emu_parity.py).
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -104,9 +105,9 @@ void streams_cases(const char* dtype, int64_t tokens, int n, int64_t C, bool sha
   const auto h_post = random_vec<S>(shared ? n : size_t(tokens) * n, 6, 0.f, 2.f);
   const auto h_res = random_vec<S>(shared ? size_t(n) * n : size_t(tokens) * n * n, 7, 0.f, 1.f);
 
-  std::vector<T> grad_x(rows), grad_f(cols), out(rows);
+  std::vector<T> grad_x(rows), grad_f(cols);
   std::vector<S> gh_pre(size_t(tokens) * n), gh_post(size_t(tokens) * n), gh_res(size_t(tokens) * n * n),
-      xf(rows), rstd(tokens), summed(size_t(n) * n);
+      summed(size_t(n) * n);
   check_case("stream_aggregate_backward " + tag, [&] {
     return hcext::cuda::stream_aggregate_backward<T, S>(gy.data(), x.data(), h_pre.data(), hp_stride, grad_x.data(),
                                                         gh_pre.data(), tokens, n, C, nullptr);
@@ -119,11 +120,6 @@ void streams_cases(const char* dtype, int64_t tokens, int n, int64_t C, bool sha
   }, {{grad_f.data(), cols * sizeof(T)}, {grad_x.data(), rows * sizeof(T)},
       {gh_post.data(), gh_post.size() * sizeof(S)}, {gh_res.data(), gh_res.size() * sizeof(S)}});
   expect_finite("stream_mix_expand_backward " + tag, gh_res);
-  check_case("stream_mix_rows " + tag, [&] {
-    return hcext::cuda::stream_mix_rows<T, S>(f.data(), x.data(), h_post.data(), hp_stride, h_res.data(), hr_stride,
-                                              out.data(), xf.data(), rstd.data(), S(1e-6), tokens, n, C, nullptr);
-  }, {{out.data(), rows * sizeof(T)}, {xf.data(), rows * sizeof(S)}, {rstd.data(), rstd.size() * sizeof(S)}});
-  expect_finite("stream_mix_rows " + tag, rstd);
   check_case("sum_over_tokens " + tag, [&] {
     return hcext::cuda::sum_over_tokens<S>(gh_res.data(), summed.data(), tokens, int64_t(n) * n, nullptr);
   }, {{summed.data(), summed.size() * sizeof(S)}});
@@ -146,8 +142,8 @@ void mhc_cases(hcext::StreamDtype xtype, const char* dtype, int64_t tokens, int 
   }, {{xf.data(), xf.size() * sizeof(T)}, {rstd.data(), rstd.size() * sizeof(T)}});
   expect_finite("mhc_rows " + tag, rstd);
   check_case("mhc_layer_input_grad " + tag, [&] {
-    return hcext::cuda::mhc_layer_input_grad<T>(xf.data(), gy.data(), gpre.data(), gpre_out.data(), tokens, n, C,
-                                                nullptr);
+    return hcext::cuda::mhc_layer_input_grad<T>(x.data(), xtype, gy.data(), gpre.data(), gpre_out.data(), tokens, n,
+                                                C, nullptr);
   }, {{gpre_out.data(), gpre_out.size() * sizeof(T)}});
   expect_finite("mhc_layer_input_grad " + tag, gpre_out);
   check_case("mhc_grad_x " + tag, [&] {
@@ -156,6 +152,24 @@ void mhc_cases(hcext::StreamDtype xtype, const char* dtype, int64_t tokens, int 
                                       tokens, n, C, D, nullptr);
   }, {{dx.data(), dx.size() * sizeof(X)}});
   expect_finite("mhc_grad_x " + tag, dx);
+  if (D <= hcext::cuda::kMhcFusedMaxD) {
+    const auto phi = random_vec<T>(size_t(len) * D, 19);
+    std::vector<T> proj2(size_t(tokens) * D), rstd2(tokens), grad_phi(size_t(len) * D);
+    std::vector<T> ws(std::max(hcext::cuda::mhc_project_workspace(tokens, len, int(D)),
+                               hcext::cuda::mhc_grad_phi_workspace(tokens, len, int(D))));
+    check_case("mhc_project " + tag, [&] {
+      return hcext::cuda::mhc_project<T>(x.data(), xtype, phi.data(), ws.data(), proj2.data(), rstd2.data(), tokens,
+                                         len, int(D), T(1e-6), nullptr);
+    }, {{proj2.data(), proj2.size() * sizeof(T)}, {rstd2.data(), rstd2.size() * sizeof(T)}});
+    expect_finite("mhc_project " + tag, proj2);
+    check_case("mhc_grad_x_phi " + tag, [&] {
+      return hcext::cuda::mhc_grad_x_phi<T>(x.data(), xtype, phi.data(), proj.data(), proj.data(), rstd.data(),
+                                            drstd.data(), gy.data(), nullptr, 0, alpha.data(), bias.data(), T(1e-6),
+                                            nullptr, dx.data(), ws.data(), grad_phi.data(), tokens, n, C, int(D),
+                                            nullptr);
+    }, {{dx.data(), dx.size() * sizeof(X)}, {grad_phi.data(), grad_phi.size() * sizeof(T)}});
+    expect_finite("mhc_grad_x_phi " + tag, grad_phi);
+  }
 }
 
 template <typename T>
@@ -233,6 +247,7 @@ int main() {
   streams_cases<__nv_bfloat16, float>("bf16", 4, 4, 264, false);
   streams_cases<double, double>("fp64", 3, 2, 40, false);
   mhc_cases<float>(StreamDtype::kFloat, "fp32", 4, 4, 72);
+  mhc_cases<float>(StreamDtype::kFloat, "fp32", 70, 4, 40);  // several token tiles, chunks and splits
   mhc_cases<float>(StreamDtype::kFloat, "fp32", 3, 3, 7);
   mhc_cases<double>(StreamDtype::kDouble, "fp64", 2, 5, 12);
   hc_cases<float>(StreamDtype::kFloat, "fp32", 3, 4, 70);

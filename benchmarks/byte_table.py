@@ -1,0 +1,193 @@
+"""Bytes the mHC passes move, counted from what each kernel reads and writes, against the floor.
+
+One table per op (``OPS``): the passes its forward or backward runs (CPU and CUDA share the
+sequence for n <= 6: csrc/mhc/mhc_driver.h, csrc/streams/streams_driver.h), each with the
+tensors it reads and writes. A tensor is a name and a size in elements times its element size:
+
+    x, out, grad_x ...  T * n * C elements of the streams' dtype (s bytes)
+    f, y, gy ...        T * C elements of the streams' dtype
+    proj, dproj         T * D elements, D = n² + 2n, compute dtype (4 bytes; 8 for fp64)
+    rstd, h_*           T, T * n, T * n² elements, compute dtype
+    phi, grad_phi       n * C * D elements, compute dtype (read once per pass: the passes
+                        tile it in cache)
+
+Scratch the passes keep on chip (a block of rows in L2, shared-memory tiles) is not traffic; the
+workspaces they write and read back (grad_phi's per-chunk partial sums, the projection's split
+partials on CUDA) are. ``tests/test_bytes.py`` checks every op's external reads and writes here
+against the tensors the op really takes and returns.
+
+The floor of a sub-layer (what must move whatever the design): read x and f, write the layer
+input and the new streams (forward); read the incoming gradients and x again, write grad_x and
+grad_f (backward). The floor of the boundary (hcext::mhc_post_pre): read x and f, write x_next
+and the layer input; backward: read the incoming gradients (of x_next and the layer input), x
+and f (and x_next for the coefficient gradients), write grad_x and grad_f.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    T: int
+    n: int
+    C: int
+    s: int  # bytes per element of the streams (x, f, ...)
+    c: int = 4  # bytes per element of the coefficients (compute dtype)
+
+    @property
+    def D(self) -> int:
+        return self.n * self.n + 2 * self.n
+
+    def size(self, kind: str) -> int:
+        """Bytes of one tensor of the kind named (see the module docstring)."""
+        T, n, C, D = self.T, self.n, self.C, self.D
+        return {
+            "streams": T * n * C * self.s,  # x, out, grad_x, x_next, ...
+            "row": T * C * self.s,  # f, y, gy, grad_f, layer_input
+            "proj": T * D * self.c,
+            "token": T * self.c,  # rstd, drstd
+            "token3": T * 3 * self.c,  # dalpha (per token)
+            "coef_n": T * n * self.c,  # h_pre, h_post, their gradients
+            "coef_nn": T * n * n * self.c,  # h_res and its gradient
+            "phi": n * C * D * self.c,
+            "alpha": 3 * self.c,
+            "bias": D * self.c,
+        }[kind]
+
+
+# A pass: (name, reads [(tensor, kind)], writes [(tensor, kind)]).
+Pass = Tuple[str, List[Tuple[str, str]], List[Tuple[str, str]]]
+
+# grad_phi's partial sums: CPU at most 16 chunks, CUDA at most 16 (grad_tokens_per_chunk); both
+# written once and read once by the fixed-order sum. Counted as 16 phi-sized tensors each way.
+PARTIALS = 16
+
+OPS: Dict[str, List[Pass]] = {
+    "mhc_pre_fwd": [
+        ("project", [("x", "streams"), ("phi", "phi")], [("proj", "proj"), ("rstd", "token")]),
+        ("epilogue", [("proj", "proj"), ("rstd", "token"), ("alpha", "alpha"), ("bias", "bias")],
+         [("h_pre", "coef_n"), ("h_post", "coef_n"), ("h_res", "coef_nn")]),
+        ("aggregate", [("x", "streams"), ("h_pre", "coef_n")], [("layer_input", "row")]),
+    ],
+    "stream_mix_expand": [
+        ("mix", [("f", "row"), ("x", "streams"), ("h_post", "coef_n"), ("h_res", "coef_nn")], [("out", "streams")]),
+    ],
+    "stream_mix_expand_backward": [
+        ("mix_backward", [("grad", "streams"), ("f", "row"), ("x", "streams"), ("h_post", "coef_n"),
+                          ("h_res", "coef_nn")],
+         [("grad_f", "row"), ("grad_x", "streams"), ("grad_h_post", "coef_n"), ("grad_h_res", "coef_nn")]),
+    ],
+    "mhc_backward": [
+        ("layer_input_grad", [("x", "streams"), ("grad_layer_input", "row"), ("grad_h_pre", "coef_n")],
+         [("g_pre", "coef_n")]),
+        ("epilogue_backward", [("proj", "proj"), ("rstd", "token"), ("alpha", "alpha"), ("bias", "bias"),
+                               ("g_pre", "coef_n"), ("grad_h_post", "coef_n"), ("grad_h_res", "coef_nn")],
+         [("dl", "proj"), ("dproj", "proj"), ("dalpha", "token3"), ("drstd", "token")]),
+        ("grad_x_phi", [("x", "streams"), ("grad_layer_input", "row"), ("dproj", "proj"), ("proj", "proj"),
+                        ("rstd", "token"), ("drstd", "token"), ("phi", "phi")]
+         + [(f"partial{i}", "phi") for i in range(PARTIALS)],
+         [("grad_x", "streams")] + [(f"partial{i}", "phi") for i in range(PARTIALS)]),
+        ("grad_phi_sum", [(f"partial{i}", "phi") for i in range(PARTIALS)], [("grad_phi", "phi")]),
+        ("coefficient_sums", [("dl", "proj"), ("dalpha", "token3")], [("grad_alpha", "alpha"), ("grad_bias", "bias")]),
+    ],
+    "mhc_post_pre_fwd": [
+        ("mix", [("f", "row"), ("x", "streams"), ("h_post", "coef_n"), ("h_res", "coef_nn")], [("x_next", "streams")]),
+        ("project", [("x_next", "streams"), ("phi", "phi")], [("proj", "proj"), ("rstd", "token")]),
+        ("epilogue", [("proj", "proj"), ("rstd", "token"), ("alpha", "alpha"), ("bias", "bias")],
+         [("h_pre", "coef_n"), ("h_post_next", "coef_n"), ("h_res_next", "coef_nn")]),
+        ("aggregate", [("x_next", "streams"), ("h_pre", "coef_n")], [("layer_input", "row")]),
+    ],
+}
+# The boundary's backward: x_next's coefficient path (mhc_backward's passes, on x_next, with
+# grad_x_next read by grad_x_phi and added before the one rounding), then the mix's backward on
+# the summed gradient.
+OPS["mhc_post_pre_backward"] = [
+    ("layer_input_grad", [("x_next", "streams"), ("grad_layer_input", "row")], [("g_pre", "coef_n")]),
+    ("epilogue_backward", [("proj", "proj"), ("rstd", "token"), ("alpha", "alpha"), ("bias", "bias"),
+                           ("g_pre", "coef_n"), ("grad_h_post_next", "coef_n"), ("grad_h_res_next", "coef_nn")],
+     [("dl", "proj"), ("dproj", "proj"), ("dalpha", "token3"), ("drstd", "token")]),
+    ("grad_x_phi", [("x_next", "streams"), ("grad_x_next", "streams"), ("grad_layer_input", "row"), ("dproj", "proj"),
+                    ("proj", "proj"), ("rstd", "token"), ("drstd", "token"), ("phi", "phi")]
+     + [(f"partial{i}", "phi") for i in range(PARTIALS)],
+     [("grad_x_next_total", "streams")] + [(f"partial{i}", "phi") for i in range(PARTIALS)]),
+    ("grad_phi_sum", [(f"partial{i}", "phi") for i in range(PARTIALS)], [("grad_phi", "phi")]),
+    ("coefficient_sums", [("dl", "proj"), ("dalpha", "token3")], [("grad_alpha", "alpha"), ("grad_bias", "bias")]),
+    ("mix_backward", [("grad_x_next_total", "streams"), ("f", "row"), ("x", "streams"), ("h_post", "coef_n"),
+                      ("h_res", "coef_nn")],
+     [("grad_f", "row"), ("grad_x", "streams"), ("grad_h_post", "coef_n"), ("grad_h_res", "coef_nn")]),
+]
+
+
+def op_bytes(op: str, shape: Shape) -> Dict[str, int]:
+    """{'read': bytes, 'write': bytes} of one op's passes."""
+    read = sum(shape.size(k) for _, reads, _ in OPS[op] for _, k in reads)
+    write = sum(shape.size(k) for _, _, writes in OPS[op] for _, k in writes)
+    return {"read": read, "write": write}
+
+
+# The sub-layer of benchmarks/bench_mhc.py (mhc_pre, then stream_mix_expand) and the boundary
+# of benchmarks/bench_boundary.py. Backward: autograd also adds the two gradients of x (the
+# sub-layer's x feeds both ops): one more read of two and write of one streams-sized tensor.
+def sublayer_bytes(shape: Shape, backward: bool) -> int:
+    total = sum(sum(op_bytes(op, shape).values()) for op in ("mhc_pre_fwd", "stream_mix_expand"))
+    if backward:
+        total += sum(sum(op_bytes(op, shape).values()) for op in ("mhc_backward", "stream_mix_expand_backward"))
+        total += 3 * shape.size("streams")  # autograd's sum of x's two gradients
+    return total
+
+
+def sublayer_floor(shape: Shape, backward: bool) -> int:
+    fwd = 2 * shape.size("streams") + 2 * shape.size("row")  # read x, f; write out, layer_input
+    if not backward:
+        return fwd
+    # read grad_out, grad_layer_input, x; write grad_x, grad_f
+    return fwd + 3 * shape.size("streams") + 2 * shape.size("row")
+
+
+def boundary_bytes(shape: Shape, backward: bool) -> int:
+    total = sum(op_bytes("mhc_post_pre_fwd", shape).values())
+    if backward:
+        total += sum(op_bytes("mhc_post_pre_backward", shape).values())
+    return total
+
+
+def boundary_floor(shape: Shape, backward: bool) -> int:
+    fwd = 2 * shape.size("streams") + 2 * shape.size("row")  # read x, f; write x_next, layer_input
+    if not backward:
+        return fwd
+    # read grad_x_next, grad_layer_input, x, x_next, f; write grad_x, grad_f
+    return fwd + 4 * shape.size("streams") + 3 * shape.size("row")
+
+
+def table(shape: Shape) -> List[Dict]:
+    """Rows of the byte table for one shape: design bytes, floor, ratio, in copies of x."""
+    copy = 2 * shape.size("streams")  # a same-size copy reads and writes x once
+    rows = []
+    for name, design, floor in (("sub-layer fwd", sublayer_bytes(shape, False), sublayer_floor(shape, False)),
+                                ("sub-layer fwd+bwd", sublayer_bytes(shape, True), sublayer_floor(shape, True)),
+                                ("boundary fwd", boundary_bytes(shape, False), boundary_floor(shape, False)),
+                                ("boundary fwd+bwd", boundary_bytes(shape, True), boundary_floor(shape, True))):
+        rows.append({"row": name, "design_bytes": design, "floor_bytes": floor, "ratio": design / floor,
+                     "design_copies": design / copy, "floor_copies": floor / copy})
+    return rows
+
+
+def markdown(shape: Shape, title: str) -> str:
+    lines = [f"{title}: T={shape.T}, n={shape.n}, C={shape.C}, {shape.s}-byte streams",
+             "", "| row | design (GB) | floor (GB) | design / floor | design (copies of x) | floor (copies) |",
+             "|---|---|---|---|---|---|"]
+    for r in table(shape):
+        lines.append(f"| {r['row']} | {r['design_bytes'] / 1e9:.3f} | {r['floor_bytes'] / 1e9:.3f} | "
+                     f"{r['ratio']:.2f} | {r['design_copies']:.1f} | {r['floor_copies']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown(Shape(T=16384, n=4, C=4096, s=2), "GPU shape, bf16"))
+    print()
+    print(markdown(Shape(T=4096, n=4, C=1024, s=4), "CPU benchmark shape, fp32"))
+    print()
+    print(markdown(Shape(T=4096, n=4, C=1024, s=2), "CPU benchmark shape, bf16"))

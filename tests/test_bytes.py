@@ -1,0 +1,91 @@
+"""The byte table of benchmarks/byte_table.py against the ops it describes: every tensor an op takes or
+returns that the table names has the size the table counts, and every streams- or row-sized
+tensor an op takes or returns is in the table (so the table cannot leave out a large read or
+write). Runs the ops on the CPU at a small shape, fp32 and bf16."""
+
+import math
+
+import pytest
+import torch
+
+import hcext  # noqa: F401
+from benchmarks import byte_table as table
+
+T, N, C = 6, 4, 16
+
+
+def _inputs(dtype):
+    torch.manual_seed(0)
+    D = N * N + 2 * N
+    x = torch.randn(T, N, C, dtype=dtype)
+    f = torch.randn(T, C, dtype=dtype)
+    phi = torch.randn(N * C, D) / math.sqrt(N * C)
+    alpha, bias = torch.rand(3), torch.randn(D) * 0.5
+    h_post, h_res = torch.rand(T, N) * 2, torch.rand(T, N, N)
+    return dict(x=x, f=f, phi=phi, alpha=alpha, bias=bias, h_post=h_post, h_res=h_res)
+
+
+def _calls(dtype):
+    a = _inputs(dtype)
+    ops = torch.ops.hcext
+    scalars = (20, 1e-6, 1e-6, 1e-6, 2.0)
+    pre = ops.mhc_pre_fwd(a["x"], a["phi"], a["alpha"], a["bias"], *scalars)
+    boundary = ops.mhc_post_pre_fwd(a["f"], a["x"], a["h_post"], a["h_res"], a["phi"], a["alpha"], a["bias"], *scalars)
+    gy, g_streams = torch.randn(T, C, dtype=dtype), torch.randn(T, N, C, dtype=dtype)
+    g_n, g_nn = torch.randn(T, N), torch.randn(T, N, N)
+    return {
+        "mhc_pre_fwd": (dict(x=a["x"], phi=a["phi"], alpha=a["alpha"], bias=a["bias"]), pre),
+        "stream_mix_expand": (dict(f=a["f"], x=a["x"], h_post=a["h_post"], h_res=a["h_res"]),
+                              ops.stream_mix_expand(a["f"], a["x"], a["h_post"], a["h_res"])),
+        "stream_mix_expand_backward": (
+            dict(grad=g_streams, f=a["f"], x=a["x"], h_post=a["h_post"], h_res=a["h_res"]),
+            ops.stream_mix_expand_backward(g_streams, a["f"], a["x"], a["h_post"], a["h_res"])),
+        "mhc_backward": (
+            dict(x=a["x"], phi=a["phi"], alpha=a["alpha"], bias=a["bias"], proj=pre[3], rstd=pre[4],
+                 grad_layer_input=gy, grad_h_post=g_n, grad_h_res=g_nn),
+            ops.mhc_backward(a["x"], a["phi"], a["alpha"], a["bias"], pre[3], pre[4], gy, None, g_n, g_nn, 20, 1e-6,
+                             1e-6, 2.0)),
+        "mhc_post_pre_fwd": (dict(f=a["f"], x=a["x"], h_post=a["h_post"], h_res=a["h_res"], phi=a["phi"],
+                                  alpha=a["alpha"], bias=a["bias"]), boundary),
+        "mhc_post_pre_backward": (
+            dict(grad_x_next=g_streams, grad_layer_input=gy, grad_h_post_next=g_n, grad_h_res_next=g_nn, f=a["f"],
+                 x=a["x"], h_post=a["h_post"], h_res=a["h_res"], x_next=boundary[0], phi=a["phi"], alpha=a["alpha"],
+                 bias=a["bias"], proj=boundary[4], rstd=boundary[5]),
+            ops.mhc_post_pre_backward(g_streams, gy, g_n, g_nn, a["f"], a["x"], a["h_post"], a["h_res"], boundary[0],
+                                      a["phi"], a["alpha"], a["bias"], boundary[4], boundary[5], 20, 1e-6, 1e-6, 2.0,
+                                      [True, True, True, True])),
+    }
+
+
+def _returns(op, out):
+    names = [r.name or "out" for r in getattr(torch.ops.hcext, op).default._schema.returns]
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return dict(zip(names, outs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", sorted(table.OPS))
+def test_table_matches_the_ops_tensors(op, dtype):
+    shape = table.Shape(T=T, n=N, C=C, s=torch.empty((), dtype=dtype).element_size())
+    inputs, out = _calls(dtype)[op]
+    outputs = _returns(op, out)
+    reads = {t: k for _, rs, _ in table.OPS[op] for t, k in rs}
+    writes = {t: k for _, _, ws in table.OPS[op] for t, k in ws}
+    large = shape.size("row")
+    for name, tensor in inputs.items():
+        if name in reads:
+            assert shape.size(reads[name]) == tensor.nbytes, (op, name, reads[name])
+        else:
+            assert tensor.nbytes < large, f"{op}: input {name} ({tensor.nbytes} bytes) is not in the byte table"
+    for name, tensor in outputs.items():
+        if name in writes:
+            assert shape.size(writes[name]) == tensor.nbytes, (op, name, writes[name])
+        else:
+            assert tensor.nbytes < large, f"{op}: output {name} ({tensor.nbytes} bytes) is not in the byte table"
+
+
+def test_floor_is_below_the_design():
+    for s in (2, 4):
+        shape = table.Shape(T=4096, n=4, C=1024, s=s)
+        for row in table.table(shape):
+            assert row["floor_bytes"] <= row["design_bytes"], row
