@@ -86,7 +86,8 @@ def main(argv=None):
         print(f"| {k} | {r['min_ms']:.1f} | {r['median_ms']:.1f} | {r['gflops']:.0f} | {r['of_sgemm']:.2f} |")
     os.makedirs(harness.RESULTS_DIR, exist_ok=True)
     with open(os.path.join(harness.RESULTS_DIR, "projection-cpu.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump({"metadata": meta, "config": {"benchmark": "projection", "repeats": a.repeats}, "results": rows}, f,
+                  indent=1)
 
 
 if __name__ == "__main__":
