@@ -139,14 +139,6 @@ def sublayer_bytes(shape: Shape, backward: bool) -> int:
     return total
 
 
-def sublayer_floor(shape: Shape, backward: bool) -> int:
-    fwd = 2 * shape.size("streams") + 2 * shape.size("row")  # read x, f; write out, layer_input
-    if not backward:
-        return fwd
-    # read grad_out, grad_layer_input, x; write grad_x, grad_f
-    return fwd + 3 * shape.size("streams") + 2 * shape.size("row")
-
-
 def boundary_bytes(shape: Shape, backward: bool) -> int:
     total = sum(op_bytes("mhc_post_pre_fwd", shape).values())
     if backward:
@@ -154,22 +146,26 @@ def boundary_bytes(shape: Shape, backward: bool) -> int:
     return total
 
 
-def boundary_floor(shape: Shape, backward: bool) -> int:
-    fwd = 2 * shape.size("streams") + 2 * shape.size("row")  # read x, f; write x_next, layer_input
-    if not backward:
-        return fwd
-    # read grad_x_next, grad_layer_input, x, x_next, f; write grad_x, grad_f
-    return fwd + 4 * shape.size("streams") + 3 * shape.size("row")
+# The floor, as (streams-sized, row-sized) tensors moved: forward (read x, f; write the new streams
+# and the layer input), then what the backward adds: sub-layer (read grad_out, grad_layer_input, x;
+# write grad_x, grad_f), boundary (read grad_x_next, grad_layer_input, x, x_next, f; write grad_x,
+# grad_f).
+FLOORS = {"sub-layer": ((2, 2), (3, 2)), "boundary": ((2, 2), (4, 3))}
+
+
+def floor_bytes(kind: str, shape: Shape, backward: bool) -> int:
+    parts = FLOORS[kind][: 2 if backward else 1]
+    return sum(streams * shape.size("streams") + rows * shape.size("row") for streams, rows in parts)
 
 
 def table(shape: Shape) -> List[Dict]:
     """Rows of the byte table for one shape: design bytes, floor, ratio, in copies of x."""
     copy = 2 * shape.size("streams")  # a same-size copy reads and writes x once
     rows = []
-    for name, design, floor in (("sub-layer fwd", sublayer_bytes(shape, False), sublayer_floor(shape, False)),
-                                ("sub-layer fwd+bwd", sublayer_bytes(shape, True), sublayer_floor(shape, True)),
-                                ("boundary fwd", boundary_bytes(shape, False), boundary_floor(shape, False)),
-                                ("boundary fwd+bwd", boundary_bytes(shape, True), boundary_floor(shape, True))):
+    for name, design, floor in (("sub-layer fwd", sublayer_bytes(shape, False), floor_bytes("sub-layer", shape, False)),
+                                ("sub-layer fwd+bwd", sublayer_bytes(shape, True), floor_bytes("sub-layer", shape, True)),
+                                ("boundary fwd", boundary_bytes(shape, False), floor_bytes("boundary", shape, False)),
+                                ("boundary fwd+bwd", boundary_bytes(shape, True), floor_bytes("boundary", shape, True))):
         rows.append({"row": name, "design_bytes": design, "floor_bytes": floor, "ratio": design / floor,
                      "design_copies": design / copy, "floor_copies": floor / copy})
     return rows
