@@ -80,7 +80,7 @@ test: build ctest ptxas-check
 
 # The families whose ops have CUDA kernels: their tests also run on the `emu` device.
 EMU_FAMILY_TESTS = tests/test_streams.py tests/test_sinkhorn.py tests/test_mhc.py tests/test_mhc_post_pre.py \
-	tests/test_mhc_shifted.py tests/test_hc.py
+	tests/test_mhc_shifted.py tests/test_hc.py tests/test_mhc_passes.py
 
 # Needs the CUDA toolkit's headers only (no GPU, no nvcc run). The sanitizer runtimes are
 # preloaded (python itself is not instrumented); libstdc++ with them, so that ASan can
