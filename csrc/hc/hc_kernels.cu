@@ -32,8 +32,10 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// kMaxK >= shape.K: the projections are held in registers (loops guarded by k < K).
-template <typename T, typename X, int kMaxK>
+// kMaxK >= shape.K: the projections are held in registers (loops guarded by k < K). A lane reads
+// VEC consecutive channels of its row and of each projection column at a time (one 128-bit load
+// of x when the rows allow it, see with_vec; VEC = 1 otherwise).
+template <typename T, typename X, int kMaxK, int VEC>
 __global__ void hc_forward_kernel(const X* __restrict__ x, const T* __restrict__ wt_t, HcShape s, HcParams<T> p,
                                int64_t tokens, int64_t C, T norm_eps, T* __restrict__ proj, T* __restrict__ stats,
                                T* __restrict__ h_pre, T* __restrict__ h_post, T* __restrict__ h_res) {
@@ -47,13 +49,20 @@ __global__ void hc_forward_kernel(const X* __restrict__ x, const T* __restrict__
       T s1 = 0, s2 = 0, acc[kMaxK];
 #pragma unroll
       for (int k = 0; k < kMaxK; ++k) acc[k] = 0;
-      for (int64_t c = lane; c < C; c += 32) {
-        const T v = T(to_compute(row[c])) - shift;
-        s1 += v;
-        s2 += v * v;
+      for (int64_t c = int64_t(lane) * VEC; c < C; c += 32 * VEC) {
+        const Lanes<T, VEC> v = load<X, VEC>(row + c) - shift;
+#pragma unroll
+        for (int l = 0; l < VEC; ++l) {
+          s1 += v.v[l];
+          s2 += v.v[l] * v.v[l];
+        }
 #pragma unroll
         for (int k = 0; k < kMaxK; ++k) {
-          if (k < K) acc[k] += v * wt_t[k * C + c];
+          if (k < K) {
+            const Lanes<T, VEC> w = load<T, VEC>(wt_t + k * C + c);
+#pragma unroll
+            for (int l = 0; l < VEC; ++l) acc[k] += v.v[l] * w.v[l];
+          }
         }
       }
       s1 = warp_sum(s1);
@@ -112,22 +121,35 @@ __global__ void hc_centered_grad_kernel(const X* __restrict__ x, const T* __rest
   }
 }
 
-template <typename T, typename X>
+// The row's e[r, :K] are held in registers; VEC consecutive channels per access (as the forward).
+template <typename T, typename X, int kMaxK, int VEC>
 __global__ void hc_grad_x_kernel(const X* __restrict__ x, const T* __restrict__ wc_t, const T* __restrict__ e,
-                              const T* __restrict__ xcoef, const T* __restrict__ stats, X* __restrict__ dx, int n,
-                              int K, int64_t tokens, int64_t C) {
+                                 const T* __restrict__ xcoef, const T* __restrict__ stats, X* __restrict__ dx, int n,
+                                 int K, int64_t tokens, int64_t C) {
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
     for (int i = 0; i < n; ++i) {
       const int64_t r = t * n + i;
       const T b = xcoef[r], mean = stats[2 * r];
-      const T* er = e + r * K;
-      for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-        T v = b * (T(to_compute(x[r * C + c])) - mean);
-        for (int k = 0; k < K; ++k) v += wc_t[k * C + c] * er[k];
-        store_as(dx + r * C + c, v);
+      T er[kMaxK];
+#pragma unroll
+      for (int k = 0; k < kMaxK; ++k) er[k] = k < K ? e[r * K + k] : T(0);
+      for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(blockDim.x) * VEC) {
+        Lanes<T, VEC> v = (load<X, VEC>(x + r * C + c) - mean) * b;
+#pragma unroll
+        for (int k = 0; k < kMaxK; ++k) {
+          if (k < K) v = v + load<T, VEC>(wc_t + k * C + c) * er[k];
+        }
+        store<X, VEC>(dx + r * C + c, v);
       }
     }
   }
+}
+
+// fn.template operator()<VEC>(): 16 bytes of X per access when `vectorize`, else 1 element.
+template <typename X, typename Fn>
+void with_vec(bool vectorize, Fn&& fn) {
+  if (vectorize) return fn.template operator()<int(16 / sizeof(X))>();
+  return fn.template operator()<1>();
 }
 
 // fn.template operator()<kMaxK>() with kMaxK >= K (n + 2 at most).
@@ -150,8 +172,14 @@ cudaError_t hc_forward(const void* x, StreamDtype xtype, const T* wt_t, HcShape 
   const int warps = shape.n < kMaxWarps ? shape.n : kMaxWarps;
   with_stream_ptr<T>(xtype, x, [&](const auto* xp) {
     using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    // x's rows as VEC = 16 bytes of X, the projection columns as VEC values of T: C must allow both.
+    const bool vectorize = can_vectorize<X>(C, {xp}) && can_vectorize<T>(C, {wt_t});
     dispatch_columns(shape.n, [&]<int kMaxK>() {
-      err = launch<hc_forward_kernel<T, X, kMaxK>>(capped_blocks(tokens), 32 * warps, 0, stream, xp, wt_t, shape, params, tokens, C, norm_eps, proj, stats, h_pre, h_post, h_res);
+      with_vec<X>(vectorize, [&]<int VEC>() {
+        err = launch<hc_forward_kernel<T, X, kMaxK, VEC>>(capped_blocks(tokens), 32 * warps, 0, stream, xp, wt_t, shape,
+                                                          params, tokens, C, norm_eps, proj, stats, h_pre, h_post,
+                                                          h_res);
+      });
     });
   });
   return err;
@@ -204,8 +232,14 @@ cudaError_t hc_grad_x(const void* x, StreamDtype xtype, const T* wc_t, const T* 
   if (tokens == 0) return cudaSuccess;
   with_stream_ptr<T>(xtype, x, [&](const auto* xp) {
     using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-    err = launch<hc_grad_x_kernel<T, X>>(capped_blocks(tokens), kRowThreads, 0, stream, xp, wc_t, e, xcoef, stats,
-                                                                           static_cast<X*>(dx), n, K, tokens, C);
+    X* out = static_cast<X*>(dx);
+    const bool vectorize = can_vectorize<X>(C, {xp, out}) && can_vectorize<T>(C, {wc_t});
+    dispatch_columns(n, [&]<int kMaxK>() {
+      with_vec<X>(vectorize, [&]<int VEC>() {
+        err = launch<hc_grad_x_kernel<T, X, kMaxK, VEC>>(capped_blocks(tokens), kRowThreads, 0, stream, xp, wc_t, e,
+                                                         xcoef, stats, out, n, K, tokens, C);
+      });
+    });
   });
   return err;
 }

@@ -64,7 +64,7 @@ def _first_report(text: str) -> str:
 
 def _run(cmd, cwd, env=None, timeout=1800):
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, shell=isinstance(cmd, str))
-    return p.returncode, p.stdout[-20000:] + p.stderr[-20000:]
+    return p.returncode, p.stdout + p.stderr
 
 
 def main() -> int:

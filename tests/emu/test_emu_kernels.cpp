@@ -252,6 +252,7 @@ int main() {
   mhc_cases<double>(StreamDtype::kDouble, "fp64", 2, 5, 12);
   hc_cases<float>(StreamDtype::kFloat, "fp32", 3, 4, 70);
   hc_cases<float>(StreamDtype::kFloat, "fp32", 2, 9, 5);
+  hc_cases<float>(StreamDtype::kFloat, "fp32", 3, 4, 64);  // 128-bit loads
   if (g_failures) {
     std::printf("%d failure(s)\n", g_failures);
     return 1;
