@@ -84,7 +84,9 @@ EMU_FAMILY_TESTS = tests/test_streams.py tests/test_sinkhorn.py tests/test_mhc.p
 
 # Needs the CUDA toolkit's headers only (no GPU, no nvcc run). The sanitizer runtimes are
 # preloaded (python itself is not instrumented); libstdc++ with them, so that ASan can
-# intercept C++ exceptions thrown by torch. Slow tests (inductor compiles) are left out.
+# intercept C++ exceptions thrown by torch. --capture=sys: pytest captures Python's output only,
+# so that a sanitizer's or the emulator's report (written to file descriptor 2 just before the
+# process stops) reaches the terminal. Slow tests (inductor compiles) are left out.
 test-emu: build
 	source .ci/env.sh
 	py=$(VENV_PY)
@@ -99,7 +101,7 @@ test-emu: build
 	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0:abort_on_error=1 \
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-	  "$$py" -m pytest tests/emu $(EMU_FAMILY_TESTS) -k emu -m "not slow" -q -p no:cacheprovider
+	  "$$py" -m pytest tests/emu $(EMU_FAMILY_TESTS) -k emu -m "not slow" -q -p no:cacheprovider --capture=sys
 	echo "test-emu took $$(( $$(date +%s) - start )) s"
 
 demo: build

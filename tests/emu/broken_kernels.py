@@ -92,7 +92,8 @@ def main() -> int:
             env = {**os.environ, "HCEXT_EMU_BUILD": build, "LD_PRELOAD": f"{gxx('libasan.so')} {gxx('libstdc++.so')}",
                    "ASAN_OPTIONS": "detect_leaks=0:detect_stack_use_after_return=0:abort_on_error=1",
                    "UBSAN_OPTIONS": "halt_on_error=1", "PYTHONPATH": tmp}
-            rc_p, out_p = _run([py, "-m", "pytest", "tests/emu", "-x", "-q", "-p", "no:cacheprovider"], tmp, env=env)
+            rc_p, out_p = _run([py, "-m", "pytest", "tests/emu", "-x", "-q", "-p", "no:cacheprovider", "--capture=sys"], tmp,
+                               env=env)
             caught = rc_c != 0 or rc_p != 0
             first = _first_report(out_c + "\n" + out_p)
             rows.append((name, rel, f"caught (C++ TSan test rc={rc_c}, pytest rc={rc_p})" if caught else "SURVIVED",

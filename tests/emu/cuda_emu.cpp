@@ -1,11 +1,13 @@
 // The emulated grid's scheduler (see cuda_emu.h): one fiber per CUDA thread of a block, a
 // cooperative round-robin scheduler (in thread order, or shuffled by a seed), block-wide
 // barriers and warp exchanges with a generation count, launch-limit checks, and the record of
-// executed kernels. Torch-free; compiled without sanitizer instrumentation (its bookkeeping is
-// shared by all fibers by design) but tells AddressSanitizer and ThreadSanitizer about every
-// fiber switch and every synchronisation point, so that the kernels' own accesses are checked:
-// ASan sees each fiber's stack, TSan sees the fibers as threads that synchronise only at
-// __syncthreads, warp exchanges and the launch boundaries.
+// executed kernels. Torch-free. It tells AddressSanitizer and ThreadSanitizer about every fiber
+// switch and every synchronisation point, so that the kernels' own accesses are checked: ASan
+// sees each fiber's stack; TSan sees the fibers as threads that synchronise only at
+// __syncthreads, warp exchanges and the launch and block boundaries (blocks run one after
+// another and share the static __shared__ arrays). In the TSan build this file is not
+// instrumented (its bookkeeping is shared by all fibers by design; what it does through
+// intercepted libc calls is hidden with IgnoredByTsan); the ASan build instruments it.
 //
 // x86-64 System V only (the context switch is a few instructions of assembly).
 
