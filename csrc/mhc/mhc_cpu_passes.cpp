@@ -162,11 +162,13 @@ template <typename S, typename X>
       for (int i = 0; i < n; ++i) {
         for_blocks<W>(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
           const int64_t k = i * C + c;
+          // Every addition takes one product and the running sum (never two products), so FMA
+          // contraction has one way to round it: an absent gradient and a zero one give the same bits.
           V acc[kGradTokens];
           for (int j = 0; j < kGradTokens; ++j) {
-            acc[j] = factor[tj[j]] * load_block<S, X, W>(x + tj[j] * len + k, valid);
+            acc[j] = extra ? load_block<S, X, W>(extra + tj[j] * len + k, valid) : V(S(0));
+            acc[j] = acc[j] + factor[tj[j]] * load_block<S, X, W>(x + tj[j] * len + k, valid);
             if (gy) acc[j] = acc[j] + h[tj[j] * n + i] * load_block<S, S, W>(gy + tj[j] * C + c, valid);
-            if (extra) acc[j] = acc[j] + load_block<S, X, W>(extra + tj[j] * len + k, valid);
           }
           for (int64_t d = 0; d < D; ++d) {
             const V p = load_block<S, S, W>(phiT + d * len + k, valid);

@@ -277,14 +277,16 @@ __global__ void __launch_bounds__(kGradThreads)
       for (int j = 0; j < nt; ++j) {
         const int64_t t = tb + j;
         const T xv = T(to_compute(x[t * len + k]));
-        T v = fs[j] * xv;
+        // One product per addition (FMA contraction rounds it one way): an absent gradient and a
+        // zero one give the same bits.
+        T v = extra ? T(to_compute(extra[t * len + k])) : T(0);
+        v += fs[j] * xv;
+        if (gy) v += hs[j][i] * gy[t * C + c];
 #pragma unroll
         for (int d = 0; d < kMaxD; ++d) {
           v += dps[j][d] * ph[d];
           g[d] += dps[j][d] * xv;
         }
-        if (gy) v += hs[j][i] * gy[t * C + c];
-        if (extra) v += T(to_compute(extra[t * len + k]));
         store_as(dx + t * len + k, v);
       }
     }
