@@ -91,14 +91,7 @@ def test_bitwise_equal_across_thread_counts(dtype):
         loss = sum((o.float() * (i + 1)).sum() for i, o in enumerate(outs))
         return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves))
 
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2, 4):
-            torch.set_num_threads(threads)
-            results.append(run())
-    finally:
-        torch.set_num_threads(before)
+    results = _results_by_threads(run)
     # outputs: x_next, layer_input, h_post_next, h_res_next; gradients: f, x, h_post, h_res,
     # phi, alpha, bias. No BLAS call is involved (the projection is hcext's own passes).
     for other in results[1:]:

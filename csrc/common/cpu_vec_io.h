@@ -77,11 +77,10 @@ template <typename T, typename S, int W>
   for (int l = 0; l < valid; ++l) p[l] = static_cast<T>(b.v[l]);
 }
 
-// Runs body(c, valid) over blocks of kVecIoWidth channels of [0, len): full blocks first,
-// with valid a compile-time constant (whole-vector loads and stores, no tests), then the tail.
-template <typename Body>
+// Runs body(c, valid) over blocks of W (default kVecIoWidth) channels of [0, len): full blocks
+// first, with valid a compile-time constant (whole-vector loads and stores, no tests), then the tail.
+template <int W = kVecIoWidth, typename Body>
 [[gnu::always_inline]] inline void for_channel_blocks(int64_t len, Body&& body) {
-  constexpr int W = kVecIoWidth;
   int64_t c = 0;
   for (; c + W <= len; c += W) body(c, std::integral_constant<int, W>{});
   if (c < len) body(c, static_cast<int>(len - c));

@@ -147,6 +147,13 @@ bool can_vectorize(int64_t C, std::initializer_list<const void*> ptrs) {
   return true;
 }
 
+// fn.template operator()<VEC>(): 16 bytes of X per access when `vectorize`, else 1 element.
+template <typename X, typename Fn>
+void with_vec(bool vectorize, Fn&& fn) {
+  if (vectorize) return fn.template operator()<int(16 / sizeof(X))>();
+  return fn.template operator()<1>();
+}
+
 inline unsigned int ceil_div(long long a, long long b) { return static_cast<unsigned int>((a + b - 1) / b); }
 
 }  // namespace hcext::cuda

@@ -145,12 +145,6 @@ __global__ void hc_grad_x_kernel(const X* __restrict__ x, const T* __restrict__ 
   }
 }
 
-// fn.template operator()<VEC>(): 16 bytes of X per access when `vectorize`, else 1 element.
-template <typename X, typename Fn>
-void with_vec(bool vectorize, Fn&& fn) {
-  if (vectorize) return fn.template operator()<int(16 / sizeof(X))>();
-  return fn.template operator()<1>();
-}
 
 // fn.template operator()<kMaxK>() with kMaxK >= K (n + 2 at most).
 template <typename Fn>

@@ -116,15 +116,6 @@ template <typename S, typename X>
   }
 }
 
-// body(c, valid) over [0, count) in blocks of W: whole blocks with valid a compile-time W (no
-// tail tests), then the tail.
-template <int W, typename Body>
-[[gnu::always_inline]] inline void for_blocks(int64_t count, Body&& body) {
-  int64_t c = 0;
-  for (; c + W <= count; c += W) body(c, std::integral_constant<int, W>{});
-  if (c < count) body(c, static_cast<int>(count - c));
-}
-
 // fn.template operator()<N>() for N == count, 1 <= count <= kMax (compile-time loop bounds, so
 // that accumulators stay in registers).
 template <int kMax, typename Fn>
@@ -160,7 +151,7 @@ template <typename S, typename X>
       int64_t tj[kGradTokens];
       for (int j = 0; j < kGradTokens; ++j) tj[j] = tb + (j < nt ? j : 0);
       for (int i = 0; i < n; ++i) {
-        for_blocks<W>(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
+        for_channel_blocks<W>(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
           const int64_t k = i * C + c;
           // Every addition takes one product and the running sum (never two products), so FMA
           // contraction has one way to round it: an absent gradient and a zero one give the same bits.
@@ -179,7 +170,7 @@ template <typename S, typename X>
       }
     }
     // 2. grad_phi's share of the chunk.
-    for_blocks<W>(len, [&](int64_t k, auto valid) __attribute__((always_inline)) {
+    for_channel_blocks<W>(len, [&](int64_t k, auto valid) __attribute__((always_inline)) {
       for (int64_t d0 = 0; d0 < D; d0 += kGradColumns) {
         with_count<kGradColumns>(static_cast<int>(std::min<int64_t>(kGradColumns, D - d0)),
                                  [&]<int DC>() __attribute__((always_inline)) {

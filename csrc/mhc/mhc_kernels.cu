@@ -334,12 +334,6 @@ inline int64_t grad_tokens_per_chunk(int64_t tokens, int64_t len) {
   return (tokens + chunks - 1) / chunks;
 }
 
-// fn.template operator()<VEC>(): 16 bytes of X per access when `vectorize`, else 1 element.
-template <typename X, typename Fn>
-void with_vec(bool vectorize, Fn&& fn) {
-  if (vectorize) return fn.template operator()<int(16 / sizeof(X))>();
-  return fn.template operator()<1>();
-}
 
 }  // namespace
 
