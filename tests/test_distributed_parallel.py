@@ -357,11 +357,15 @@ def worker(rank, world_size, port, out_dir, only=None):
     {scenario: (loss or None, grads) or the error's traceback}."""
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    results = {}
-    try:
+    from helpers import run_rank_and_exit
+
+    def init():
+        torch.set_num_threads(1)
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+
+    def body():
+        results = {}
         for name, fn in SCENARIOS[world_size].items():
             if only and name not in only:
                 continue
@@ -374,8 +378,8 @@ def worker(rank, world_size, port, out_dir, only=None):
             dist.barrier()
         torch.save(results, os.path.join(out_dir, f"result_{rank}.pt"))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
+
+    run_rank_and_exit(init, body, dist.destroy_process_group)
 
 
 # ---------------------------------------------------------------------------------------

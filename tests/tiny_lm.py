@@ -125,39 +125,47 @@ def distributed_worker(rank, world_size, port, kind, tokens, out_dir):
     """Each rank takes its half of the global batch. Runs DDP, then FSDP2 (fully_shard), and
     saves rank 0's loss and full gradients (or FSDP2's error) to ``out_dir/result.pt``."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    try:
-        local = tokens.chunk(world_size)[rank]
-        result = {}
+    from helpers import run_rank_and_exit
 
-        ddp = DDP(build(kind))
-        loss = lm_loss(ddp(local), local)
-        loss.backward()
-        result["ddp"] = {name: p.grad.detach().clone() for name, p in ddp.module.named_parameters()}
+    def init():
+        torch.set_num_threads(1)
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
 
-        try:
-            from torch.distributed.fsdp import fully_shard
-
-            model = build(kind)
-            for hc in model.sublayers:
-                fully_shard(hc)
-            fully_shard(model)
-            loss = lm_loss(model(local), local)
-            loss.backward()
-            grads, sharded = {}, []
-            for name, p in model.named_parameters():
-                g = p.grad
-                sharded.append(hasattr(g, "full_tensor"))  # a DTensor shard, gathered here
-                grads[name] = (g.full_tensor() if sharded[-1] else g).detach().clone()
-            result["fsdp"], result["fsdp_sharded"] = grads, all(sharded)
-        except Exception as e:  # recorded, so the test can say precisely why FSDP2 did not run
-            result["fsdp_error"] = f"{type(e).__name__}: {e}"
+    def body():
+        result = _ddp_then_fsdp2(kind, tokens.chunk(world_size)[rank])
         if rank == 0:
             torch.save(result, os.path.join(out_dir, "result.pt"))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
+
+    run_rank_and_exit(init, body, dist.destroy_process_group)
+
+
+def _ddp_then_fsdp2(kind, local):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    result = {}
+    ddp = DDP(build(kind))
+    loss = lm_loss(ddp(local), local)
+    loss.backward()
+    result["ddp"] = {name: p.grad.detach().clone() for name, p in ddp.module.named_parameters()}
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        model = build(kind)
+        for hc in model.sublayers:
+            fully_shard(hc)
+        fully_shard(model)
+        loss = lm_loss(model(local), local)
+        loss.backward()
+        grads, sharded = {}, []
+        for name, p in model.named_parameters():
+            g = p.grad
+            sharded.append(hasattr(g, "full_tensor"))  # a DTensor shard, gathered here
+            grads[name] = (g.full_tensor() if sharded[-1] else g).detach().clone()
+        result["fsdp"], result["fsdp_sharded"] = grads, all(sharded)
+    except Exception as e:  # recorded, so the test can say precisely why FSDP2 did not run
+        result["fsdp_error"] = f"{type(e).__name__}: {e}"
+    return result
