@@ -1,8 +1,9 @@
 """Bytes the mHC passes move, counted from what each kernel reads and writes, against the floor.
 
-One table per op (``OPS``): the passes its forward or backward runs (CPU and CUDA share the
-sequence for n <= 6: csrc/mhc/mhc_driver.h, csrc/streams/streams_driver.h), each with the
-tensors it reads and writes. A tensor is a name and a size in elements times its element size:
+One table per op (``OPS``): the passes its forward or backward runs (csrc/mhc/mhc_driver.h,
+csrc/streams/streams_driver.h), each with the tensors it reads and writes. CUDA (n <= 6) runs
+``OPS``; the CPU (``CPU_OPS``) differs in the forwards of mhc_pre and the fused boundary, whose
+projection pass also writes the layer input from the rows it has just read (no aggregate pass). A tensor is a name and a size in elements times its element size:
 
     x, out, grad_x ...  T * n * C elements of the streams' dtype (s bytes)
     f, y, gy ...        T * C elements of the streams' dtype
@@ -101,6 +102,18 @@ OPS: Dict[str, List[Pass]] = {
         ("aggregate", [("x_next", "streams"), ("h_pre", "coef_n")], [("layer_input", "row")]),
     ],
 }
+# The CPU: the layer input from the projection pass's rows (CpuMhcBackend::kProjectsLayerInput).
+_PROJECT_LAYER_INPUT = ("project+layer_input", [("x", "streams"), ("phi", "phi"), ("alpha", "alpha"), ("bias", "bias")],
+                        [("proj", "proj"), ("rstd", "token"), ("layer_input", "row")])
+CPU_OPS: Dict[str, List[Pass]] = dict(OPS)
+CPU_OPS["mhc_pre_fwd"] = [_PROJECT_LAYER_INPUT, OPS["mhc_pre_fwd"][1]]
+CPU_OPS["mhc_post_pre_fwd"] = [
+    OPS["mhc_post_pre_fwd"][0],
+    (_PROJECT_LAYER_INPUT[0], [("x_next", "streams")] + _PROJECT_LAYER_INPUT[1][1:], _PROJECT_LAYER_INPUT[2]),
+    OPS["mhc_post_pre_fwd"][2],
+]
+BACKENDS = {"cuda": OPS, "cpu": CPU_OPS}
+
 # The boundary's backward: x_next's coefficient path (mhc_backward's passes, on x_next, with
 # grad_x_next read by grad_x_phi and added before the one rounding), then the mix's backward on
 # the summed gradient.
@@ -121,28 +134,33 @@ OPS["mhc_post_pre_backward"] = [
 ]
 
 
-def op_bytes(op: str, shape: Shape) -> Dict[str, int]:
+CPU_OPS["mhc_post_pre_backward"] = OPS["mhc_post_pre_backward"]
+
+
+def op_bytes(op: str, shape: Shape, backend: str = "cuda") -> Dict[str, int]:
     """{'read': bytes, 'write': bytes} of one op's passes."""
-    read = sum(shape.size(k) for _, reads, _ in OPS[op] for _, k in reads)
-    write = sum(shape.size(k) for _, _, writes in OPS[op] for _, k in writes)
+    passes = BACKENDS[backend][op]
+    read = sum(shape.size(k) for _, reads, _ in passes for _, k in reads)
+    write = sum(shape.size(k) for _, _, writes in passes for _, k in writes)
     return {"read": read, "write": write}
 
 
 # The sub-layer of benchmarks/bench_mhc.py (mhc_pre, then stream_mix_expand) and the boundary
 # of benchmarks/bench_boundary.py. Backward: autograd also adds the two gradients of x (the
 # sub-layer's x feeds both ops): one more read of two and write of one streams-sized tensor.
-def sublayer_bytes(shape: Shape, backward: bool) -> int:
-    total = sum(sum(op_bytes(op, shape).values()) for op in ("mhc_pre_fwd", "stream_mix_expand"))
+def sublayer_bytes(shape: Shape, backward: bool, backend: str = "cuda") -> int:
+    total = sum(sum(op_bytes(op, shape, backend).values()) for op in ("mhc_pre_fwd", "stream_mix_expand"))
     if backward:
-        total += sum(sum(op_bytes(op, shape).values()) for op in ("mhc_backward", "stream_mix_expand_backward"))
+        total += sum(sum(op_bytes(op, shape, backend).values())
+                     for op in ("mhc_backward", "stream_mix_expand_backward"))
         total += 3 * shape.size("streams")  # autograd's sum of x's two gradients
     return total
 
 
-def boundary_bytes(shape: Shape, backward: bool) -> int:
-    total = sum(op_bytes("mhc_post_pre_fwd", shape).values())
+def boundary_bytes(shape: Shape, backward: bool, backend: str = "cuda") -> int:
+    total = sum(op_bytes("mhc_post_pre_fwd", shape, backend).values())
     if backward:
-        total += sum(op_bytes("mhc_post_pre_backward", shape).values())
+        total += sum(op_bytes("mhc_post_pre_backward", shape, backend).values())
     return total
 
 
@@ -158,24 +176,26 @@ def floor_bytes(kind: str, shape: Shape, backward: bool) -> int:
     return sum(streams * shape.size("streams") + rows * shape.size("row") for streams, rows in parts)
 
 
-def table(shape: Shape) -> List[Dict]:
-    """Rows of the byte table for one shape: design bytes, floor, ratio, in copies of x."""
+def table(shape: Shape, backend: str = "cuda") -> List[Dict]:
+    """Rows of the byte table for one shape and backend: design bytes, floor, ratio, in copies of x."""
     copy = 2 * shape.size("streams")  # a same-size copy reads and writes x once
     rows = []
-    for name, design, floor in (("sub-layer fwd", sublayer_bytes(shape, False), floor_bytes("sub-layer", shape, False)),
-                                ("sub-layer fwd+bwd", sublayer_bytes(shape, True), floor_bytes("sub-layer", shape, True)),
-                                ("boundary fwd", boundary_bytes(shape, False), floor_bytes("boundary", shape, False)),
-                                ("boundary fwd+bwd", boundary_bytes(shape, True), floor_bytes("boundary", shape, True))):
+    b = backend
+    for name, design, floor in (
+            ("sub-layer fwd", sublayer_bytes(shape, False, b), floor_bytes("sub-layer", shape, False)),
+            ("sub-layer fwd+bwd", sublayer_bytes(shape, True, b), floor_bytes("sub-layer", shape, True)),
+            ("boundary fwd", boundary_bytes(shape, False, b), floor_bytes("boundary", shape, False)),
+            ("boundary fwd+bwd", boundary_bytes(shape, True, b), floor_bytes("boundary", shape, True))):
         rows.append({"row": name, "design_bytes": design, "floor_bytes": floor, "ratio": design / floor,
                      "design_copies": design / copy, "floor_copies": floor / copy})
     return rows
 
 
-def markdown(shape: Shape, title: str) -> str:
-    lines = [f"{title}: T={shape.T}, n={shape.n}, C={shape.C}, {shape.s}-byte streams",
+def markdown(shape: Shape, title: str, backend: str = "cuda") -> str:
+    lines = [f"{title}: T={shape.T}, n={shape.n}, C={shape.C}, {shape.s}-byte streams, {backend.upper()} passes",
              "", "| row | design (GB) | floor (GB) | design / floor | design (copies of x) | floor (copies) |",
              "|---|---|---|---|---|---|"]
-    for r in table(shape):
+    for r in table(shape, backend):
         lines.append(f"| {r['row']} | {r['design_bytes'] / 1e9:.3f} | {r['floor_bytes'] / 1e9:.3f} | "
                      f"{r['ratio']:.2f} | {r['design_copies']:.1f} | {r['floor_copies']:.1f} |")
     return "\n".join(lines)
@@ -184,6 +204,6 @@ def markdown(shape: Shape, title: str) -> str:
 if __name__ == "__main__":
     print(markdown(Shape(T=16384, n=4, C=4096, s=2), "GPU shape, bf16"))
     print()
-    print(markdown(Shape(T=4096, n=4, C=1024, s=4), "CPU benchmark shape, fp32"))
+    print(markdown(Shape(T=4096, n=4, C=1024, s=4), "CPU benchmark shape, fp32", "cpu"))
     print()
-    print(markdown(Shape(T=4096, n=4, C=1024, s=2), "CPU benchmark shape, bf16"))
+    print(markdown(Shape(T=4096, n=4, C=1024, s=2), "CPU benchmark shape, bf16", "cpu"))

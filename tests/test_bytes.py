@@ -63,14 +63,18 @@ def _returns(op, out):
     return dict(zip(names, outs))
 
 
+@pytest.mark.parametrize("backend", sorted(table.BACKENDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", sorted(table.OPS))
-def test_table_matches_the_ops_tensors(op, dtype):
+def test_table_matches_the_ops_tensors(op, dtype, backend):
+    # The ops run on the CPU; both backends' tables name the same external tensors (they differ
+    # in the passes between them), so both are checked against the same calls.
     shape = table.Shape(T=T, n=N, C=C, s=torch.empty((), dtype=dtype).element_size())
     inputs, out = _calls(dtype)[op]
     outputs = _returns(op, out)
-    reads = {t: k for _, rs, _ in table.OPS[op] for t, k in rs}
-    writes = {t: k for _, _, ws in table.OPS[op] for t, k in ws}
+    passes = table.BACKENDS[backend][op]
+    reads = {t: k for _, rs, _ in passes for t, k in rs}
+    writes = {t: k for _, _, ws in passes for t, k in ws}
     large = shape.size("row")
     for name, tensor in inputs.items():
         if name in reads:
@@ -87,5 +91,18 @@ def test_table_matches_the_ops_tensors(op, dtype):
 def test_floor_is_below_the_design():
     for s in (2, 4):
         shape = table.Shape(T=4096, n=4, C=1024, s=s)
-        for row in table.table(shape):
-            assert row["floor_bytes"] <= row["design_bytes"], row
+        for backend in table.BACKENDS:
+            for row in table.table(shape, backend):
+                assert row["floor_bytes"] <= row["design_bytes"], row
+
+
+def test_cpu_forward_reads_x_once_less():
+    # The CPU's projection pass writes the layer input: one streams-sized read fewer than CUDA's
+    # project + aggregate, in mhc_pre and in the boundary.
+    shape = table.Shape(T=4096, n=4, C=1024, s=4)
+    for op in ("mhc_pre_fwd", "mhc_post_pre_fwd"):
+        cuda, cpu = table.op_bytes(op, shape, "cuda"), table.op_bytes(op, shape, "cpu")
+        # CUDA's aggregate reads x and h_pre; the CPU's pass reads alpha and bias instead.
+        assert cuda["read"] - cpu["read"] == (shape.size("streams") + shape.size("coef_n")
+                                              - shape.size("alpha") - shape.size("bias")), op
+        assert cuda["write"] == cpu["write"], op

@@ -144,11 +144,13 @@ struct CpuMhcBackend {
   explicit CpuMhcBackend(const at::Tensor&) {}
 
   using Streams = CpuStreamsBackend;
-  // proj = x @ phi and rstd, one pass over x's rows (contiguous [tokens, n*C], x's dtype).
+  static constexpr bool kProjectsLayerInput = true;
+  // proj = x @ phi and rstd, one pass over x's rows (contiguous [tokens, n*C], x's dtype),
+  // and, when layer_input is given, Σ h_pre[i] x_i from the same rows while they are cached.
   // Each token's sums run over k in order whatever the threads' split: deterministic.
   template <typename T>
   void project(const at::Tensor& x_rows, const at::Tensor& phi, at::Tensor& proj_rows, at::Tensor& rstd_rows,
-               const MhcDims& d, T norm_eps) {
+               const MhcDims& d, T norm_eps, at::Tensor* layer_input, const T* alpha, const T* bias, T pre_eps) {
     T* proj = proj_rows.data_ptr<T>();
     T* rstd = rstd_rows.data_ptr<T>();
     const int64_t len = d.n * d.C, D = d.D;
@@ -163,9 +165,12 @@ struct CpuMhcBackend {
     Streams::dispatch_dtype_for<T>(x_rows.scalar_type(), [&](auto xtag) {
       using X = decltype(xtag);
       const X* xp = static_cast<const X*>(x_rows.data_ptr());
+      const cpu::MhcLayerInputArgs<T, X> li{alpha, bias, pre_eps, d.n,
+                                            layer_input ? static_cast<X*>(layer_input->data_ptr()) : nullptr};
       at::parallel_for(0, d.tokens, std::max<int64_t>(4, row_grain(len * D / 8)), [&](int64_t t0, int64_t t1) {
         std::vector<T> buf(std::is_same_v<X, T> ? 0 : 4 * len);
-        cpu::mhc_project_rows<T, X>(xp, ph, Dp, proj, rstd, len, D, norm_eps, t0, t1, buf.data());
+        cpu::mhc_project_rows<T, X>(xp, ph, Dp, proj, rstd, len, D, norm_eps, t0, t1, buf.data(),
+                                    layer_input ? &li : nullptr);
       });
     });
   }
@@ -209,11 +214,14 @@ struct CpuMhcBackend {
         }
       }
     });
-    const at::Tensor phiT = phi.t().contiguous();  // [D, len]
+    // phi and the chunks' partial sums of grad_phi in the passes' panel layout.
+    const int64_t psize = cpu::mhc_panel_size<T>(n, d.C, D), npanels = n * cpu::mhc_panels<T>(d.C);
+    at::Tensor phiP = at::empty({psize}, opts);
+    cpu::mhc_pack_phi_panels<T>(phi.contiguous().data_ptr<T>(), phiP.data_ptr<T>(), n, d.C, D);
     int64_t chunk = std::max<int64_t>(256, (T_ + 15) / 16);
-    chunk = (chunk + 3) / 4 * 4;
+    chunk = (chunk + cpu::kMhcGradChunkTokens - 1) / cpu::kMhcGradChunkTokens * cpu::kMhcGradChunkTokens;
     const int64_t chunks = (T_ + chunk - 1) / chunk;
-    at::Tensor partials = at::zeros({chunks, D, len}, opts);
+    at::Tensor partials = at::zeros({chunks, psize}, opts);
     T* part = partials.data_ptr<T>();
     Streams::dispatch_dtype_for<T>(x_rows.scalar_type(), [&](auto xtag) {
       using X = decltype(xtag);
@@ -222,21 +230,15 @@ struct CpuMhcBackend {
       X* out = static_cast<X*>(dx.data_ptr());
       at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
-          cpu::mhc_grad_x_phi_rows<T, X>(xp, phiT.data_ptr<T>(), dproj, fp, gy ? hp : nullptr, gy, ex, out,
-                                         part + c * D * len, n, d.C, D, c * chunk, std::min(T_, (c + 1) * chunk));
+          cpu::mhc_grad_x_phi_rows<T, X>(xp, phiP.data_ptr<T>(), dproj, fp, gy ? hp : nullptr, gy, ex, out,
+                                         part + c * psize, n, d.C, D, c * chunk, std::min(T_, (c + 1) * chunk));
         }
       });
     });
+    // grad_phi [len, D]: the chunks' partial sums added in chunk order.
     grad_phi = at::empty({len, D}, opts);
-    T* g = grad_phi.data_ptr<T>();
-    at::parallel_for(0, len, 256, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        for (int64_t dd = 0; dd < D; ++dd) {
-          T s = part[dd * len + k];
-          for (int64_t c = 1; c < chunks; ++c) s += part[(c * D + dd) * len + k];
-          g[k * D + dd] = s;
-        }
-      }
+    at::parallel_for(0, npanels, 4, [&](int64_t q0, int64_t q1) {
+      cpu::mhc_sum_panels<T>(part, chunks, grad_phi.data_ptr<T>(), n, d.C, D, q0, q1);
     });
   }
 

@@ -26,6 +26,7 @@
 
 #include "common/cpu_isa.h"
 #include "common/cpu_vec_io.h"
+#include "hcext/streams.h"
 #include "hcext/lanes.h"
 #include "hcext/mhc.h"
 
@@ -63,7 +64,8 @@ template <typename S, typename X>
 
 template <typename S, typename X>
 [[gnu::always_inline]] inline void project_range(const X* x, const S* phi_pad, int64_t Dp, S* proj, S* rstd,
-                                                 int64_t len, int64_t D, S norm_eps, int64_t t0, int64_t t1, S* buf) {
+                                                 int64_t len, int64_t D, S norm_eps, int64_t t0, int64_t t1, S* buf,
+                                                 const MhcLayerInputArgs<S, X>* li) {
   constexpr int W = kColWidth<S>;
   for (int64_t tb = t0; tb < t1; tb += kTokens) {
     const int nt = static_cast<int>(std::min<int64_t>(kTokens, t1 - tb));
@@ -113,6 +115,22 @@ template <typename S, typename X>
     for (; c0 + kColumns * W <= Dp; c0 += kColumns * W) sweep.template operator()<kColumns>(c0);
     if (Dp - c0 == 2 * W) sweep.template operator()<2>(c0);
     if (Dp - c0 == W) sweep.template operator()<1>(c0);
+    // The layer input from the block's rows, still in cache (in S: x itself or the converted
+    // buffer): y = sum_i h_pre[i] x_i, summed in stream order in S, rounded once.
+    if (li) {
+      const int n = li->n;
+      const int64_t C = len / n;
+      for (int j = 0; j < nt; ++j) {
+        const int64_t t = tb + j;
+        S hp[kStreamsMaxN];
+        for (int i = 0; i < n; ++i) hp[i] = mhc_h_pre<S, S>(proj[t * D + i], rstd[t], li->alpha, li->bias[i], li->pre_eps);
+        for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
+          const auto acc = stream_aggregate_value<0, Lanes<S, kVecIoWidth>>(
+              hp, n, [&](int i) __attribute__((always_inline)) { return load_block<S, S>(rows[j] + i * C + c, valid); });
+          store_block(li->y + t * C + c, acc, valid);
+        });
+      }
+    }
   }
 }
 
@@ -126,81 +144,173 @@ template <int kMax, typename Fn>
   }
 }
 
-constexpr int kGradTokens = 8;      // tokens per register block of the grad_x sweep
-constexpr int kChunkTokens = 16;    // tokens whose rows the two sweeps share (in L2)
-constexpr int kGradColumns = 12;    // columns of grad_phi per register block
-
-// The backward's pass for tokens [t0, t1), in chunks of kChunkTokens tokens whose rows stay in
-// L2 between two sweeps (x read once from memory):
-//  1. grad_x: blocks of kGradTokens tokens x one vector of channels, dproj[t, d] broadcast,
-//     phiT[d] (one row of phiᵀ) loaded once per block;
-//  2. grad_phi: one vector of k x kGradColumns columns of accumulators in registers over the
-//     chunk's tokens, added to partialT once per chunk.
-template <typename S, typename X>
-[[gnu::always_inline]] inline void grad_x_phi_range(const X* x, const S* phiT, const S* dproj, const S* factor,
-                                                    const S* h, const S* gy, const X* extra, X* dx, S* partialT, int n,
-                                                    int64_t C, int64_t D, int64_t t0, int64_t t1) {
-  constexpr int W = kColWidth<S>;
-  using V = Col<S>;
-  const int64_t len = n * C;
-  for (int64_t cb = t0; cb < t1; cb += kChunkTokens) {
-    const int64_t ce = std::min(t1, cb + kChunkTokens);
-    // 1. grad_x. Padding tokens repeat the block's first token and are not stored.
-    for (int64_t tb = cb; tb < ce; tb += kGradTokens) {
-      const int nt = static_cast<int>(std::min<int64_t>(kGradTokens, ce - tb));
-      int64_t tj[kGradTokens];
-      for (int j = 0; j < kGradTokens; ++j) tj[j] = tb + (j < nt ? j : 0);
-      for (int i = 0; i < n; ++i) {
-        for_channel_blocks<W>(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
-          const int64_t k = i * C + c;
-          // Every addition takes one product and the running sum (never two products), so FMA
-          // contraction has one way to round it: an absent gradient and a zero one give the same bits.
-          V acc[kGradTokens];
-          for (int j = 0; j < kGradTokens; ++j) {
-            acc[j] = extra ? load_block<S, X, W>(extra + tj[j] * len + k, valid) : V(S(0));
-            acc[j] = acc[j] + factor[tj[j]] * load_block<S, X, W>(x + tj[j] * len + k, valid);
-            if (gy) acc[j] = acc[j] + h[tj[j] * n + i] * load_block<S, S, W>(gy + tj[j] * C + c, valid);
-          }
-          for (int64_t d = 0; d < D; ++d) {
-            const V p = load_block<S, S, W>(phiT + d * len + k, valid);
-            for (int j = 0; j < kGradTokens; ++j) acc[j] = acc[j] + dproj[tj[j] * D + d] * p;
-          }
-          for (int j = 0; j < nt; ++j) store_block(dx + tj[j] * len + k, acc[j], valid);
-        });
-      }
-    }
-    // 2. grad_phi's share of the chunk.
-    for_channel_blocks<W>(len, [&](int64_t k, auto valid) __attribute__((always_inline)) {
-      for (int64_t d0 = 0; d0 < D; d0 += kGradColumns) {
-        with_count<kGradColumns>(static_cast<int>(std::min<int64_t>(kGradColumns, D - d0)),
-                                 [&]<int DC>() __attribute__((always_inline)) {
-          V acc[DC];
-          for (int q = 0; q < DC; ++q) acc[q] = V(S(0));
-          for (int64_t t = cb; t < ce; ++t) {
-            const V xv = load_block<S, X, W>(x + t * len + k, valid);
-            const S* dp = dproj + t * D + d0;
-            for (int q = 0; q < DC; ++q) acc[q] = acc[q] + dp[q] * xv;
-          }
-          for (int q = 0; q < DC; ++q) {
-            S* out = partialT + (d0 + q) * len + k;
-            store_block(out, load_block<S, S, W>(out, valid) + acc[q], valid);
-          }
-        });
-      }
-    });
+// A 32-byte non-temporal store (vmovntps / vmovntpd; p 32-byte aligned). Inline asm, not the
+// intrinsics: the kernels' lambdas carry no target attribute, and GCC refuses to inline AVX
+// intrinsics into them; the asm is only reached from the AVX2 / AVX-512 variants (kStream).
+template <typename S>
+[[gnu::always_inline]] inline void stream_store(S* p, const Col<S>& v) {
+  if constexpr (sizeof(S) == 4) {
+    asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<S(*)[kColWidth<S>]>(p)) : "x"(v.v));
+  } else {
+    asm volatile("vmovntpd %1, %0" : "=m"(*reinterpret_cast<S(*)[kColWidth<S>]>(p)) : "x"(v.v));
   }
 }
 
-#define HCEXT_MHC_PASSES(Name, ...)                                                          \
+// Register blocks of the backward pass, per ISA (accumulators + operands within the vector
+// registers: 16 with AVX2, 32 with AVX-512; the baseline build takes AVX2's shape).
+struct GradBlocks16 {
+  static constexpr bool kStream = false;  // baseline build: no AVX streaming stores
+  static constexpr int kTokens = 6;   // grad_x: tokens x kVectors accumulators
+  static constexpr int kVectors = 2;  // vectors of channels per group (both sweeps)
+  static constexpr int kColumns = 6;  // grad_phi: columns x kVectors accumulators
+};
+struct GradBlocks32 {
+  static constexpr bool kStream = true;
+  static constexpr int kTokens = 6;
+  static constexpr int kVectors = 4;
+  static constexpr int kColumns = 6;
+};
+
+constexpr int64_t kChunkTokens = kMhcGradChunkTokens;
+
+// The backward's pass for tokens [t0, t1), in chunks of kChunkTokens tokens. For each group of
+// kVectors vectors of channels (one stream i, channels c..), while the chunk's x for that
+// group (kChunkTokens x kVectors x W values) sits in L1:
+//  1. grad_x: blocks of kTokens tokens x the group's vectors of accumulators, running over
+//     d with dproj[t, d] broadcast and phi[.., d] (a panel row) loaded once per block;
+//  2. grad_phi: kColumns columns x the group's vectors of accumulators, running over the
+//     chunk's tokens with dproj[t, d] broadcast, then added to partialP once per chunk.
+// Every value of x, gy, extra and dx is read or written once from memory; phi's and partialP's
+// pieces for the group (contiguous in the panel layout) and the group's x (copied to a buffer
+// in S) are reused across the chunk's tokens from L1.
+template <class Blocks, typename S, typename X>
+[[gnu::always_inline]] inline void grad_x_phi_range(const X* x, const S* phiP, const S* dproj, const S* factor,
+                                                    const S* h, const S* gy, const X* extra, X* dx, S* partialP, int n,
+                                                    int64_t C, int64_t D, int64_t t0, int64_t t1) {
+  constexpr int W = kColWidth<S>;
+  constexpr int TB = Blocks::kTokens, VB = Blocks::kVectors, DB = Blocks::kColumns;
+  constexpr int64_t P = kMhcPanel<S>;
+  static_assert(P % (VB * W) == 0, "a group of vectors never crosses a panel");
+  using V = Col<S>;
+  const int64_t len = n * C, panels = mhc_panels<S>(C);
+  // The chunk's x for the current group, converted to S by the grad_x sweep and read back
+  // by the grad_phi sweep: contiguous, so it stays in L1 (x's own rows do not, see below).
+  constexpr int G = VB * W;
+  alignas(64) S xbuf[kChunkTokens * G];
+  // grad_x is written once and not read again here: fp32 / fp64 vectors go around the caches
+  // (no read-for-ownership of dx's lines, no eviction of x's) when every vector is aligned.
+  const bool stream = reinterpret_cast<uintptr_t>(dx) % 32 == 0 && C % W == 0;
+  // One group: NV vectors at channel c of stream i (the last NV - 1 full, the last one `valid`
+  // channels wide), tokens [cb, ce).
+  auto group = [&]<int NV>(int i, int64_t c, int64_t cb, int64_t ce, auto valid) __attribute__((always_inline)) {
+    const int64_t k = i * C + c;
+    const int64_t pk = (i * panels + c / P) * D * P + c % P;  // the group in a panel layout
+    auto vw = [&](int v) { return v == NV - 1 ? int(valid) : W; };
+    // 1. grad_x. Padding tokens repeat the block's first token and are not stored.
+    for (int64_t tb = cb; tb < ce; tb += TB) {
+      const int nt = static_cast<int>(std::min<int64_t>(TB, ce - tb));
+      int64_t tj[TB];
+      for (int j = 0; j < TB; ++j) tj[j] = tb + (j < nt ? j : 0);
+      // Every addition takes one product and the running sum (never two products), so FMA
+      // contraction has one way to round it: an absent gradient and a zero one give the same bits.
+      V acc[TB][NV];
+      // The next block's rows of this group on their way to L2 while this block's FMAs run:
+      // the chunk's rows sit len * sizeof(X) bytes apart (a multiple of 4 KB for the usual C),
+      // too many streams for the hardware prefetcher, and all in the same few L1 sets.
+      for (int64_t t = tb + 2 * TB; t < std::min(ce, tb + 3 * TB); ++t) {
+        for (int64_t b = 0; b < int64_t(sizeof(X)) * NV * W; b += 64) {
+          __builtin_prefetch(reinterpret_cast<const char*>(x + t * len + k) + b, 0, 2);
+          if (extra) __builtin_prefetch(reinterpret_cast<const char*>(extra + t * len + k) + b, 0, 2);
+        }
+        if (gy) __builtin_prefetch(gy + t * C + c, 0, 2);
+      }
+      for (int j = 0; j < TB; ++j) {
+        for (int v = 0; v < NV; ++v) {
+          const int64_t at = tj[j] * len + k + v * W;
+          const V xv = load_block<S, X, W>(x + at, vw(v));
+          if (j < nt) std::memcpy(xbuf + (tj[j] - cb) * G + v * W, &xv.v, sizeof(xv.v));
+          acc[j][v] = extra ? load_block<S, X, W>(extra + at, vw(v)) : V(S(0));
+          acc[j][v] = acc[j][v] + factor[tj[j]] * xv;
+          if (gy) acc[j][v] = acc[j][v] + h[tj[j] * n + i] * load_block<S, S, W>(gy + tj[j] * C + c + v * W, vw(v));
+        }
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        V p[NV];
+        for (int v = 0; v < NV; ++v) p[v] = load_block<S, S, W>(phiP + pk + d * P + v * W, vw(v));
+        for (int j = 0; j < TB; ++j) {
+          const S b = dproj[tj[j] * D + d];
+          for (int v = 0; v < NV; ++v) acc[j][v] = acc[j][v] + b * p[v];
+        }
+      }
+      for (int j = 0; j < nt; ++j) {
+        for (int v = 0; v < NV; ++v) {
+          X* out = dx + tj[j] * len + k + v * W;
+          if constexpr (Blocks::kStream && std::is_same_v<S, X>) {
+            if (stream && int(vw(v)) == W) {  // whole aligned vector: bypass the caches
+              stream_store(out, acc[j][v]);
+              continue;
+            }
+          }
+          store_block(out, acc[j][v], vw(v));
+        }
+      }
+    }
+    // 2. grad_phi's share of the chunk.
+    for (int64_t d0 = 0; d0 < D; d0 += DB) {
+      with_count<DB>(static_cast<int>(std::min<int64_t>(DB, D - d0)), [&]<int DC>() __attribute__((always_inline)) {
+        V acc[DC][NV];
+        for (int q = 0; q < DC; ++q) {
+          for (int v = 0; v < NV; ++v) acc[q][v] = V(S(0));
+        }
+        for (int64_t t = cb; t < ce; ++t) {
+          V xv[NV];
+          for (int v = 0; v < NV; ++v) std::memcpy(&xv[v].v, xbuf + (t - cb) * G + v * W, sizeof(xv[v].v));
+          const S* dp = dproj + t * D + d0;
+          for (int q = 0; q < DC; ++q) {
+            for (int v = 0; v < NV; ++v) acc[q][v] = acc[q][v] + dp[q] * xv[v];
+          }
+        }
+        for (int q = 0; q < DC; ++q) {
+          for (int v = 0; v < NV; ++v) {
+            S* out = partialP + pk + (d0 + q) * P + v * W;
+            store_block(out, load_block<S, S, W>(out, vw(v)) + acc[q][v], vw(v));
+          }
+        }
+      });
+    }
+  };
+  for (int64_t cb = t0; cb < t1; cb += kChunkTokens) {
+    const int64_t ce = std::min(t1, cb + kChunkTokens);
+    for (int i = 0; i < n; ++i) {
+      int64_t c = 0;
+      for (; c + VB * W <= C; c += VB * W) group.template operator()<VB>(i, c, cb, ce, std::integral_constant<int, W>{});
+      // The rest of the stream: whole vectors, then one partial vector.
+      const int64_t full = (C - c) / W;
+      with_count<VB>(static_cast<int>(full), [&]<int NV>() __attribute__((always_inline)) {
+        group.template operator()<NV>(i, c, cb, ce, std::integral_constant<int, W>{});
+      });
+      c += full * W;
+      if (c < C) group.template operator()<1>(i, c, cb, ce, static_cast<int>(C - c));
+    }
+  }
+  if constexpr (Blocks::kStream) asm volatile("sfence" ::: "memory");  // streamed stores visible on return
+}
+
+#define HCEXT_MHC_PASSES(Name, Blocks, ...)                                                  \
   struct Name {                                                                              \
     template <typename... A>                                                                 \
     __VA_ARGS__ static void project(A... a) { project_range(a...); }                         \
-    template <typename... A>                                                                 \
-    __VA_ARGS__ static void grad_x_phi(A... a) { grad_x_phi_range(a...); }                   \
+    template <typename S, typename X, typename... A>                                         \
+    __VA_ARGS__ static void grad_x_phi(const X* x, const S* phiP, A... a) {                  \
+      grad_x_phi_range<Blocks, S, X>(x, phiP, a...);                                         \
+    }                                                                                        \
   };
-HCEXT_MHC_PASSES(BaselinePasses)
-HCEXT_MHC_PASSES(Avx2Passes, HCEXT_TARGET_AVX2)
-HCEXT_MHC_PASSES(Avx512Passes, HCEXT_TARGET_AVX512)
+struct GradBlocks16Avx2 : GradBlocks16 {
+  static constexpr bool kStream = true;
+};
+HCEXT_MHC_PASSES(BaselinePasses, GradBlocks16)
+HCEXT_MHC_PASSES(Avx2Passes, GradBlocks16Avx2, HCEXT_TARGET_AVX2)
+HCEXT_MHC_PASSES(Avx512Passes, GradBlocks32, HCEXT_TARGET_AVX512)
 #undef HCEXT_MHC_PASSES
 
 }  // namespace
@@ -212,22 +322,63 @@ int64_t mhc_project_width(int64_t D, bool fp64) {
 
 template <typename S, typename X>
 void mhc_project_rows(const X* x, const S* phi_pad, int64_t Dp, S* proj, S* rstd, int64_t len, int64_t D,
-                      S norm_eps, int64_t t0, int64_t t1, S* buf) {
+                      S norm_eps, int64_t t0, int64_t t1, S* buf, const MhcLayerInputArgs<S, X>* li) {
   dispatch_isa<BaselinePasses, Avx2Passes, Avx512Passes>(
-      [&](auto k) { decltype(k)::project(x, phi_pad, Dp, proj, rstd, len, D, norm_eps, t0, t1, buf); });
+      [&](auto k) { decltype(k)::project(x, phi_pad, Dp, proj, rstd, len, D, norm_eps, t0, t1, buf, li); });
 }
 
 template <typename S, typename X>
-void mhc_grad_x_phi_rows(const X* x, const S* phiT, const S* dproj, const S* factor, const S* h, const S* gy,
-                         const X* extra, X* dx, S* partialT, int n, int64_t C, int64_t D, int64_t t0, int64_t t1) {
+void mhc_grad_x_phi_rows(const X* x, const S* phiP, const S* dproj, const S* factor, const S* h, const S* gy,
+                         const X* extra, X* dx, S* partialP, int n, int64_t C, int64_t D, int64_t t0, int64_t t1) {
   dispatch_isa<BaselinePasses, Avx2Passes, Avx512Passes>([&](auto k) {
-    decltype(k)::grad_x_phi(x, phiT, dproj, factor, h, gy, extra, dx, partialT, n, C, D, t0, t1);
+    decltype(k)::grad_x_phi(x, phiP, dproj, factor, h, gy, extra, dx, partialP, n, C, D, t0, t1);
   });
 }
 
+template <typename S>
+void mhc_pack_phi_panels(const S* phi, S* panels, int n, int64_t C, int64_t D) {
+  constexpr int64_t P = kMhcPanel<S>;
+  const int64_t np = mhc_panels<S>(C);
+  for (int i = 0; i < n; ++i) {
+    for (int64_t p = 0; p < np; ++p) {
+      S* out = panels + (i * np + p) * D * P;
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t cc = 0; cc < P; ++cc) {
+          const int64_t c = p * P + cc;
+          out[d * P + cc] = c < C ? phi[(i * C + c) * D + d] : S(0);
+        }
+      }
+    }
+  }
+}
+
+template <typename S>
+void mhc_sum_panels(const S* partials, int64_t chunks, S* grad_phi, int n, int64_t C, int64_t D, int64_t q0,
+                    int64_t q1) {
+  constexpr int64_t P = kMhcPanel<S>;
+  const int64_t np = mhc_panels<S>(C), size = mhc_panel_size<S>(n, C, D);
+  S sum[P];
+  for (int64_t q = q0; q < q1; ++q) {  // q = i * np + p
+    const int64_t i = q / np, c0 = (q % np) * P, cn = std::min(P, C - c0);
+    for (int64_t d = 0; d < D; ++d) {
+      const S* row = partials + (q * D + d) * P;
+      for (int64_t cc = 0; cc < P; ++cc) sum[cc] = row[cc];
+      for (int64_t ch = 1; ch < chunks; ++ch) {
+        for (int64_t cc = 0; cc < P; ++cc) sum[cc] += row[ch * size + cc];
+      }
+      for (int64_t cc = 0; cc < cn; ++cc) grad_phi[(i * C + c0 + cc) * D + d] = sum[cc];
+    }
+  }
+}
+
+template void mhc_pack_phi_panels<float>(const float*, float*, int, int64_t, int64_t);
+template void mhc_pack_phi_panels<double>(const double*, double*, int, int64_t, int64_t);
+template void mhc_sum_panels<float>(const float*, int64_t, float*, int, int64_t, int64_t, int64_t, int64_t);
+template void mhc_sum_panels<double>(const double*, int64_t, double*, int, int64_t, int64_t, int64_t, int64_t);
+
 #define HCEXT_INSTANTIATE(S, X)                                                                                   \
   template void mhc_project_rows<S, X>(const X*, const S*, int64_t, S*, S*, int64_t, int64_t, S, int64_t, int64_t, \
-                                       S*);                                                                       \
+                                       S*, const MhcLayerInputArgs<S, X>*);                                       \
   template void mhc_grad_x_phi_rows<S, X>(const X*, const S*, const S*, const S*, const S*, const S*, const X*, X*, \
                                           S*, int, int64_t, int64_t, int64_t, int64_t);
 HCEXT_INSTANTIATE(float, float)

@@ -11,8 +11,20 @@ namespace hcext::cpu {
 // Columns of the padded phi the projection reads: D rounded up to a whole vector.
 int64_t mhc_project_width(int64_t D, bool fp64);
 
+// The layer input of mhc_pre, computed by the projection pass while a block's rows are still
+// in cache: y[t, c] = sum_i h_pre[t, i] x[t, i, c], h_pre = mhc_h_pre(proj[t, i], rstd[t]).
+template <typename S, typename X>
+struct MhcLayerInputArgs {
+  const S* alpha;  // [3]
+  const S* bias;   // [D] (h_pre's are the first n)
+  S pre_eps;
+  int n;
+  X* y;            // [tokens, len / n]
+};
+
 // proj[t] = x[t] @ phi and rstd[t] = 1/sqrt(mean(x[t]²) + norm_eps) for tokens [t0, t1), in
-// one pass over x (no copy of x in S beyond a per-thread block of rows):
+// one pass over x (no copy of x in S beyond a per-thread block of rows), and, when li is not
+// null, the layer input from the same rows:
 //   x       [tokens, len] contiguous, in X;
 //   phi_pad [len, Dp] (Dp = mhc_project_width(D, ...)), phi's rows zero-padded;
 //   proj    [tokens, D], rstd [tokens];
@@ -20,18 +32,48 @@ int64_t mhc_project_width(int64_t D, bool fp64);
 // Sums in S with FMA where the CPU has it (tolerance, not bits, against the baseline ISA).
 template <typename S, typename X>
 void mhc_project_rows(const X* x, const S* phi_pad, int64_t Dp, S* proj, S* rstd, int64_t len, int64_t D,
-                      S norm_eps, int64_t t0, int64_t t1, S* buf);
+                      S norm_eps, int64_t t0, int64_t t1, S* buf, const MhcLayerInputArgs<S, X>* li = nullptr);
+
+// Tokens whose grad_phi shares mhc_grad_x_phi_rows sums together before adding them to
+// partialT (fixed: the sum's order depends on the token range only). Callers' token ranges
+// are best multiples of it.
+constexpr int64_t kMhcGradChunkTokens = 96;
+
+// The backward pass reads phiᵀ and accumulates grad_phiᵀ in panels: for stream i and panel
+// p = c / P of its channels (P = kMhcPanel<S>, 128 bytes of S), the D rows of P values are
+// contiguous, at ((i * panels + p) * D + d) * P + c % P with panels = ceil(C / P) (zero-padded).
+// [D, n*C] rows would sit n*C*sizeof(S) bytes apart — a multiple of 4 KB for the usual C, so
+// the D rows of one group of channels would share a few L1 sets and evict each other.
+template <typename S>
+constexpr int64_t kMhcPanel = 128 / static_cast<int64_t>(sizeof(S));
+
+template <typename S>
+inline int64_t mhc_panels(int64_t C) { return (C + kMhcPanel<S> - 1) / kMhcPanel<S>; }
+
+// Values of S in one panel layout of [n*C, D].
+template <typename S>
+inline int64_t mhc_panel_size(int n, int64_t C, int64_t D) { return n * mhc_panels<S>(C) * D * kMhcPanel<S>; }
+
+// phi [n*C, D] (row-major) -> its panel layout (mhc_panel_size values, padding zeroed).
+template <typename S>
+void mhc_pack_phi_panels(const S* phi, S* panels, int n, int64_t C, int64_t D);
+
+// grad_phi [n*C, D] = the sum over chunks of `chunks` panel layouts (partials, one after
+// another), added in chunk order; panels [q0, q1) of the n * mhc_panels(C) panels.
+template <typename S>
+void mhc_sum_panels(const S* partials, int64_t chunks, S* grad_phi, int n, int64_t C, int64_t D, int64_t q0,
+                    int64_t q1);
 
 // The backward's pass over x for tokens [t0, t1) (one pass: reads x, gy, extra once, writes dx
 // once, every term summed in S and rounded once):
-//   dx[t, k]    = sum_d dproj[t, d] phi[k, d]        (the projection's share, phiT = phiᵀ [D, len])
+//   dx[t, k]    = sum_d dproj[t, d] phi[k, d]        (the projection's share; phiP: phi's panels)
 //               + factor[t] x[t, k]                  (the RMS statistic's share)
 //               + h[t, i] gy[t, c]   (k = i C + c; when gy: the layer input's share, h [tokens, n])
 //               + extra[t, k]                        (when extra: another consumer's gradient, in X)
-//   partialT[d, k] += sum_t dproj[t, d] x[t, k]      (grad_phiᵀ's share of these tokens)
+//   partialP[k, d] += sum_t dproj[t, d] x[t, k]      (grad_phi's share of these tokens, panels)
 // dx may not alias x.
 template <typename S, typename X>
-void mhc_grad_x_phi_rows(const X* x, const S* phiT, const S* dproj, const S* factor, const S* h, const S* gy,
-                         const X* extra, X* dx, S* partialT, int n, int64_t C, int64_t D, int64_t t0, int64_t t1);
+void mhc_grad_x_phi_rows(const X* x, const S* phiP, const S* dproj, const S* factor, const S* h, const S* gy,
+                         const X* extra, X* dx, S* partialP, int n, int64_t C, int64_t D, int64_t t0, int64_t t1);
 
 }  // namespace hcext::cpu

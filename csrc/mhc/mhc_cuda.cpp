@@ -19,6 +19,7 @@ namespace {
 struct CudaMhcBackend : CudaContext {
   using CudaContext::CudaContext;
   using Streams = CudaStreamsBackend;
+  static constexpr bool kProjectsLayerInput = false;  // the layer input: the streams' aggregate kernel
 
   // proj = x̃ @ phi and rstd. n <= 6: one pass over x in its own dtype (mhc_project). Larger n:
   // the GEMM formulation: x's rows in T (a copy for bf16/fp16, written by the rstd pass), then

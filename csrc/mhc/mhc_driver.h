@@ -13,6 +13,8 @@
 // Backend interface (T: the compute type; x_rows: x as contiguous [tokens, n*C], its dtype):
 //   explicit Backend(const at::Tensor& x)              device guard, stream
 //   project<T>(x_rows, phi, proj, rstd, d, norm_eps)   proj [tokens, D] = x̃ @ phi and rstd [tokens]
+//     with kProjectsLayerInput: project<T>(..., norm_eps, layer_input, alpha, bias, pre_eps), which
+//     also writes layer_input = Σ h_pre[i] x_i when it is not null (mhc_pre, the fused boundary)
 //   epilogue<T>(proj, rstd, alpha, bias, h_pre, h_post, h_res, d, s)
 //   layer_input_grad_x<T>(x_rows, gy, g_pre, out, d)   out = g_pre + sum_c gy * x_i
 //   epilogue_backward<T>(proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha, drstd, d, s)
@@ -73,14 +75,23 @@ struct MhcCoeffs {
 
   // proj and rstd from one pass over x's rows (contiguous, x's dtype), then the per-token
   // epilogue.
+  // layer_input (Backend::kProjectsLayerInput only): also the layer input Σ h_pre[i] x_i,
+  // [tokens, C] in x's dtype, from the projection pass's rows.
   template <class Backend>
   void compute(Backend& backend, const at::Tensor& x_rows, const at::Tensor& phi, const at::Tensor& alpha,
-               const at::Tensor& bias, const MhcDims& d, const MhcScalars& s) {
+               const at::Tensor& bias, const MhcDims& d, const MhcScalars& s, at::Tensor* layer_input = nullptr) {
     const at::Tensor ph = phi.contiguous();
     at::Tensor proj_rows = proj.view({d.tokens, d.D}), rstd_rows = rstd.view({d.tokens});
     dispatch_compute(d.compute, [&](auto zero) {
       using T = decltype(zero);
-      backend.template project<T>(x_rows, ph, proj_rows, rstd_rows, d, static_cast<T>(s.norm_eps));
+      if constexpr (Backend::kProjectsLayerInput) {
+        const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
+        backend.template project<T>(x_rows, ph, proj_rows, rstd_rows, d, static_cast<T>(s.norm_eps), layer_input,
+                                    a.data_ptr<T>(), b.data_ptr<T>(), static_cast<T>(s.pre_eps));
+      } else {
+        TORCH_INTERNAL_ASSERT(layer_input == nullptr, "this backend computes the layer input in a pass of its own");
+        backend.template project<T>(x_rows, ph, proj_rows, rstd_rows, d, static_cast<T>(s.norm_eps));
+      }
     });
     epilogue(backend, alpha, bias, d, s);
   }
@@ -124,12 +135,30 @@ Tensor5 mhc_coeffs_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at
 // mhc_pre = the coefficients, then the layer input by the streams backend's aggregate (the
 // same kernels users call as hcext::stream_aggregate). h_pre is not kept: the backward recomputes it from proj.
 // -> (layer_input [..., C], h_post, h_res, proj, rstd)
+// A backend with kProjectsLayerInput (the CPU) computes the layer input inside the projection
+// pass, from the rows it has just read (x read once); the others aggregate in a second pass.
 template <class Backend>
 Tensor5 mhc_pre_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
                          int64_t iters, double norm_eps, double sinkhorn_eps, double pre_eps, double post_mult) {
-  auto [h_pre, h_post, h_res, proj, rstd] =
-      mhc_coeffs_fwd_impl<Backend>(x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
-  return {stream_aggregate_impl<typename Backend::Streams>(x, h_pre), h_post, h_res, proj, rstd};
+  if constexpr (!Backend::kProjectsLayerInput) {
+    auto [h_pre, h_post, h_res, proj, rstd] =
+        mhc_coeffs_fwd_impl<Backend>(x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
+    return {stream_aggregate_impl<typename Backend::Streams>(x, h_pre), h_post, h_res, proj, rstd};
+  } else {
+    const char* op = "hcext::mhc_coeffs";  // the same checks and messages as the two-pass path
+    const NoAutocast no_autocast;
+    const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
+    check_norm_eps(norm_eps, op);
+    check_mhc_scalars(pre_eps, post_mult, op);
+    Backend backend(x);
+    const MhcScalars s{static_cast<int>(iters), norm_eps, sinkhorn_eps, pre_eps, post_mult};
+    MhcCoeffs c(x, d);
+    at::Tensor layer_input = at::empty(lead_shape(x, {d.C}), x.options().memory_format(at::MemoryFormat::Contiguous));
+    if (d.tokens > 0) {
+      c.compute(backend, x.contiguous().view({d.tokens, d.n * d.C}), phi, alpha, bias, d, s, &layer_input);
+    }
+    return {layer_input, c.h_post, c.h_res, c.proj, c.rstd};
+  }
 }
 
 // ---- DeepSeek-V4.1's shifted collapse (hcext::mhc_pre_shifted): the coefficients of x as
@@ -315,14 +344,18 @@ Tensor7 mhc_post_pre_fwd_core(const char* op, const at::Tensor& f, const at::Ten
   using Streams = typename Backend::Streams;
   at::Tensor x_next = at::empty(x.sizes(), p.x.options());
   MhcCoeffs c(x, d);  // layer l+1's
+  // The layer input inside the projection pass where the backend can (and the collapse uses
+  // x_next's own h_pre), else aggregated in a pass of its own.
+  const bool fused_input = Backend::kProjectsLayerInput && pre_mix == nullptr;
+  at::Tensor layer_input;
+  if (fused_input) layer_input = at::empty(lead_shape(x, {d.C}), p.x.options());
   if (d.tokens > 0) {
-    // The GEMM reads x_next's rows in the compute dtype: a copy written by the same pass
-    // when x is not in it, else x_next itself.
     // The mix, then the projection pass over the stored x_next (with its rstd).
     stream_mix_into<Streams>(p, fc, hp, hr, x_next);
-    c.compute(backend, x_next.view({d.tokens, d.n * d.C}), phi, alpha, bias, d, s);
+    c.compute(backend, x_next.view({d.tokens, d.n * d.C}), phi, alpha, bias, d, s,
+              fused_input ? &layer_input : nullptr);
   }
-  const at::Tensor layer_input = stream_aggregate_impl<Streams>(x_next, pre_mix ? *pre_mix : c.h_pre);
+  if (!fused_input) layer_input = stream_aggregate_impl<Streams>(x_next, pre_mix ? *pre_mix : c.h_pre);
   return {x_next, layer_input, c.h_post, c.h_res, c.h_pre, c.proj, c.rstd};
 }
 
