@@ -1,7 +1,7 @@
 // CUDA kernels of the HC coefficient ops (glue: csrc/hc/hc_cuda.cpp). Per-stream math is the
 // shared hcext/hc.h. Kept simple: one block per token (one warp per stream) for the passes
 // over a token's streams, one thread per token for the backward epilogue, one thread per
-// channel and token chunk for the Ĝ reduction. Every sum has a fixed order (warp
+// VEC channels and token chunk for the Ĝ reduction. Every sum has a fixed order (warp
 // butterflies, sequential loops, chunk-ordered final sum): deterministic, no atomics.
 // No torch header here.
 
@@ -22,7 +22,8 @@ namespace {
 constexpr int kMaxWarps = 8;            // forward: warps per token block (streams beyond loop)
 constexpr int kRowThreads = 128;        // grad_x: threads per token block
 constexpr int kTokenThreads = 128;      // backward epilogue: one thread per token
-constexpr int kChannelThreads = 128;    // Ĝ: one thread per channel
+constexpr int kChannelThreads = 128;    // Ĝ: one thread per VEC channels
+constexpr int kMaxVecColumns = 10;      // Ĝ: 128-bit rows only up to this many columns (K x VEC sums)
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid cap of the per-token kernels; they loop over the rest
 
 template <typename T>
@@ -93,31 +94,41 @@ __global__ void hc_epilogue_backward_kernel(HcShape s, HcParams<T> p, int64_t to
 }
 
 // partial[chunk, c, k] = Σ_{t in chunk} Σ_i (x_tic - mean_ti) e_tik. Grid: (channel blocks, chunks).
-template <typename T, typename X, int kMaxK>
+// A thread owns VEC consecutive channels (one 128-bit load of x per row when the rows allow it,
+// see with_vec; VEC = 1 otherwise) and holds their K sums in registers; each row's e[r, :K]
+// is read once per thread into registers. The sums run over (t, i) in order for every
+// channel, whatever VEC: the vector and scalar paths give the same bits.
+template <typename T, typename X, int kMaxK, int VEC>
 __global__ void hc_centered_grad_kernel(const X* __restrict__ x, const T* __restrict__ e, const T* __restrict__ stats,
                                      int n, int K, int64_t tokens, int64_t C, int64_t chunk_tokens,
                                      T* __restrict__ partial) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (c >= C) return;
   const int64_t t0 = int64_t(blockIdx.y) * chunk_tokens;
   const int64_t t1 = t0 + chunk_tokens < tokens ? t0 + chunk_tokens : tokens;
-  T acc[kMaxK];
+  Lanes<T, VEC> acc[kMaxK];
 #pragma unroll
-  for (int k = 0; k < kMaxK; ++k) acc[k] = 0;
+  for (int k = 0; k < kMaxK; ++k) acc[k] = Lanes<T, VEC>(T(0));
   for (int64_t t = t0; t < t1; ++t) {
     for (int i = 0; i < n; ++i) {
       const int64_t r = t * n + i;
-      const T v = T(to_compute(x[r * C + c])) - stats[2 * r];
+      T er[kMaxK];
+#pragma unroll
+      for (int k = 0; k < kMaxK; ++k) er[k] = k < K ? e[r * K + k] : T(0);
+      const Lanes<T, VEC> v = load<X, VEC>(x + r * C + c) - stats[2 * r];
 #pragma unroll
       for (int k = 0; k < kMaxK; ++k) {
-        if (k < K) acc[k] += v * e[r * K + k];
+        if (k < K) acc[k] = acc[k] + v * er[k];
       }
     }
   }
-  T* out = partial + (int64_t(blockIdx.y) * C + c) * K;
 #pragma unroll
-  for (int k = 0; k < kMaxK; ++k) {
-    if (k < K) out[k] = acc[k];
+  for (int l = 0; l < VEC; ++l) {
+    T* out = partial + (int64_t(blockIdx.y) * C + c + l) * K;
+#pragma unroll
+    for (int k = 0; k < kMaxK; ++k) {
+      if (k < K) out[k] = acc[k].v[l];
+    }
   }
 }
 
@@ -207,12 +218,21 @@ cudaError_t hc_centered_grad(const void* x, StreamDtype xtype, const T* e, const
   const int64_t chunk_tokens = (tokens + chunks - 1) / chunks;
   const int64_t used = (tokens + chunk_tokens - 1) / chunk_tokens;  // every chunk non-empty
   T* partial = used > 1 ? workspace : G;
-  const dim3 grid(ceil_div(C, kChannelThreads), static_cast<unsigned int>(used));
   with_stream_ptr<T>(xtype, x, [&](const auto* xp) {
     using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     dispatch_columns(n, [&]<int kMaxK>() {
-      err = launch<hc_centered_grad_kernel<T, X, kMaxK>>(grid, kChannelThreads, 0, stream, xp, e, stats, n, K, tokens, C,
-                                                                             chunk_tokens, partial);
+      auto run = [&]<int VEC>() {
+        const dim3 grid(ceil_div(ceil_div(C, VEC), kChannelThreads), static_cast<unsigned int>(used));
+        err = launch<hc_centered_grad_kernel<T, X, kMaxK, VEC>>(grid, kChannelThreads, 0, stream, xp, e, stats, n, K,
+                                                                tokens, C, chunk_tokens, partial);
+      };
+      // 128-bit rows where they allow it and the K x VEC sums fit in registers (n <= 8; the
+      // wider variants are not even compiled).
+      if constexpr (kMaxK <= kMaxVecColumns) {
+        with_vec<X>(can_vectorize<X>(C, {xp}), run);
+      } else {
+        run.template operator()<1>();
+      }
     });
   });
   if (err != cudaSuccess || used == 1) return err;

@@ -228,10 +228,12 @@ struct CpuMhcBackend {
       const X* xp = static_cast<const X*>(x_rows.data_ptr());
       const X* ex = data_or_null<const X>(extra);
       X* out = static_cast<X*>(dx.data_ptr());
+      const int64_t row = d.C * int64_t(sizeof(X));
+      const bool stream = cpu::use_stream_stores(out, T_ * n * row, row);
       at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           cpu::mhc_grad_x_phi_rows<T, X>(xp, phiP.data_ptr<T>(), dproj, fp, gy ? hp : nullptr, gy, ex, out,
-                                         part + c * psize, n, d.C, D, c * chunk, std::min(T_, (c + 1) * chunk));
+                                         part + c * psize, n, d.C, D, c * chunk, std::min(T_, (c + 1) * chunk), stream);
         }
       });
     });

@@ -144,28 +144,14 @@ template <int kMax, typename Fn>
   }
 }
 
-// A 32-byte non-temporal store (vmovntps / vmovntpd; p 32-byte aligned). Inline asm, not the
-// intrinsics: the kernels' lambdas carry no target attribute, and GCC refuses to inline AVX
-// intrinsics into them; the asm is only reached from the AVX2 / AVX-512 variants (kStream).
-template <typename S>
-[[gnu::always_inline]] inline void stream_store(S* p, const Col<S>& v) {
-  if constexpr (sizeof(S) == 4) {
-    asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<S(*)[kColWidth<S>]>(p)) : "x"(v.v));
-  } else {
-    asm volatile("vmovntpd %1, %0" : "=m"(*reinterpret_cast<S(*)[kColWidth<S>]>(p)) : "x"(v.v));
-  }
-}
-
 // Register blocks of the backward pass, per ISA (accumulators + operands within the vector
 // registers: 16 with AVX2, 32 with AVX-512; the baseline build takes AVX2's shape).
 struct GradBlocks16 {
-  static constexpr bool kStream = false;  // baseline build: no AVX streaming stores
   static constexpr int kTokens = 6;   // grad_x: tokens x kVectors accumulators
   static constexpr int kVectors = 2;  // vectors of channels per group (both sweeps)
   static constexpr int kColumns = 6;  // grad_phi: columns x kVectors accumulators
 };
 struct GradBlocks32 {
-  static constexpr bool kStream = true;
   static constexpr int kTokens = 6;
   static constexpr int kVectors = 4;
   static constexpr int kColumns = 6;
@@ -186,7 +172,7 @@ constexpr int64_t kChunkTokens = kMhcGradChunkTokens;
 template <class Blocks, typename S, typename X>
 [[gnu::always_inline]] inline void grad_x_phi_range(const X* x, const S* phiP, const S* dproj, const S* factor,
                                                     const S* h, const S* gy, const X* extra, X* dx, S* partialP, int n,
-                                                    int64_t C, int64_t D, int64_t t0, int64_t t1) {
+                                                    int64_t C, int64_t D, int64_t t0, int64_t t1, bool stream) {
   constexpr int W = kColWidth<S>;
   constexpr int TB = Blocks::kTokens, VB = Blocks::kVectors, DB = Blocks::kColumns;
   constexpr int64_t P = kMhcPanel<S>;
@@ -197,9 +183,8 @@ template <class Blocks, typename S, typename X>
   // by the grad_phi sweep: contiguous, so it stays in L1 (x's own rows do not, see below).
   constexpr int G = VB * W;
   alignas(64) S xbuf[kChunkTokens * G];
-  // grad_x is written once and not read again here: fp32 / fp64 vectors go around the caches
-  // (no read-for-ownership of dx's lines, no eviction of x's) when every vector is aligned.
-  const bool stream = reinterpret_cast<uintptr_t>(dx) % 32 == 0 && C % W == 0;
+  // grad_x is written once and not read again here: streamed past the caches when large
+  // (cpu_vec_io.h; the caller decides, the whole tensor's size is not known here).
   // One group: NV vectors at channel c of stream i (the last NV - 1 full, the last one `valid`
   // channels wide), tokens [cb, ce).
   auto group = [&]<int NV>(int i, int64_t c, int64_t cb, int64_t ce, auto valid) __attribute__((always_inline)) {
@@ -244,14 +229,7 @@ template <class Blocks, typename S, typename X>
       }
       for (int j = 0; j < nt; ++j) {
         for (int v = 0; v < NV; ++v) {
-          X* out = dx + tj[j] * len + k + v * W;
-          if constexpr (Blocks::kStream && std::is_same_v<S, X>) {
-            if (stream && int(vw(v)) == W) {  // whole aligned vector: bypass the caches
-              stream_store(out, acc[j][v]);
-              continue;
-            }
-          }
-          store_block(out, acc[j][v], vw(v));
+          store_out(dx + tj[j] * len + k + v * W, acc[j][v], vw(v), stream);
         }
       }
     }
@@ -293,7 +271,7 @@ template <class Blocks, typename S, typename X>
       if (c < C) group.template operator()<1>(i, c, cb, ce, static_cast<int>(C - c));
     }
   }
-  if constexpr (Blocks::kStream) asm volatile("sfence" ::: "memory");  // streamed stores visible on return
+  if (stream) stream_fence();
 }
 
 #define HCEXT_MHC_PASSES(Name, Blocks, ...)                                                  \
@@ -305,11 +283,8 @@ template <class Blocks, typename S, typename X>
       grad_x_phi_range<Blocks, S, X>(x, phiP, a...);                                         \
     }                                                                                        \
   };
-struct GradBlocks16Avx2 : GradBlocks16 {
-  static constexpr bool kStream = true;
-};
 HCEXT_MHC_PASSES(BaselinePasses, GradBlocks16)
-HCEXT_MHC_PASSES(Avx2Passes, GradBlocks16Avx2, HCEXT_TARGET_AVX2)
+HCEXT_MHC_PASSES(Avx2Passes, GradBlocks16, HCEXT_TARGET_AVX2)
 HCEXT_MHC_PASSES(Avx512Passes, GradBlocks32, HCEXT_TARGET_AVX512)
 #undef HCEXT_MHC_PASSES
 
@@ -329,9 +304,10 @@ void mhc_project_rows(const X* x, const S* phi_pad, int64_t Dp, S* proj, S* rstd
 
 template <typename S, typename X>
 void mhc_grad_x_phi_rows(const X* x, const S* phiP, const S* dproj, const S* factor, const S* h, const S* gy,
-                         const X* extra, X* dx, S* partialP, int n, int64_t C, int64_t D, int64_t t0, int64_t t1) {
+                         const X* extra, X* dx, S* partialP, int n, int64_t C, int64_t D, int64_t t0, int64_t t1,
+                         bool stream) {
   dispatch_isa<BaselinePasses, Avx2Passes, Avx512Passes>([&](auto k) {
-    decltype(k)::grad_x_phi(x, phiP, dproj, factor, h, gy, extra, dx, partialP, n, C, D, t0, t1);
+    decltype(k)::grad_x_phi(x, phiP, dproj, factor, h, gy, extra, dx, partialP, n, C, D, t0, t1, stream);
   });
 }
 
@@ -380,7 +356,7 @@ template void mhc_sum_panels<double>(const double*, int64_t, double*, int, int64
   template void mhc_project_rows<S, X>(const X*, const S*, int64_t, S*, S*, int64_t, int64_t, S, int64_t, int64_t, \
                                        S*, const MhcLayerInputArgs<S, X>*);                                       \
   template void mhc_grad_x_phi_rows<S, X>(const X*, const S*, const S*, const S*, const S*, const S*, const X*, X*, \
-                                          S*, int, int64_t, int64_t, int64_t, int64_t);
+                                          S*, int, int64_t, int64_t, int64_t, int64_t, bool);
 HCEXT_INSTANTIATE(float, float)
 HCEXT_INSTANTIATE(double, double)
 HCEXT_INSTANTIATE(float, c10::BFloat16)

@@ -71,9 +71,11 @@ void mhc_sum_panels(const S* partials, int64_t chunks, S* grad_phi, int n, int64
 //               + h[t, i] gy[t, c]   (k = i C + c; when gy: the layer input's share, h [tokens, n])
 //               + extra[t, k]                        (when extra: another consumer's gradient, in X)
 //   partialP[k, d] += sum_t dproj[t, d] x[t, k]      (grad_phi's share of these tokens, panels)
-// dx may not alias x.
+// dx may not alias x. stream: dx's whole vectors are written with streaming stores
+// (cpu::use_stream_stores on the whole dx; common/cpu_vec_io.h).
 template <typename S, typename X>
 void mhc_grad_x_phi_rows(const X* x, const S* phiP, const S* dproj, const S* factor, const S* h, const S* gy,
-                         const X* extra, X* dx, S* partialP, int n, int64_t C, int64_t D, int64_t t0, int64_t t1);
+                         const X* extra, X* dx, S* partialP, int n, int64_t C, int64_t D, int64_t t0, int64_t t1,
+                         bool stream);
 
 }  // namespace hcext::cpu

@@ -51,6 +51,7 @@ using Block = Lanes<S, kW>;
 
 using cpu::load_block;
 using cpu::store_block;
+using cpu::store_out;
 
 using cpu::for_channel_blocks;
 using cpu::lane_sum;
@@ -95,7 +96,7 @@ struct LocalCoefs {
 
 template <int kN, int kMaxN, typename T, typename S>
 [[gnu::always_inline]] inline void aggregate_forward_range(const T* x, const S* h, int64_t h_stride, T* y, int64_t t0,
-                                                           int64_t t1, int n_rt, int64_t C) {
+                                                           int64_t t1, int n_rt, int64_t C, bool stream) {
   const int n = kN > 0 ? kN : n_rt;
   for (int64_t t = t0; t < t1; ++t) {
     const T* xt = x + t * n * C;
@@ -103,16 +104,17 @@ template <int kN, int kMaxN, typename T, typename S>
     for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
       const Block<S> yv = stream_aggregate_value<kN, Block<S>>(
           ht.v, n, [&](int i) __attribute__((always_inline)) { return load_block<S>(xt + i * C + c, valid); });
-      store_block(y + t * C + c, yv, valid);
+      store_out(y + t * C + c, yv, valid, stream);
     });
   }
+  if (stream) cpu::stream_fence();
 }
 
 // grad_x (nullable) and the per-token grad_h_pre rows gh (nullable, [tokens, n]).
 template <int kN, int kMaxN, typename T, typename S>
 [[gnu::always_inline]] inline void aggregate_backward_range(const T* gy, const T* x, const S* h, int64_t h_stride,
                                                             T* grad_x, S* gh, int64_t t0, int64_t t1, int n_rt,
-                                                            int64_t C) {
+                                                            int64_t C, bool stream) {
   const int n = kN > 0 ? kN : n_rt;
   Block<S> acc[kMaxN];
   for (int64_t t = t0; t < t1; ++t) {
@@ -123,7 +125,7 @@ template <int kN, int kMaxN, typename T, typename S>
       const Block<S> g = load_block<S>(gy + t * C + c, valid);
       if (grad_x) {
         for (int i = 0; i < n; ++i) {
-          store_block(grad_x + (t * n + i) * C + c, stream_aggregate_grad_x_value(ht.v[i], g), valid);
+          store_out(grad_x + (t * n + i) * C + c, stream_aggregate_grad_x_value(ht.v[i], g), valid, stream);
         }
       }
       if (gh) {
@@ -134,13 +136,14 @@ template <int kN, int kMaxN, typename T, typename S>
       for (int i = 0; i < n; ++i) gh[t * n + i] = lane_sum(acc[i]);
     }
   }
+  if (stream) cpu::stream_fence();
 }
 
 // out = mix(f, x, h_post, h_res) over the tokens [t0, t1).
 template <int kN, int kMaxN, typename T, typename S>
 [[gnu::always_inline]] inline void mix_forward_range(const T* f, const T* x, const S* hp, int64_t hp_stride,
                                                      const S* hr, int64_t hr_stride, T* out, int64_t t0, int64_t t1,
-                                                     int n_rt, int64_t C) {
+                                                     int n_rt, int64_t C, bool stream) {
   const int n = kN > 0 ? kN : n_rt;
   Block<S> X[kMaxN];
   for (int64_t t = t0; t < t1; ++t) {
@@ -154,7 +157,7 @@ template <int kN, int kMaxN, typename T, typename S>
       for (int i = 0; i < n; ++i) {
         const Block<S> o = stream_mix_value<kN, Block<S>>(hrt.v + i * n, hpt.v[i], F, n,
                                                           [&](int j) __attribute__((always_inline)) { return X[j]; });
-        store_block(ot + i * C + c, o, valid);
+        store_out(ot + i * C + c, o, valid, stream);
       }
     });
   }
@@ -166,7 +169,7 @@ template <int kN, int kMaxN, typename T, typename S>
 [[gnu::always_inline]] inline void mix_backward_range(const T* g, const T* f, const T* x, const S* hp,
                                                       int64_t hp_stride, const S* hr, int64_t hr_stride, T* grad_f,
                                                       T* grad_x, S* gh_post, S* gh_res, int64_t t0, int64_t t1,
-                                                      int n_rt, int64_t C) {
+                                                      int n_rt, int64_t C, bool stream) {
   const int n = kN > 0 ? kN : n_rt;
   Block<S> G[kMaxN];
   Block<S> acc_post[kMaxN];
@@ -181,11 +184,11 @@ template <int kN, int kMaxN, typename T, typename S>
     for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
       for (int i = 0; i < n; ++i) G[i] = load_block<S>(gt + i * C + c, valid);
       auto load_g = [&](int i) __attribute__((always_inline)) { return G[i]; };
-      if (grad_f) store_block(grad_f + t * C + c, stream_mix_grad_f_value<kN, Block<S>>(hpt.v, n, load_g), valid);
+      if (grad_f) store_out(grad_f + t * C + c, stream_mix_grad_f_value<kN, Block<S>>(hpt.v, n, load_g), valid, stream);
       if (grad_x) {
         for (int j = 0; j < n; ++j) {
-          store_block(grad_x + (t * n + j) * C + c, stream_mix_grad_x_value<kN, Block<S>>(hrt.v, j, n, load_g),
-                      valid);
+          store_out(grad_x + (t * n + j) * C + c, stream_mix_grad_x_value<kN, Block<S>>(hrt.v, j, n, load_g),
+                    valid, stream);
         }
       }
       if (gh_post) {
@@ -206,6 +209,7 @@ template <int kN, int kMaxN, typename T, typename S>
       for (int k = 0; k < n * n; ++k) gh_res[t * n * n + k] = lane_sum(acc_res[k]);
     }
   }
+  if (stream) cpu::stream_fence();
 }
 
 // One set of kernels per instruction set (common/cpu_isa.h).
@@ -252,9 +256,10 @@ void for_tokens(int64_t tokens, int n, int64_t C, Kernel&& kernel) {
 template <typename T, typename S>
 void CpuStreamsBackend::aggregate_forward(const T* x, const S* h, int64_t h_stride, T* y, int64_t tokens, int n,
                                           int64_t C) {
+  const bool stream = cpu::use_stream_stores(y, tokens * C * int64_t(sizeof(T)), C * int64_t(sizeof(T)));
   dispatch_kernels(n, [&](auto k, auto kN, auto kMaxN) {
     for_tokens(tokens, n, C, [&](int64_t t0, int64_t t1) {
-      decltype(k)::template aggregate_forward<decltype(kN)::value, decltype(kMaxN)::value>(x, h, h_stride, y, t0, t1, n, C);
+      decltype(k)::template aggregate_forward<decltype(kN)::value, decltype(kMaxN)::value>(x, h, h_stride, y, t0, t1, n, C, stream);
     });
   });
 }
@@ -262,9 +267,10 @@ void CpuStreamsBackend::aggregate_forward(const T* x, const S* h, int64_t h_stri
 template <typename T, typename S>
 void CpuStreamsBackend::aggregate_backward(const T* gy, const T* x, const S* h, int64_t h_stride, T* grad_x,
                                            S* gh_rows, int64_t tokens, int n, int64_t C) {
+  const bool stream = grad_x && cpu::use_stream_stores(grad_x, tokens * n * C * int64_t(sizeof(T)), C * int64_t(sizeof(T)));
   dispatch_kernels(n, [&](auto k, auto kN, auto kMaxN) {
     for_tokens(tokens, n, C, [&](int64_t t0, int64_t t1) {
-      decltype(k)::template aggregate_backward<decltype(kN)::value, decltype(kMaxN)::value>(gy, x, h, h_stride, grad_x, gh_rows, t0, t1, n, C);
+      decltype(k)::template aggregate_backward<decltype(kN)::value, decltype(kMaxN)::value>(gy, x, h, h_stride, grad_x, gh_rows, t0, t1, n, C, stream);
     });
   });
 }
@@ -272,9 +278,10 @@ void CpuStreamsBackend::aggregate_backward(const T* gy, const T* x, const S* h, 
 template <typename T, typename S>
 void CpuStreamsBackend::mix_forward(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr,
                                     int64_t hr_stride, T* out, int64_t tokens, int n, int64_t C) {
+  const bool stream = cpu::use_stream_stores(out, tokens * n * C * int64_t(sizeof(T)), C * int64_t(sizeof(T)));
   dispatch_kernels(n, [&](auto k, auto kN, auto kMaxN) {
     for_tokens(tokens, n, C, [&](int64_t t0, int64_t t1) {
-      decltype(k)::template mix_forward<decltype(kN)::value, decltype(kMaxN)::value>(f, x, hp, hp_stride, hr, hr_stride, out, t0, t1, n, C);
+      decltype(k)::template mix_forward<decltype(kN)::value, decltype(kMaxN)::value>(f, x, hp, hp_stride, hr, hr_stride, out, t0, t1, n, C, stream);
     });
   });
 }
@@ -283,10 +290,14 @@ template <typename T, typename S>
 void CpuStreamsBackend::mix_backward(const T* g, const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr,
                                      int64_t hr_stride, T* grad_f, T* grad_x, S* ghp_rows, S* ghr_rows,
                                      int64_t tokens, int n, int64_t C) {
+  // grad_x decides (grad_f, n times smaller, follows it when both are aligned).
+  const int64_t row = C * int64_t(sizeof(T));
+  const bool stream = grad_x && cpu::use_stream_stores(grad_x, tokens * n * row, row) &&
+                      (!grad_f || cpu::use_stream_stores(grad_f, cpu::kStreamStoreMinBytes, row));
   dispatch_kernels(n, [&](auto k, auto kN, auto kMaxN) {
     for_tokens(tokens, n, C, [&](int64_t t0, int64_t t1) {
       decltype(k)::template mix_backward<decltype(kN)::value, decltype(kMaxN)::value>(g, f, x, hp, hp_stride, hr, hr_stride, grad_f, grad_x,
-                                                        ghp_rows, ghr_rows, t0, t1, n, C);
+                                                        ghp_rows, ghr_rows, t0, t1, n, C, stream);
     });
   });
 }

@@ -211,3 +211,28 @@ def test_misaligned_inputs_give_the_aligned_results(n, C, dtype):
         assert torch.equal(a, m), f"stream op output {i}: aligned and misaligned inputs differ"
     for i, (a, m) in enumerate(zip(aligned_mhc, misaligned_mhc)):
         assert_scaled_close(m, a, torch.float64 if dtype == torch.float64 else torch.float32, name=f"mhc output {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("n,C", [(4, 64), (2, 24), (8, 16)])
+def test_hc_backward_vector_and_scalar_paths_agree_bitwise(n, C, dtype):
+    """hc_coeffs_backward from the same saved proj and stats, on an aligned x (the 128-bit
+    paths of hc_grad_x and of the Ĝ reduction, n <= 8) and a misaligned copy (their scalar
+    paths): every gradient bitwise equal (each channel's sums run in the same order)."""
+    tokens = 7
+    cd = _coef_dtype(dtype)
+    x = torch.randn(tokens, n, C, dtype=dtype)
+    args = (torch.randn(n, n + 1, dtype=cd) * 0.5, torch.randn(n, dtype=cd) * 0.5,
+            torch.randn(C, n + 1, dtype=cd) / math.sqrt(C), torch.randn(C, dtype=cd) / math.sqrt(C),
+            torch.tensor(0.3, dtype=cd), torch.tensor(0.2, dtype=cd), None, None)
+    grads = (torch.randn(tokens, n, dtype=cd), torch.randn(tokens, n, dtype=cd), torch.randn(tokens, n, n, dtype=cd))
+    buf = torch.empty(x.numel() + 1, dtype=dtype)
+    x_off = buf[1:].view(x.shape)
+    x_off.copy_(x)
+    assert x_off.data_ptr() % 16 != 0
+    with emulated():
+        *_, proj, stats = torch.ops.hcext.hc_coeffs_fwd(x, *args)
+        aligned = torch.ops.hcext.hc_coeffs_backward(x, *args, proj, stats, *grads, "rms", True)
+        misaligned = torch.ops.hcext.hc_coeffs_backward(x_off, *args, proj, stats, *grads, "rms", True)
+    for i, (a, m) in enumerate(zip(aligned, misaligned)):
+        assert torch.equal(a, m), f"gradient {i}: the 128-bit and scalar paths differ"
