@@ -102,7 +102,9 @@ struct Lanes {
   vector_type v;
 
   Lanes() = default;
-  HCEXT_HD Lanes(T x) : v(vector_type{} + x) {}  // NOLINT: implicit broadcast, like a scalar
+  // NOLINT: implicit broadcast, like a scalar. x - 0 is x for every x (-0 and NaN included), so
+  // g++ folds it to a bare broadcast; 0 + x would turn -0 into +0 and cost an add per broadcast.
+  HCEXT_HD Lanes(T x) : v(x - vector_type{}) {}
   HCEXT_HD static Lanes from(const vector_type& x) {
     Lanes r;
     r.v = x;
