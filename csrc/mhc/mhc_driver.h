@@ -108,11 +108,13 @@ struct MhcCoeffs {
   }
 };
 
-// -> (h_pre [..., n], h_post [..., n], h_res [..., n, n], proj [..., D], rstd [...])
+// -> (h_pre [..., n], h_post [..., n], h_res [..., n, n], proj [..., D], rstd [...]).
+// layer_input (Backend::kProjectsLayerInput only): set to the layer input [..., C] (x's dtype),
+// written by the projection pass.
 template <class Backend>
 Tensor5 mhc_coeffs_fwd_core(const char* op, const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
                             const at::Tensor& bias, int64_t iters, double norm_eps, double sinkhorn_eps,
-                            double pre_eps, double post_mult) {
+                            double pre_eps, double post_mult, at::Tensor* layer_input = nullptr) {
   const NoAutocast no_autocast;
   const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
   check_norm_eps(norm_eps, op);
@@ -120,7 +122,12 @@ Tensor5 mhc_coeffs_fwd_core(const char* op, const at::Tensor& x, const at::Tenso
   Backend backend(x);
   const MhcScalars s{static_cast<int>(iters), norm_eps, sinkhorn_eps, pre_eps, post_mult};
   MhcCoeffs c(x, d);
-  if (d.tokens > 0) c.compute(backend, x.contiguous().view({d.tokens, d.n * d.C}), phi, alpha, bias, d, s);
+  if (layer_input) {
+    *layer_input = at::empty(lead_shape(x, {d.C}), x.options().memory_format(at::MemoryFormat::Contiguous));
+  }
+  if (d.tokens > 0) {
+    c.compute(backend, x.contiguous().view({d.tokens, d.n * d.C}), phi, alpha, bias, d, s, layer_input);
+  }
   return {c.h_pre, c.h_post, c.h_res, c.proj, c.rstd};
 }
 
@@ -133,10 +140,10 @@ Tensor5 mhc_coeffs_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at
 }
 
 // mhc_pre = the coefficients, then the layer input by the streams backend's aggregate (the
-// same kernels users call as hcext::stream_aggregate). h_pre is not kept: the backward recomputes it from proj.
+// same kernels users call as hcext::stream_aggregate) — or, on a backend with
+// kProjectsLayerInput (the CPU), inside the projection pass from the rows it has just read (x
+// read once). h_pre is not kept: the backward recomputes it from proj.
 // -> (layer_input [..., C], h_post, h_res, proj, rstd)
-// A backend with kProjectsLayerInput (the CPU) computes the layer input inside the projection
-// pass, from the rows it has just read (x read once); the others aggregate in a second pass.
 template <class Backend>
 Tensor5 mhc_pre_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
                          int64_t iters, double norm_eps, double sinkhorn_eps, double pre_eps, double post_mult) {
@@ -145,19 +152,10 @@ Tensor5 mhc_pre_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::T
         mhc_coeffs_fwd_impl<Backend>(x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
     return {stream_aggregate_impl<typename Backend::Streams>(x, h_pre), h_post, h_res, proj, rstd};
   } else {
-    const char* op = "hcext::mhc_coeffs";  // the same checks and messages as the two-pass path
-    const NoAutocast no_autocast;
-    const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
-    check_norm_eps(norm_eps, op);
-    check_mhc_scalars(pre_eps, post_mult, op);
-    Backend backend(x);
-    const MhcScalars s{static_cast<int>(iters), norm_eps, sinkhorn_eps, pre_eps, post_mult};
-    MhcCoeffs c(x, d);
-    at::Tensor layer_input = at::empty(lead_shape(x, {d.C}), x.options().memory_format(at::MemoryFormat::Contiguous));
-    if (d.tokens > 0) {
-      c.compute(backend, x.contiguous().view({d.tokens, d.n * d.C}), phi, alpha, bias, d, s, &layer_input);
-    }
-    return {layer_input, c.h_post, c.h_res, c.proj, c.rstd};
+    at::Tensor layer_input;
+    auto [h_pre, h_post, h_res, proj, rstd] = mhc_coeffs_fwd_core<Backend>(
+        "hcext::mhc_coeffs", x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult, &layer_input);
+    return {layer_input, h_post, h_res, proj, rstd};
   }
 }
 
