@@ -3,7 +3,8 @@
 One table per op (``OPS``): the passes its forward or backward runs (csrc/mhc/mhc_driver.h,
 csrc/streams/streams_driver.h), each with the tensors it reads and writes. CUDA (n <= 6) runs
 ``OPS``; the CPU (``CPU_OPS``) differs in the forwards of mhc_pre and the fused boundary, whose
-projection pass also writes the layer input from the rows it has just read (no aggregate pass). A tensor is a name and a size in elements times its element size:
+projection pass also writes the layer input from the rows it has just read (no aggregate pass) and,
+in the boundary, first writes each row of x_next (no separate mix pass). A tensor is a name and a size in elements times its element size:
 
     x, out, grad_x ...  T * n * C elements of the streams' dtype (s bytes)
     f, y, gy ...        T * C elements of the streams' dtype
@@ -107,9 +108,11 @@ _PROJECT_LAYER_INPUT = ("project+layer_input", [("x", "streams"), ("phi", "phi")
                         [("proj", "proj"), ("rstd", "token"), ("layer_input", "row")])
 CPU_OPS: Dict[str, List[Pass]] = dict(OPS)
 CPU_OPS["mhc_pre_fwd"] = [_PROJECT_LAYER_INPUT, OPS["mhc_pre_fwd"][1]]
+# The boundary: each token's row of x_next is mixed, stored and projected (and aggregated) from
+# cache in the same pass.
 CPU_OPS["mhc_post_pre_fwd"] = [
-    OPS["mhc_post_pre_fwd"][0],
-    (_PROJECT_LAYER_INPUT[0], [("x_next", "streams")] + _PROJECT_LAYER_INPUT[1][1:], _PROJECT_LAYER_INPUT[2]),
+    ("mix+project+layer_input", OPS["mhc_post_pre_fwd"][0][1] + _PROJECT_LAYER_INPUT[1][1:],
+     OPS["mhc_post_pre_fwd"][0][2] + _PROJECT_LAYER_INPUT[2]),
     OPS["mhc_post_pre_fwd"][2],
 ]
 BACKENDS = {"cuda": OPS, "cpu": CPU_OPS}

@@ -96,13 +96,14 @@ def test_floor_is_below_the_design():
                 assert row["floor_bytes"] <= row["design_bytes"], row
 
 
-def test_cpu_forward_reads_x_once_less():
-    # The CPU's projection pass writes the layer input: one streams-sized read fewer than CUDA's
-    # project + aggregate, in mhc_pre and in the boundary.
+def test_cpu_forward_passes_read_less():
+    # mhc_pre: the CPU's projection pass writes the layer input (CUDA's aggregate reads x and h_pre
+    # again; the CPU pass reads alpha and bias instead). The boundary: the same, and its pass
+    # also writes x_next (CUDA's projection reads x_next back).
     shape = table.Shape(T=4096, n=4, C=1024, s=4)
-    for op in ("mhc_pre_fwd", "mhc_post_pre_fwd"):
+    saved = {"mhc_pre_fwd": 1, "mhc_post_pre_fwd": 2}  # streams-sized reads saved
+    for op, reads in saved.items():
         cuda, cpu = table.op_bytes(op, shape, "cuda"), table.op_bytes(op, shape, "cpu")
-        # CUDA's aggregate reads x and h_pre; the CPU's pass reads alpha and bias instead.
-        assert cuda["read"] - cpu["read"] == (shape.size("streams") + shape.size("coef_n")
+        assert cuda["read"] - cpu["read"] == (reads * shape.size("streams") + shape.size("coef_n")
                                               - shape.size("alpha") - shape.size("bias")), op
         assert cuda["write"] == cpu["write"], op

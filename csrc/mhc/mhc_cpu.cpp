@@ -144,13 +144,15 @@ struct CpuMhcBackend {
   explicit CpuMhcBackend(const at::Tensor&) {}
 
   using Streams = CpuStreamsBackend;
-  static constexpr bool kProjectsLayerInput = true;
+  static constexpr bool kFusedProjectionPass = true;
   // proj = x @ phi and rstd, one pass over x's rows (contiguous [tokens, n*C], x's dtype),
-  // and, when layer_input is given, Σ h_pre[i] x_i from the same rows while they are cached.
+  // and, when layer_input is given, Σ h_pre[i] x_i from the same rows while they are cached;
+  // with mix, each row of x is first written as the boundary's mix (x is x_next).
   // Each token's sums run over k in order whatever the threads' split: deterministic.
   template <typename T>
   void project(const at::Tensor& x_rows, const at::Tensor& phi, at::Tensor& proj_rows, at::Tensor& rstd_rows,
-               const MhcDims& d, T norm_eps, at::Tensor* layer_input, const T* alpha, const T* bias, T pre_eps) {
+               const MhcDims& d, T norm_eps, at::Tensor* layer_input, const T* alpha, const T* bias, T pre_eps,
+               const MhcBoundaryMix* mix) {
     T* proj = proj_rows.data_ptr<T>();
     T* rstd = rstd_rows.data_ptr<T>();
     const int64_t len = d.n * d.C, D = d.D;
@@ -167,10 +169,16 @@ struct CpuMhcBackend {
       const X* xp = static_cast<const X*>(x_rows.data_ptr());
       const cpu::MhcLayerInputArgs<T, X> li{alpha, bias, pre_eps, d.n,
                                             layer_input ? static_cast<X*>(layer_input->data_ptr()) : nullptr};
+      cpu::MhcMixArgs<T, X> mx{};
+      if (mix) {
+        mx = {static_cast<const X*>(mix->f.data_ptr()), static_cast<const X*>(mix->p.x.data_ptr()),
+              mix->h_post.h.data_ptr<T>(), mix->h_post.token_stride, mix->h_res.h.data_ptr<T>(),
+              mix->h_res.token_stride, d.n};
+      }
       at::parallel_for(0, d.tokens, std::max<int64_t>(4, row_grain(len * D / 8)), [&](int64_t t0, int64_t t1) {
         std::vector<T> buf(std::is_same_v<X, T> ? 0 : 4 * len);
         cpu::mhc_project_rows<T, X>(xp, ph, Dp, proj, rstd, len, D, norm_eps, t0, t1, buf.data(),
-                                    layer_input ? &li : nullptr);
+                                    layer_input ? &li : nullptr, mix ? &mx : nullptr);
       });
     });
   }

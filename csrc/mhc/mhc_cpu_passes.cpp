@@ -26,7 +26,9 @@
 
 #include "common/cpu_isa.h"
 #include "common/cpu_vec_io.h"
+#include "hcext/dispatch.h"  // kMaxStreams, dispatch_n
 #include "hcext/streams.h"
+#include "streams/streams_cpu_rows.h"
 #include "hcext/lanes.h"
 #include "hcext/mhc.h"
 
@@ -62,10 +64,27 @@ template <typename S, typename X>
   return lane_sum(sq);
 }
 
+// Row t of the boundary's mix into out (= the projection's x): the streams family's CPU mix
+// kernel itself on one token (streams/streams_cpu_rows.h: bitwise the unfused
+// stream_mix_expand), with ordinary stores (the projection reads the row back from cache).
+template <typename S, typename X>
+[[gnu::always_inline]] inline void mix_row(const MhcMixArgs<S, X>& m, X* out, int64_t t, int64_t C) {
+  // dispatch_n's choice of <kN, kMaxN> (hcext/dispatch.h), spelled out here so that it is inlined
+  // into this ISA variant: the same instantiations as the streams kernel's, the same code.
+  auto run = [&]<int kN, int kMaxN>() __attribute__((always_inline)) {
+    mix_forward_range<kN, kMaxN>(m.f, m.x, m.h_post, m.hp_stride, m.h_res, m.hr_stride, out, t, t + 1, m.n, C,
+                                 /*stream=*/false);
+  };
+  if (m.n == 4) return run.template operator()<4, 4>();
+  if (m.n <= 8) return run.template operator()<0, 8>();
+  if (m.n <= 16) return run.template operator()<0, 16>();
+  return run.template operator()<0, kMaxStreams>();
+}
+
 template <typename S, typename X>
 [[gnu::always_inline]] inline void project_range(const X* x, const S* phi_pad, int64_t Dp, S* proj, S* rstd,
                                                  int64_t len, int64_t D, S norm_eps, int64_t t0, int64_t t1, S* buf,
-                                                 const MhcLayerInputArgs<S, X>* li) {
+                                                 const MhcLayerInputArgs<S, X>* li, const MhcMixArgs<S, X>* mix) {
   constexpr int W = kColWidth<S>;
   for (int64_t tb = t0; tb < t1; tb += kTokens) {
     const int nt = static_cast<int>(std::min<int64_t>(kTokens, t1 - tb));
@@ -76,6 +95,7 @@ template <typename S, typename X>
         continue;
       }
       const int64_t t = tb + j;
+      if (mix) mix_row(*mix, const_cast<X*>(x), t, len / mix->n);  // x is the mix's output here
       S* converted = nullptr;
       if constexpr (std::is_same_v<S, X>) {
         rows[j] = x + t * len;
@@ -297,9 +317,10 @@ int64_t mhc_project_width(int64_t D, bool fp64) {
 
 template <typename S, typename X>
 void mhc_project_rows(const X* x, const S* phi_pad, int64_t Dp, S* proj, S* rstd, int64_t len, int64_t D,
-                      S norm_eps, int64_t t0, int64_t t1, S* buf, const MhcLayerInputArgs<S, X>* li) {
+                      S norm_eps, int64_t t0, int64_t t1, S* buf, const MhcLayerInputArgs<S, X>* li,
+                      const MhcMixArgs<S, X>* mix) {
   dispatch_isa<BaselinePasses, Avx2Passes, Avx512Passes>(
-      [&](auto k) { decltype(k)::project(x, phi_pad, Dp, proj, rstd, len, D, norm_eps, t0, t1, buf, li); });
+      [&](auto k) { decltype(k)::project(x, phi_pad, Dp, proj, rstd, len, D, norm_eps, t0, t1, buf, li, mix); });
 }
 
 template <typename S, typename X>
@@ -354,7 +375,7 @@ template void mhc_sum_panels<double>(const double*, int64_t, double*, int, int64
 
 #define HCEXT_INSTANTIATE(S, X)                                                                                   \
   template void mhc_project_rows<S, X>(const X*, const S*, int64_t, S*, S*, int64_t, int64_t, S, int64_t, int64_t, \
-                                       S*, const MhcLayerInputArgs<S, X>*);                                       \
+                                       S*, const MhcLayerInputArgs<S, X>*, const MhcMixArgs<S, X>*);              \
   template void mhc_grad_x_phi_rows<S, X>(const X*, const S*, const S*, const S*, const S*, const S*, const X*, X*, \
                                           S*, int, int64_t, int64_t, int64_t, int64_t, bool);
 HCEXT_INSTANTIATE(float, float)

@@ -22,6 +22,20 @@ struct MhcLayerInputArgs {
   X* y;            // [tokens, len / n]
 };
 
+// The fused boundary's mix, written by the projection pass one token ahead of projecting it:
+// out[t, i] = Σ_j h_res[t, i, j] x[t, j] + h_post[t, i] f[t] (the streams family's mix, same
+// arithmetic: bitwise the unfused stream_mix_expand), then out[t] is the x the pass projects.
+template <typename S, typename X>
+struct MhcMixArgs {
+  const X* f;       // [tokens, C]
+  const X* x;       // [tokens, n, C], contiguous
+  const S* h_post;  // token t at h_post + t * hp_stride (0: shared)
+  int64_t hp_stride;
+  const S* h_res;   // token t at h_res + t * hr_stride (0: shared)
+  int64_t hr_stride;
+  int n;
+};
+
 // proj[t] = x[t] @ phi and rstd[t] = 1/sqrt(mean(x[t]²) + norm_eps) for tokens [t0, t1), in
 // one pass over x (no copy of x in S beyond a per-thread block of rows), and, when li is not
 // null, the layer input from the same rows:
@@ -30,9 +44,12 @@ struct MhcLayerInputArgs {
 //   proj    [tokens, D], rstd [tokens];
 //   buf     4 * len values of S of scratch (a block of rows converted to S) when X != S.
 // Sums in S with FMA where the CPU has it (tolerance, not bits, against the baseline ISA).
+// With mix: x is the boundary's output x_next, written here (row t from mix, just before it is
+// projected) instead of read.
 template <typename S, typename X>
 void mhc_project_rows(const X* x, const S* phi_pad, int64_t Dp, S* proj, S* rstd, int64_t len, int64_t D,
-                      S norm_eps, int64_t t0, int64_t t1, S* buf, const MhcLayerInputArgs<S, X>* li = nullptr);
+                      S norm_eps, int64_t t0, int64_t t1, S* buf, const MhcLayerInputArgs<S, X>* li = nullptr,
+                      const MhcMixArgs<S, X>* mix = nullptr);
 
 // Tokens whose grad_phi shares mhc_grad_x_phi_rows sums together before adding them to
 // partialT (fixed: the sum's order depends on the token range only). Callers' token ranges

@@ -19,7 +19,8 @@ namespace {
 struct CudaMhcBackend : CudaContext {
   using CudaContext::CudaContext;
   using Streams = CudaStreamsBackend;
-  static constexpr bool kProjectsLayerInput = false;  // the layer input: the streams' aggregate kernel
+  // The layer input (the streams' aggregate kernel) and the boundary's mix are passes of their own.
+  static constexpr bool kFusedProjectionPass = false;
 
   // proj = x̃ @ phi and rstd. n <= 6: one pass over x in its own dtype (mhc_project). Larger n:
   // the GEMM formulation: x's rows in T (a copy for bf16/fp16, written by the rstd pass), then

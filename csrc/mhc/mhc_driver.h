@@ -13,8 +13,9 @@
 // Backend interface (T: the compute type; x_rows: x as contiguous [tokens, n*C], its dtype):
 //   explicit Backend(const at::Tensor& x)              device guard, stream
 //   project<T>(x_rows, phi, proj, rstd, d, norm_eps)   proj [tokens, D] = x̃ @ phi and rstd [tokens]
-//     with kProjectsLayerInput: project<T>(..., norm_eps, layer_input, alpha, bias, pre_eps), which
+//     with kFusedProjectionPass: project<T>(..., norm_eps, layer_input, alpha, bias, pre_eps, mix), which
 //     also writes layer_input = Σ h_pre[i] x_i when it is not null (mhc_pre, the fused boundary)
+//     and, when mix is not null, first writes each row of x_rows as the boundary's mix (x_next)
 //   epilogue<T>(proj, rstd, alpha, bias, h_pre, h_post, h_res, d, s)
 //   layer_input_grad_x<T>(x_rows, gy, g_pre, out, d)   out = g_pre + sum_c gy * x_i
 //   epilogue_backward<T>(proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha, drstd, d, s)
@@ -58,6 +59,14 @@ struct MhcScalars {
 using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The fused boundary's mix (checked, contiguous), for a backend whose projection pass writes it.
+struct MhcBoundaryMix {
+  const at::Tensor& f;
+  const StreamsProblem& p;  // x
+  const StreamsCoef& h_post;
+  const StreamsCoef& h_res;
+};
+
 // The coefficient outputs of a forward, allocated for x's leading dims (compute dtype).
 struct MhcCoeffs {
   at::Tensor h_pre, h_post, h_res;  // [..., n], [..., n], [..., n, n]
@@ -75,21 +84,24 @@ struct MhcCoeffs {
 
   // proj and rstd from one pass over x's rows (contiguous, x's dtype), then the per-token
   // epilogue.
-  // layer_input (Backend::kProjectsLayerInput only): also the layer input Σ h_pre[i] x_i,
-  // [tokens, C] in x's dtype, from the projection pass's rows.
+  // Backend::kFusedProjectionPass only: layer_input, the layer input Σ h_pre[i] x_i [tokens, C] in
+  // x's dtype, from the projection pass's rows; mix, the boundary's mix written into x_rows by
+  // the same pass, each row just before it is projected.
   template <class Backend>
   void compute(Backend& backend, const at::Tensor& x_rows, const at::Tensor& phi, const at::Tensor& alpha,
-               const at::Tensor& bias, const MhcDims& d, const MhcScalars& s, at::Tensor* layer_input = nullptr) {
+               const at::Tensor& bias, const MhcDims& d, const MhcScalars& s, at::Tensor* layer_input = nullptr,
+               const MhcBoundaryMix* mix = nullptr) {
     const at::Tensor ph = phi.contiguous();
     at::Tensor proj_rows = proj.view({d.tokens, d.D}), rstd_rows = rstd.view({d.tokens});
     dispatch_compute(d.compute, [&](auto zero) {
       using T = decltype(zero);
-      if constexpr (Backend::kProjectsLayerInput) {
+      if constexpr (Backend::kFusedProjectionPass) {
         const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
         backend.template project<T>(x_rows, ph, proj_rows, rstd_rows, d, static_cast<T>(s.norm_eps), layer_input,
-                                    a.data_ptr<T>(), b.data_ptr<T>(), static_cast<T>(s.pre_eps));
+                                    a.data_ptr<T>(), b.data_ptr<T>(), static_cast<T>(s.pre_eps), mix);
       } else {
-        TORCH_INTERNAL_ASSERT(layer_input == nullptr, "this backend computes the layer input in a pass of its own");
+        TORCH_INTERNAL_ASSERT(layer_input == nullptr && mix == nullptr,
+                              "this backend runs the layer input and the mix as passes of their own");
         backend.template project<T>(x_rows, ph, proj_rows, rstd_rows, d, static_cast<T>(s.norm_eps));
       }
     });
@@ -109,7 +121,7 @@ struct MhcCoeffs {
 };
 
 // -> (h_pre [..., n], h_post [..., n], h_res [..., n, n], proj [..., D], rstd [...]).
-// layer_input (Backend::kProjectsLayerInput only): set to the layer input [..., C] (x's dtype),
+// layer_input (Backend::kFusedProjectionPass only): set to the layer input [..., C] (x's dtype),
 // written by the projection pass.
 template <class Backend>
 Tensor5 mhc_coeffs_fwd_core(const char* op, const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
@@ -141,13 +153,13 @@ Tensor5 mhc_coeffs_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at
 
 // mhc_pre = the coefficients, then the layer input by the streams backend's aggregate (the
 // same kernels users call as hcext::stream_aggregate) — or, on a backend with
-// kProjectsLayerInput (the CPU), inside the projection pass from the rows it has just read (x
+// kFusedProjectionPass (the CPU), inside the projection pass from the rows it has just read (x
 // read once). h_pre is not kept: the backward recomputes it from proj.
 // -> (layer_input [..., C], h_post, h_res, proj, rstd)
 template <class Backend>
 Tensor5 mhc_pre_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
                          int64_t iters, double norm_eps, double sinkhorn_eps, double pre_eps, double post_mult) {
-  if constexpr (!Backend::kProjectsLayerInput) {
+  if constexpr (!Backend::kFusedProjectionPass) {
     auto [h_pre, h_post, h_res, proj, rstd] =
         mhc_coeffs_fwd_impl<Backend>(x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
     return {stream_aggregate_impl<typename Backend::Streams>(x, h_pre), h_post, h_res, proj, rstd};
@@ -344,14 +356,20 @@ Tensor7 mhc_post_pre_fwd_core(const char* op, const at::Tensor& f, const at::Ten
   MhcCoeffs c(x, d);  // layer l+1's
   // The layer input inside the projection pass where the backend can (and the collapse uses
   // x_next's own h_pre), else aggregated in a pass of its own.
-  const bool fused_input = Backend::kProjectsLayerInput && pre_mix == nullptr;
+  const bool fused_input = Backend::kFusedProjectionPass && pre_mix == nullptr;
   at::Tensor layer_input;
   if (fused_input) layer_input = at::empty(lead_shape(x, {d.C}), p.x.options());
   if (d.tokens > 0) {
-    // The mix, then the projection pass over the stored x_next (with its rstd).
-    stream_mix_into<Streams>(p, fc, hp, hr, x_next);
-    c.compute(backend, x_next.view({d.tokens, d.n * d.C}), phi, alpha, bias, d, s,
-              fused_input ? &layer_input : nullptr);
+    const at::Tensor x_next_rows = x_next.view({d.tokens, d.n * d.C});
+    if constexpr (Backend::kFusedProjectionPass) {
+      // One pass: each token's row of x_next is mixed, stored, and projected from cache.
+      const MhcBoundaryMix mix{fc, p, hp, hr};
+      c.compute(backend, x_next_rows, phi, alpha, bias, d, s, fused_input ? &layer_input : nullptr, &mix);
+    } else {
+      // The mix, then the projection pass over the stored x_next (with its rstd).
+      stream_mix_into<Streams>(p, fc, hp, hr, x_next);
+      c.compute(backend, x_next_rows, phi, alpha, bias, d, s);
+    }
   }
   if (!fused_input) layer_input = stream_aggregate_impl<Streams>(x_next, pre_mix ? *pre_mix : c.h_pre);
   return {x_next, layer_input, c.h_post, c.h_res, c.h_pre, c.proj, c.rstd};

@@ -38,6 +38,7 @@
 #include "hcext/mhc.h"
 #include "hcext/streams.h"
 #include "streams/streams_cpu.h"
+#include "streams/streams_cpu_rows.h"
 #include "streams/streams_driver.h"
 
 namespace hcext {
@@ -55,6 +56,8 @@ using cpu::store_out;
 
 using cpu::for_channel_blocks;
 using cpu::lane_sum;
+using cpu::LocalCoefs;
+using cpu::mix_forward_range;
 
 
 // out[k] = sum_t partials[t, k], in a fixed order: fixed blocks of kRows tokens are summed
@@ -82,17 +85,6 @@ void sum_rows_fixed_order(const S* partials, S* out, int64_t tokens, int64_t K) 
 // ---------------------------------------------------------------------------------------
 // Kernels over the tokens [t0, t1). kN > 0: compile-time n; kN == 0: run-time n <= kMaxN.
 
-
-// A token's coefficients, copied to the stack: the compiler keeps them in registers
-// (through the output pointers they could otherwise alias, and be reloaded every block).
-template <int kN, int kCount, typename S>
-struct LocalCoefs {
-  S v[kCount];
-  [[gnu::always_inline]] LocalCoefs(const S* src, int count) {
-    const int m = kN > 0 ? kCount : count;
-    for (int k = 0; k < m; ++k) v[k] = src[k];
-  }
-};
 
 template <int kN, int kMaxN, typename T, typename S>
 [[gnu::always_inline]] inline void aggregate_forward_range(const T* x, const S* h, int64_t h_stride, T* y, int64_t t0,
@@ -137,30 +129,6 @@ template <int kN, int kMaxN, typename T, typename S>
     }
   }
   if (stream) cpu::stream_fence();
-}
-
-// out = mix(f, x, h_post, h_res) over the tokens [t0, t1).
-template <int kN, int kMaxN, typename T, typename S>
-[[gnu::always_inline]] inline void mix_forward_range(const T* f, const T* x, const S* hp, int64_t hp_stride,
-                                                     const S* hr, int64_t hr_stride, T* out, int64_t t0, int64_t t1,
-                                                     int n_rt, int64_t C, bool stream) {
-  const int n = kN > 0 ? kN : n_rt;
-  Block<S> X[kMaxN];
-  for (int64_t t = t0; t < t1; ++t) {
-    const T* xt = x + t * n * C;
-    const LocalCoefs<kN, kMaxN, S> hpt(hp + t * hp_stride, n);
-    const LocalCoefs<kN, kMaxN * kMaxN, S> hrt(hr + t * hr_stride, n * n);
-    T* ot = out + t * n * C;
-    for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
-      for (int j = 0; j < n; ++j) X[j] = load_block<S>(xt + j * C + c, valid);
-      const Block<S> F = load_block<S>(f + t * C + c, valid);
-      for (int i = 0; i < n; ++i) {
-        const Block<S> o = stream_mix_value<kN, Block<S>>(hrt.v + i * n, hpt.v[i], F, n,
-                                                          [&](int j) __attribute__((always_inline)) { return X[j]; });
-        store_out(ot + i * C + c, o, valid, stream);
-      }
-    });
-  }
 }
 
 // Every output pointer is nullable (not requested). gh_post: [tokens, n] rows, gh_res:
