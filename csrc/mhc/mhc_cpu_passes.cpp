@@ -1,8 +1,9 @@
 // The mHC CPU passes over x that replace the projection GEMMs (declared in mhc_cpu_passes.h):
-// the forward's projection with the RMS statistic, and the backward's grad_x with grad_phi's
-// partial sums. Each reads x once, in its own dtype: no fp32 copy of x, no BLAS call, no
-// [tokens, n*C] intermediate (the GEMM formulation wrote dxp = dproj @ phiᵀ, an fp32 tensor of
-// x's size, and read it back).
+// the forward's projection with the RMS statistic (and, from the same cached rows, mhc_pre's
+// layer input; for the fused boundary each row is first written as the mix x_next), and the
+// backward's grad_x with grad_phi's partial sums. Each reads x once, in its own dtype: no fp32
+// copy of x, no BLAS call, no [tokens, n*C] intermediate (the GEMM formulation wrote
+// dxp = dproj @ phiᵀ, an fp32 tensor of x's size, and read it back).
 //
 // Why register blocking: the projection is a skinny product ([tokens, n*C] x [n*C, D], D =
 // n² + 2n = 24 for n = 4), which BLAS libraries run far below their square-GEMM rate. Here a
