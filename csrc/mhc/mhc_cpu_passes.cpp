@@ -27,11 +27,11 @@
 
 #include "common/cpu_isa.h"
 #include "common/cpu_vec_io.h"
-#include "hcext/dispatch.h"  // kMaxStreams, dispatch_n
-#include "hcext/streams.h"
-#include "streams/streams_cpu_rows.h"
+#include "hcext/dispatch.h"
 #include "hcext/lanes.h"
 #include "hcext/mhc.h"
+#include "hcext/streams.h"
+#include "streams/streams_cpu_rows.h"
 
 namespace hcext::cpu {
 namespace {
@@ -70,16 +70,11 @@ template <typename S, typename X>
 // stream_mix_expand), with ordinary stores (the projection reads the row back from cache).
 template <typename S, typename X>
 [[gnu::always_inline]] inline void mix_row(const MhcMixArgs<S, X>& m, X* out, int64_t t, int64_t C) {
-  // dispatch_n's choice of <kN, kMaxN> (hcext/dispatch.h), spelled out here so that it is inlined
-  // into this ISA variant: the same instantiations as the streams kernel's, the same code.
-  auto run = [&]<int kN, int kMaxN>() __attribute__((always_inline)) {
+  // dispatch_n (always inlined): the same instantiations as the streams kernel's, the same code.
+  dispatch_n(m.n, [&]<int kN, int kMaxN>() __attribute__((always_inline)) {
     mix_forward_range<kN, kMaxN>(m.f, m.x, m.h_post, m.hp_stride, m.h_res, m.hr_stride, out, t, t + 1, m.n, C,
                                  /*stream=*/false);
-  };
-  if (m.n == 4) return run.template operator()<4, 4>();
-  if (m.n <= 8) return run.template operator()<0, 8>();
-  if (m.n <= 16) return run.template operator()<0, 16>();
-  return run.template operator()<0, kMaxStreams>();
+  });
 }
 
 template <typename S, typename X>

@@ -52,11 +52,11 @@ void mhc_project_rows(const X* x, const S* phi_pad, int64_t Dp, S* proj, S* rstd
                       const MhcMixArgs<S, X>* mix = nullptr);
 
 // Tokens whose grad_phi shares mhc_grad_x_phi_rows sums together before adding them to
-// partialT (fixed: the sum's order depends on the token range only). Callers' token ranges
+// partialP (fixed: the sum's order depends on the token range only). Callers' token ranges
 // are best multiples of it.
 constexpr int64_t kMhcGradChunkTokens = 96;
 
-// The backward pass reads phiᵀ and accumulates grad_phiᵀ in panels: for stream i and panel
+// The backward pass reads phi and accumulates grad_phi's partial sums in panels: for stream i and panel
 // p = c / P of its channels (P = kMhcPanel<S>, 128 bytes of S), the D rows of P values are
 // contiguous, at ((i * panels + p) * D + d) * P + c % P with panels = ceil(C / P) (zero-padded).
 // [D, n*C] rows would sit n*C*sizeof(S) bytes apart — a multiple of 4 KB for the usual C, so

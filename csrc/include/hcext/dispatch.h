@@ -26,8 +26,10 @@ inline long long thread_matrix_workspace(long long tokens, int n, int matrices) 
   return n > kThreadMatrixMaxN ? tokens * n * n * matrices : 0;
 }
 
+// Always inlined: a caller inside an ISA-targeted CPU kernel (common/cpu_isa.h) gets the chosen
+// instantiation compiled for its own ISA (the mHC boundary's pass runs the streams mix this way).
 template <typename Fn>
-void dispatch_n(int n, Fn&& fn) {
+[[gnu::always_inline]] inline void dispatch_n(int n, Fn&& fn) {
   if (n == 4) return fn.template operator()<4, 4>();
   if (n <= 8) return fn.template operator()<0, 8>();
   if (n <= 16) return fn.template operator()<0, 16>();
