@@ -103,20 +103,6 @@ OPS: Dict[str, List[Pass]] = {
         ("aggregate", [("x_next", "streams"), ("h_pre", "coef_n")], [("layer_input", "row")]),
     ],
 }
-# The CPU: the layer input from the projection pass's rows (CpuMhcBackend::kProjectsLayerInput).
-_PROJECT_LAYER_INPUT = ("project+layer_input", [("x", "streams"), ("phi", "phi"), ("alpha", "alpha"), ("bias", "bias")],
-                        [("proj", "proj"), ("rstd", "token"), ("layer_input", "row")])
-CPU_OPS: Dict[str, List[Pass]] = dict(OPS)
-CPU_OPS["mhc_pre_fwd"] = [_PROJECT_LAYER_INPUT, OPS["mhc_pre_fwd"][1]]
-# The boundary: each token's row of x_next is mixed, stored and projected (and aggregated) from
-# cache in the same pass.
-CPU_OPS["mhc_post_pre_fwd"] = [
-    ("mix+project+layer_input", OPS["mhc_post_pre_fwd"][0][1] + _PROJECT_LAYER_INPUT[1][1:],
-     OPS["mhc_post_pre_fwd"][0][2] + _PROJECT_LAYER_INPUT[2]),
-    OPS["mhc_post_pre_fwd"][2],
-]
-BACKENDS = {"cuda": OPS, "cpu": CPU_OPS}
-
 # The boundary's backward: x_next's coefficient path (mhc_backward's passes, on x_next, with
 # grad_x_next read by grad_x_phi and added before the one rounding), then the mix's backward on
 # the summed gradient.
@@ -137,7 +123,19 @@ OPS["mhc_post_pre_backward"] = [
 ]
 
 
-CPU_OPS["mhc_post_pre_backward"] = OPS["mhc_post_pre_backward"]
+# The CPU: the layer input from the projection pass's rows (CpuMhcBackend::kFusedProjectionPass).
+_PROJECT_LAYER_INPUT = ("project+layer_input", [("x", "streams"), ("phi", "phi"), ("alpha", "alpha"), ("bias", "bias")],
+                        [("proj", "proj"), ("rstd", "token"), ("layer_input", "row")])
+CPU_OPS: Dict[str, List[Pass]] = dict(OPS)
+CPU_OPS["mhc_pre_fwd"] = [_PROJECT_LAYER_INPUT, OPS["mhc_pre_fwd"][1]]
+# The boundary: each token's row of x_next is mixed, stored and projected (and aggregated) from
+# cache in the same pass.
+CPU_OPS["mhc_post_pre_fwd"] = [
+    ("mix+project+layer_input", OPS["mhc_post_pre_fwd"][0][1] + _PROJECT_LAYER_INPUT[1][1:],
+     OPS["mhc_post_pre_fwd"][0][2] + _PROJECT_LAYER_INPUT[2]),
+    OPS["mhc_post_pre_fwd"][2],
+]
+BACKENDS = {"cuda": OPS, "cpu": CPU_OPS}
 
 
 def op_bytes(op: str, shape: Shape, backend: str = "cuda") -> Dict[str, int]:
