@@ -4,7 +4,10 @@ One table per op (``OPS``): the passes its forward or backward runs (csrc/mhc/mh
 csrc/streams/streams_driver.h), each with the tensors it reads and writes. CUDA (n <= 6) runs
 ``OPS``; the CPU (``CPU_OPS``) differs in the forwards of mhc_pre and the fused boundary, whose
 projection pass also writes the layer input from the rows it has just read (no aggregate pass) and,
-in the boundary, first writes each row of x_next (no separate mix pass). A tensor is a name and a size in elements times its element size:
+in the boundary, first writes each row of x_next (no separate mix pass), and in the backwards,
+which run the layer input's row sums, the epilogue's backward and the grad_x pass block by block
+of tokens (x read from memory once) and, in the boundary, the mix's backward on each block of
+x_next's gradient (never stored). A tensor is a name and a size in elements times its element size:
 
     x, out, grad_x ...  T * n * C elements of the streams' dtype (s bytes)
     f, y, gy ...        T * C elements of the streams' dtype
@@ -135,6 +138,26 @@ CPU_OPS["mhc_post_pre_fwd"] = [
      OPS["mhc_post_pre_fwd"][0][2] + _PROJECT_LAYER_INPUT[2]),
     OPS["mhc_post_pre_fwd"][2],
 ]
+# The backward (CpuMhcBackend::kFusedBackwardPass): per block of 24 tokens, the layer input's row
+# sums read the block's rows of x from memory, the epilogue's backward runs on the block's
+# tokens, and the grad_x pass reads the rows again from cache (384 KB for fp32 n=4 C=1024: L2).
+_BACKWARD_PASS = [
+    ("row_sums+epilogue_backward+grad_x_phi",
+     [r for r in OPS["mhc_backward"][0][1] if r[0] != "x"] + [r for r in OPS["mhc_backward"][1][1] if r[0] != "g_pre"]
+     + [r for r in OPS["mhc_backward"][2][1] if r[0] not in ("grad_layer_input", "dproj", "proj", "rstd", "drstd")],
+     OPS["mhc_backward"][0][2] + OPS["mhc_backward"][1][2] + OPS["mhc_backward"][2][2]),
+]
+CPU_OPS["mhc_backward"] = _BACKWARD_PASS + OPS["mhc_backward"][3:]
+# The boundary: the same pass on x_next, which also reads grad_x_next and runs the mix's backward
+# on each block of x_next's summed gradient from a per-thread buffer (never stored).
+_MIX_BACKWARD = OPS["mhc_post_pre_backward"][-1]
+CPU_OPS["mhc_post_pre_backward"] = [
+    ("row_sums+epilogue_backward+grad_x_phi+mix_backward",
+     [({"x": "x_next", "grad_h_post": "grad_h_post_next", "grad_h_res": "grad_h_res_next"}.get(t, t), k)
+      for t, k in _BACKWARD_PASS[0][1] if t != "grad_h_pre"]
+     + [("grad_x_next", "streams")] + [r for r in _MIX_BACKWARD[1] if r[0] != "grad_x_next_total"],
+     [w for w in _BACKWARD_PASS[0][2] if w[0] != "grad_x"] + _MIX_BACKWARD[2]),
+] + OPS["mhc_post_pre_backward"][3:5]
 BACKENDS = {"cuda": OPS, "cpu": CPU_OPS}
 
 

@@ -107,3 +107,16 @@ def test_cpu_forward_passes_read_less():
         assert cuda["read"] - cpu["read"] == (reads * shape.size("streams") + shape.size("coef_n")
                                               - shape.size("alpha") - shape.size("bias")), op
         assert cuda["write"] == cpu["write"], op
+
+
+def test_cpu_backward_passes_read_less():
+    # The CPU's backward pass reads x once per block (the row sums; grad_x reads the block again
+    # from cache) and keeps the epilogue's per-token results of a block in cache; the boundary's
+    # also runs the mix's backward on x_next's gradient without storing it.
+    shape = table.Shape(T=4096, n=4, C=1024, s=4)
+    small = shape.size("row") + shape.size("coef_n") + 2 * shape.size("proj") + 2 * shape.size("token")
+    saved = {"mhc_backward": (1, 0), "mhc_post_pre_backward": (2, 1)}  # streams-sized (reads, writes) saved
+    for op, (reads, writes) in saved.items():
+        cuda, cpu = table.op_bytes(op, shape, "cuda"), table.op_bytes(op, shape, "cpu")
+        assert cuda["read"] - cpu["read"] == reads * shape.size("streams") + small, op
+        assert cuda["write"] - cpu["write"] == writes * shape.size("streams"), op

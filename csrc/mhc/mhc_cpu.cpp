@@ -99,15 +99,16 @@ void epilogue_forward(const T* proj, const T* rstd, const T* alpha, const T* bia
   });
 }
 
-// Backward epilogue on blocks of lanes: -> dl, dproj [tokens, D], dalpha [tokens, 3], drstd [tokens].
-// g_pre / g_post / g_res may be null (zero gradient).
+// Backward epilogue on the blocks [b0, b1) of kW tokens (lanes), on the calling thread:
+// -> dl, dproj [tokens, D], dalpha [tokens, 3], drstd [tokens]. g_pre / g_post / g_res may be
+// null (zero gradient). Each lane is one token: the results do not depend on the blocks' split.
 template <typename T>
-void epilogue_backward(const T* proj, const T* rstd, const T* alpha, const T* bias, const T* g_pre, const T* g_post,
-                       const T* g_res, T* dl, T* dproj, T* dalpha, T* drstd, const MhcDims& d, const MhcScalars& s) {
+void epilogue_backward_blocks(const T* proj, const T* rstd, const T* alpha, const T* bias, const T* g_pre,
+                              const T* g_post, const T* g_res, T* dl, T* dproj, T* dalpha, T* drstd, const MhcDims& d,
+                              const MhcScalars& s, int64_t b0, int64_t b1) {
   using V = Lanes<T, kW>;
   const int n = d.n;
   const int D = static_cast<int>(d.D);
-  const int64_t blocks = (d.tokens + kW - 1) / kW;
   auto load_or_zero = [&](V* dst, const T* src, int64_t b, int count) {
     if (src) {
       load_lanes(dst, src, b, d.tokens, count, count);
@@ -117,25 +118,23 @@ void epilogue_backward(const T* proj, const T* rstd, const T* alpha, const T* bi
   };
   dispatch_n(n, [&]<int kN, int kMaxN>() {
     constexpr int kMaxD = kMaxN * kMaxN + 2 * kMaxN;
-    at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
-      V P[kMaxD], gp[kMaxN], gq[kMaxN], gr[kMaxN * kMaxN], scratch[kMaxN * kMaxN], L[kMaxD], DP[kMaxD], da[3], r, dr;
-      std::vector<V> denominators(static_cast<size_t>(sinkhorn_half_steps(s.iters)) * n);  // per chunk
-      LaneHistory<V> hist{denominators.data(), n};
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t b = blk * kW;
-        load_lanes(P, proj, b, d.tokens, D, D);
-        load_lanes(&r, rstd, b, d.tokens, 1, 1);
-        load_or_zero(gp, g_pre, b, n);
-        load_or_zero(gq, g_post, b, n);
-        load_or_zero(gr, g_res, b, n * n);
-        mhc_coeffs_epilogue_backward<kN>(P, r, alpha, bias, n, s.iters, T(s.sinkhorn_eps), T(s.post_mult), gp, gq, gr,
-                                         scratch, hist, L, DP, da, dr);
-        store_lanes(dl, L, b, d.tokens, D, D);
-        store_lanes(dproj, DP, b, d.tokens, D, D);
-        store_lanes(dalpha, da, b, d.tokens, 3, 3);
-        store_lanes(drstd, &dr, b, d.tokens, 1, 1);
-      }
-    });
+    V P[kMaxD], gp[kMaxN], gq[kMaxN], gr[kMaxN * kMaxN], scratch[kMaxN * kMaxN], L[kMaxD], DP[kMaxD], da[3], r, dr;
+    std::vector<V> denominators(static_cast<size_t>(sinkhorn_half_steps(s.iters)) * n);
+    LaneHistory<V> hist{denominators.data(), n};
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t b = blk * kW;
+      load_lanes(P, proj, b, d.tokens, D, D);
+      load_lanes(&r, rstd, b, d.tokens, 1, 1);
+      load_or_zero(gp, g_pre, b, n);
+      load_or_zero(gq, g_post, b, n);
+      load_or_zero(gr, g_res, b, n * n);
+      mhc_coeffs_epilogue_backward<kN>(P, r, alpha, bias, n, s.iters, T(s.sinkhorn_eps), T(s.post_mult), gp, gq, gr,
+                                       scratch, hist, L, DP, da, dr);
+      store_lanes(dl, L, b, d.tokens, D, D);
+      store_lanes(dproj, DP, b, d.tokens, D, D);
+      store_lanes(dalpha, da, b, d.tokens, 3, 3);
+      store_lanes(drstd, &dr, b, d.tokens, 1, 1);
+    }
   });
 }
 
@@ -182,73 +181,104 @@ struct CpuMhcBackend {
       });
     });
   }
-  // layer_input_grad on x's own rows (no copy in T).
+  // The backward in one pass over x's rows (contiguous, x's dtype), per block of
+  // kMhcGradChunkTokens (24) tokens while its rows are in cache:
+  //   1. the layer input's row sums Σ_c gy x_i (the block's rows read from memory),
+  //   2. the epilogue's backward of the block's tokens (dl, dproj, dalpha, drstd),
+  //   3. grad_x (every term, rounded once to x's dtype) and the block's share of grad_phi (the
+  //      rows read again, from cache),
+  //   4. the fused boundary only: the mix's backward on the block's grad_x (x_next's gradient),
+  //      kept in a per-thread buffer in x's dtype instead of memory: the same kernel and the
+  //      same values as stream_mix_expand_backward on the stored gradient.
+  // grad_phi's sum over tokens runs in fixed chunks of blocks (their number depends on the
+  // token count only) added in chunk order: deterministic, whatever the thread count.
+  static constexpr bool kFusedBackwardPass = true;
   template <typename T>
-  void layer_input_grad_x(const at::Tensor& x_rows, const T* gy, const T* g_pre, T* out, const MhcDims& d) {
-    Streams::dispatch_dtype_for<T>(x_rows.scalar_type(), [&](auto xtag) {
-      using X = decltype(xtag);
-      const X* xp = static_cast<const X*>(x_rows.data_ptr());
-      dispatch_row_kernels([&](auto k) {
-        at::parallel_for(0, d.tokens, row_grain(d.n * d.C), [&](int64_t t0, int64_t t1) {
-          decltype(k)::layer_input_grad(xp, gy, g_pre, out, d.n, d.C, t0, t1);
-        });
-      });
-    });
-  }
-  // grad_x (every term, rounded once to x's dtype) and grad_phi [len, D], one pass over x's
-  // rows. grad_phi's sum over tokens runs in fixed chunks of tokens (their number depends on
-  // the token count only) added in chunk order: deterministic, whatever the thread count.
-  // mix: the shifted collapse's pre_mix (null: h_pre recomputed from proj).
-  template <typename T>
-  void grad_x_phi(const at::Tensor& x_rows, const at::Tensor& phi, const at::Tensor& dproj_rows, const T* proj,
-                  const T* rstd,
-                  const T* drstd, const T* gy, const T* mix, int64_t mix_stride, const T* alpha, const T* bias,
-                  double pre_eps, const at::Tensor& extra, at::Tensor& dx, at::Tensor& grad_phi, const MhcDims& d) {
+  void backward_pass(const MhcBackwardPass<T>& a, const MhcDims& d, const MhcScalars& s) {
+    constexpr int64_t kBlock = cpu::kMhcGradChunkTokens;
+    static_assert(kBlock % kW == 0, "blocks of tokens are whole blocks of the epilogue's lanes");
     const int n = d.n;
-    const int64_t T_ = d.tokens, len = n * d.C, D = d.D;
-    const auto opts = phi.options();
-    const T* dproj = dproj_rows.data_ptr<T>();
-    // Per-token factors: the RMS statistic's share and the layer input's coefficient.
-    at::Tensor factor = at::empty({T_}, opts), h = at::empty({gy ? T_ * n : 0}, opts);
+    const int64_t T_ = d.tokens, C = d.C, len = n * C, D = d.D;
+    const auto opts = a.phi.options();
+    // The epilogue's g_pre: the row sums (which include the incoming g_pre) or the incoming g_pre.
+    const T* epi_g_pre = a.gy && !a.shifted ? a.row_sums : a.g_pre;
+    // Per-token factors of grad_x: the RMS statistic's share and the layer input's coefficient.
+    at::Tensor factor = at::empty({T_}, opts), h = at::empty({a.gy ? T_ * n : 0}, opts);
     T* fp = factor.data_ptr<T>();
     T* hp = h.data_ptr<T>();
-    at::parallel_for(0, T_, 1024, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        fp[t] = mhc_rstd_grad_factor<T>(drstd[t], rstd[t], T(len));
-        if (!gy) continue;
-        for (int i = 0; i < n; ++i) {
-          hp[t * n + i] = mix ? mix[t * mix_stride + i]
-                              : mhc_h_pre<T, T>(proj[t * D + i], rstd[t], alpha, bias[i], static_cast<T>(pre_eps));
-        }
-      }
-    });
-    // phi and the chunks' partial sums of grad_phi in the passes' panel layout.
-    const int64_t psize = cpu::mhc_panel_size<T>(n, d.C, D), npanels = n * cpu::mhc_panels<T>(d.C);
+    // phi and the chunks' partial sums of grad_phi in the grad_x pass's panel layout.
+    const int64_t psize = cpu::mhc_panel_size<T>(n, C, D), npanels = n * cpu::mhc_panels<T>(C);
     at::Tensor phiP = at::empty({psize}, opts);
-    cpu::mhc_pack_phi_panels<T>(phi.contiguous().data_ptr<T>(), phiP.data_ptr<T>(), n, d.C, D);
+    cpu::mhc_pack_phi_panels<T>(a.phi.template data_ptr<T>(), phiP.data_ptr<T>(), n, C, D);
     int64_t chunk = std::max<int64_t>(256, (T_ + 15) / 16);
-    chunk = (chunk + cpu::kMhcGradChunkTokens - 1) / cpu::kMhcGradChunkTokens * cpu::kMhcGradChunkTokens;
+    chunk = (chunk + kBlock - 1) / kBlock * kBlock;
     const int64_t chunks = (T_ + chunk - 1) / chunk;
     at::Tensor partials = at::zeros({chunks, psize}, opts);
     T* part = partials.data_ptr<T>();
-    Streams::dispatch_dtype_for<T>(x_rows.scalar_type(), [&](auto xtag) {
+    MhcBoundaryMixGrad* mg = a.mix_grad;
+    Streams::dispatch_dtype_for<T>(a.x_rows.scalar_type(), [&](auto xtag) {
       using X = decltype(xtag);
-      const X* xp = static_cast<const X*>(x_rows.data_ptr());
-      const X* ex = data_or_null<const X>(extra);
-      X* out = static_cast<X*>(dx.data_ptr());
-      const int64_t row = d.C * int64_t(sizeof(X));
-      const bool stream = cpu::use_stream_stores(out, T_ * n * row, row);
+      const X* xp = static_cast<const X*>(a.x_rows.data_ptr());
+      const X* ex = data_or_null<const X>(a.extra_rows);
+      const int64_t row = C * int64_t(sizeof(X));
+      X* out = mg ? nullptr : static_cast<X*>(a.grad_x.data_ptr());
+      const bool stream_dx = out && cpu::use_stream_stores(out, T_ * n * row, row);
+      // The boundary's mix backward: its inputs, outputs (nullable) and stores.
+      const X *mf = nullptr, *mx = nullptr;
+      X *gf = nullptr, *gx = nullptr;
+      T *ghp = nullptr, *ghr = nullptr;
+      bool stream_mix = false;
+      if (mg) {
+        mf = static_cast<const X*>(mg->f.data_ptr());
+        mx = static_cast<const X*>(mg->p.x.data_ptr());
+        gf = mg->grad_f.numel() ? static_cast<X*>(mg->grad_f.data_ptr()) : nullptr;
+        gx = mg->grad_x.numel() ? static_cast<X*>(mg->grad_x.data_ptr()) : nullptr;
+        ghp = mg->grad_h_post.rows<T>();
+        ghr = mg->grad_h_res.rows<T>();
+        stream_mix = Streams::mix_backward_streams<X>(gf, gx, T_, n, C);
+      }
       at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        // The boundary: one block of x_next's gradient, in x's dtype (rounded once, as stored).
+        std::vector<X> gbuf(mg ? kBlock * len : 0);
         for (int64_t c = c0; c < c1; ++c) {
-          cpu::mhc_grad_x_phi_rows<T, X>(xp, phiP.data_ptr<T>(), dproj, fp, gy ? hp : nullptr, gy, ex, out,
-                                         part + c * psize, n, d.C, D, c * chunk, std::min(T_, (c + 1) * chunk), stream);
+          for (int64_t t0 = c * chunk; t0 < std::min(T_, (c + 1) * chunk); t0 += kBlock) {
+            const int64_t t1 = std::min({T_, (c + 1) * chunk, t0 + kBlock}), nt = t1 - t0;
+            if (a.gy) {
+              dispatch_row_kernels([&](auto k) {
+                decltype(k)::layer_input_grad(xp, a.gy, a.shifted ? nullptr : a.g_pre, a.row_sums, n, C, t0, t1);
+              });
+            }
+            epilogue_backward_blocks<T>(a.proj, a.rstd, a.alpha, a.bias, epi_g_pre, a.g_post, a.g_res, a.dl, a.dproj,
+                                        a.dalpha, a.drstd, d, s, t0 / kW, (t1 + kW - 1) / kW);
+            for (int64_t t = t0; t < t1; ++t) {
+              fp[t] = mhc_rstd_grad_factor<T>(a.drstd[t], a.rstd[t], T(len));
+              if (!a.gy) continue;
+              for (int i = 0; i < n; ++i) {
+                hp[t * n + i] = a.shifted ? a.pre_mix[t * a.pre_mix_stride + i]
+                                          : mhc_h_pre<T, T>(a.proj[t * D + i], a.rstd[t], a.alpha, a.bias[i], a.pre_eps);
+              }
+            }
+            // The block's pointers start at token t0 (its tokens are [0, nt) of the pass).
+            cpu::mhc_grad_x_phi_rows<T, X>(xp + t0 * len, phiP.data_ptr<T>(), a.dproj + t0 * D, fp + t0,
+                                           a.gy ? hp + t0 * n : nullptr, a.gy ? a.gy + t0 * C : nullptr,
+                                           ex ? ex + t0 * len : nullptr, mg ? gbuf.data() : out + t0 * len,
+                                           part + c * psize, n, C, D, 0, nt, stream_dx);
+            if (mg) {
+              Streams::mix_backward_rows<X, T>(
+                  gbuf.data(), mf + t0 * C, mx + t0 * len, mg->h_post.h.data_ptr<T>() + t0 * mg->h_post.token_stride,
+                  mg->h_post.token_stride, mg->h_res.h.data_ptr<T>() + t0 * mg->h_res.token_stride,
+                  mg->h_res.token_stride, gf ? gf + t0 * C : nullptr, gx ? gx + t0 * len : nullptr,
+                  ghp ? ghp + t0 * n : nullptr, ghr ? ghr + t0 * n * n : nullptr, nt, n, C, stream_mix);
+            }
+          }
         }
       });
     });
     // grad_phi [len, D]: the chunks' partial sums added in chunk order.
-    grad_phi = at::empty({len, D}, opts);
+    a.grad_phi = at::empty({len, D}, opts);
+    T* grad_phi = a.grad_phi.template data_ptr<T>();
     at::parallel_for(0, npanels, 4, [&](int64_t q0, int64_t q1) {
-      cpu::mhc_sum_panels<T>(part, chunks, grad_phi.data_ptr<T>(), n, d.C, D, q0, q1);
+      cpu::mhc_sum_panels<T>(part, chunks, grad_phi, n, C, D, q0, q1);
     });
   }
 
@@ -256,11 +286,6 @@ struct CpuMhcBackend {
   void epilogue(const T* proj, const T* rstd, const T* alpha, const T* bias, T* h_pre, T* h_post, T* h_res,
                 const MhcDims& d, const MhcScalars& s) {
     epilogue_forward<T>(proj, rstd, alpha, bias, h_pre, h_post, h_res, d, s);
-  }
-  template <typename T>
-  void epilogue_backward(const T* proj, const T* rstd, const T* alpha, const T* bias, const T* g_pre, const T* g_post,
-                         const T* g_res, T* dl, T* dproj, T* dalpha, T* drstd, const MhcDims& d, const MhcScalars& s) {
-    hcext::epilogue_backward<T>(proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha, drstd, d, s);
   }
 };
 

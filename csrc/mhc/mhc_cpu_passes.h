@@ -53,8 +53,14 @@ void mhc_project_rows(const X* x, const S* phi_pad, int64_t Dp, S* proj, S* rstd
 
 // Tokens whose grad_phi shares mhc_grad_x_phi_rows sums together before adding them to
 // partialP (fixed: the sum's order depends on the token range only). Callers' token ranges
-// are best multiples of it.
-constexpr int64_t kMhcGradChunkTokens = 96;
+// are best multiples of it. It is also the CPU backward pass's block of tokens (mhc_cpu.cpp:
+// row sums, epilogue backward, grad_x, the boundary's mix backward, block by block), so a
+// multiple of the epilogue's 8 lanes, and small enough that a block's rows stay in cache
+// between the row sums and grad_x (n = 4, C = 1024, fp32: 384 KB, in a 1 MB L2). Measured
+// (2026-12-06, AMD EPYC, 2 threads, T = 4096, n = 4, fp32; mhc_backward / the boundary's
+// backward, min of 3-6 interleaved runs): 24 tokens 20.4 / 30.3 ms at C = 1024, 50.6 / 74.0 ms
+// at C = 2560; 48 tokens 22.2 / 31.0, 55.6 / 73.9; 96 tokens 22.3 / 29.9, 55.9 / 82.2.
+constexpr int64_t kMhcGradChunkTokens = 24;
 
 // The backward pass reads phi and accumulates grad_phi's partial sums in panels: for stream i and panel
 // p = c / P of its channels (P = kMhcPanel<S>, 128 bytes of S), the D rows of P values are

@@ -21,6 +21,7 @@ struct CudaMhcBackend : CudaContext {
   using Streams = CudaStreamsBackend;
   // The layer input (the streams' aggregate kernel) and the boundary's mix are passes of their own.
   static constexpr bool kFusedProjectionPass = false;
+  static constexpr bool kFusedBackwardPass = false;  // the three backward steps are passes of their own
 
   // proj = x̃ @ phi and rstd. n <= 6: one pass over x in its own dtype (mhc_project). Larger n:
   // the GEMM formulation: x's rows in T (a copy for bf16/fp16, written by the rstd pass), then

@@ -21,6 +21,10 @@
 //   epilogue_backward<T>(proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha, drstd, d, s)
 //   grad_x_phi<T>(x_rows, phi, dproj, proj, rstd, drstd, gy, mix, mix_stride, alpha, bias,
 //                 pre_eps, extra, dx, grad_phi, d)     grad_x and grad_phi, one pass over x
+//   with kFusedBackwardPass, instead of the three above: backward_pass<T>(MhcBackwardPass<T>, d, s),
+//     the same three steps block by block of tokens, so that a block's rows of x are read from
+//     memory once (the row sums) and again from cache (grad_x); for the fused boundary it also
+//     runs the mix's backward on each block of x_next's gradient as it is computed (never stored)
 //
 // Forward (mhc_coeffs_fwd):
 //   proj = x̃ @ phi, rstd = 1/sqrt(mean(x̃²) + norm_eps)                        backend.project
@@ -31,6 +35,7 @@
 //   dl, dproj, dalpha, drstd = epilogue_backward(...)                           backend.epilogue_backward
 //   grad_x = dproj @ phiᵀ + rstd's share + h_pre ⊗ gy (+ extra), summed in the compute dtype and
 //            rounded once; grad_phi = x̃ᵀ @ dproj (fixed-order partial sums)   backend.grad_x_phi
+//   (the three in one backend.backward_pass where the backend has kFusedBackwardPass: the CPU)
 
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -65,6 +70,42 @@ struct MhcBoundaryMix {
   const StreamsProblem& p;  // x
   const StreamsCoef& h_post;
   const StreamsCoef& h_res;
+};
+
+// The fused boundary's mix backward (grad_f, grad_x, h_post's and h_res's per-token rows), for
+// a backend whose backward pass runs it on each block of x_next's gradient (kFusedBackwardPass).
+// f and x contiguous; an output not requested is an empty tensor (CoefGrad: no rows).
+struct MhcBoundaryMixGrad {
+  const at::Tensor& f;
+  const StreamsProblem& p;  // x
+  const StreamsCoef& h_post;
+  const StreamsCoef& h_res;
+  at::Tensor grad_f, grad_x;
+  CoefGrad grad_h_post, grad_h_res;
+};
+
+// The backward's tensors for a backend with kFusedBackwardPass (see the interface above);
+// pointers in T, the compute type, null when absent.
+template <typename T>
+struct MhcBackwardPass {
+  const at::Tensor& x_rows;      // [tokens, n*C], x's dtype
+  const at::Tensor& phi;         // [n*C, D], contiguous
+  const at::Tensor& extra_rows;  // undefined, or another consumer's gradient of x [tokens, n*C]
+  const T *proj, *rstd, *alpha, *bias;
+  const T* gy;             // the layer input's gradient [tokens, C]
+  const T* g_pre;          // the incoming gradient of h_pre (shifted: of next_pre_mix) [tokens, n]
+  const T *g_post, *g_res;
+  // When gy: row_sums[t, i] = Σ_c gy[t, c] x[t, i, c], plus g_pre when not shifted (it is then
+  // the epilogue's g_pre); shifted: pre_mix's gradient rows, and the epilogue reads g_pre.
+  T* row_sums;
+  bool shifted;
+  const T* pre_mix;        // shifted: the layer input's coefficient, token t at t * pre_mix_stride
+  int64_t pre_mix_stride;
+  T pre_eps;
+  T *dl, *dproj, *dalpha, *drstd;  // the epilogue's backward, per token
+  at::Tensor& grad_x;      // [tokens, n*C] (left undefined with mix_grad)
+  at::Tensor& grad_phi;    // set to [n*C, D]
+  MhcBoundaryMixGrad* mix_grad;  // the fused boundary: the mix's backward of x_next's gradient
 };
 
 // The coefficient outputs of a forward, allocated for x's leading dims (compute dtype).
@@ -214,7 +255,8 @@ MhcGrads mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor
                            const std::optional<at::Tensor>& grad_h_pre, const std::optional<at::Tensor>& grad_h_post,
                            const std::optional<at::Tensor>& grad_h_res, int64_t iters, double sinkhorn_eps,
                            double pre_eps, double post_mult, const at::Tensor& extra,
-                           const StreamsCoef* pre_mix = nullptr, bool boundary = false) {
+                           const StreamsCoef* pre_mix = nullptr, bool boundary = false,
+                           MhcBoundaryMixGrad* mix_grad = nullptr) {
   const NoAutocast no_autocast;
   const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
   check_mhc_scalars(pre_eps, post_mult, op);
@@ -254,36 +296,59 @@ MhcGrads mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor
   const at::Tensor gres = optional_rows(grad_h_res, T_, n * n, d.compute);
   at::Tensor dl = at::empty({T_, D}, opts), dproj = at::empty({T_, D}, opts);
   at::Tensor dalpha = at::empty({T_, 3}, opts), drstd = at::empty({T_}, opts);
-  at::Tensor grad_phi, grad_x;
+  at::Tensor grad_phi, grad_x, row_sums_total;
+  TORCH_INTERNAL_ASSERT(mix_grad == nullptr || Backend::kFusedBackwardPass,
+                        "only a fused backward pass runs the boundary's mix backward");
   dispatch_compute(d.compute, [&](auto zero) {
     using T = decltype(zero);
-    auto layer_input_grad = [&](const T* g_pre, T* total) {
-      backend.template layer_input_grad_x<T>(xr, gy.data_ptr<T>(), g_pre, total, d);
-    };
-    if (gy.defined() && pre_mix) {
-      layer_input_grad(nullptr, gmix.rows<T>());
-    } else if (gy.defined()) {
-      at::Tensor total = at::empty({T_, n}, opts);
-      layer_input_grad(data_or_null<const T>(gpre), total.data_ptr<T>());
-      gpre = total;
+    if constexpr (Backend::kFusedBackwardPass) {
+      T* row_sums = nullptr;
+      if (gy.defined() && pre_mix) {
+        row_sums = gmix.rows<T>();
+      } else if (gy.defined()) {
+        row_sums_total = at::empty({T_, n}, opts);
+        row_sums = row_sums_total.data_ptr<T>();
+      }
+      if (!mix_grad) grad_x = at::empty({T_, d.n * d.C}, x.options());
+      const at::Tensor ph = phi.contiguous();
+      const MhcBackwardPass<T> pass{xr, ph, extra_rows, P.data_ptr<T>(), R.data_ptr<T>(), a.data_ptr<T>(),
+                                    b.data_ptr<T>(), data_or_null<const T>(gy), data_or_null<const T>(gpre),
+                                    data_or_null<const T>(gpost), data_or_null<const T>(gres), row_sums,
+                                    pre_mix != nullptr, pre_mix ? pre_mix->h.data_ptr<T>() : nullptr,
+                                    pre_mix ? pre_mix->token_stride : 0, static_cast<T>(pre_eps), dl.data_ptr<T>(),
+                                    dproj.data_ptr<T>(), dalpha.data_ptr<T>(), drstd.data_ptr<T>(), grad_x, grad_phi,
+                                    mix_grad};
+      backend.template backward_pass<T>(pass, d, s);
+    } else {
+      auto layer_input_grad = [&](const T* g_pre, T* total) {
+        backend.template layer_input_grad_x<T>(xr, gy.data_ptr<T>(), g_pre, total, d);
+      };
+      if (gy.defined() && pre_mix) {
+        layer_input_grad(nullptr, gmix.rows<T>());
+      } else if (gy.defined()) {
+        at::Tensor total = at::empty({T_, n}, opts);
+        layer_input_grad(data_or_null<const T>(gpre), total.data_ptr<T>());
+        gpre = total;
+      }
+      backend.template epilogue_backward<T>(P.data_ptr<T>(), R.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(),
+                                            data_or_null<const T>(gpre), data_or_null<const T>(gpost),
+                                            data_or_null<const T>(gres),
+                                            dl.data_ptr<T>(), dproj.data_ptr<T>(), dalpha.data_ptr<T>(),
+                                            drstd.data_ptr<T>(), d, s);
+      // The layer input's coefficient: pre_mix's (shifted) or h_pre recomputed from proj (null).
+      const T* mix = pre_mix && gy.defined() ? pre_mix->h.data_ptr<T>() : nullptr;
+      grad_x = at::empty({T_, d.n * d.C}, x.options());
+      backend.template grad_x_phi<T>(xr, phi.contiguous(), dproj, P.data_ptr<T>(), R.data_ptr<T>(),
+                                     drstd.data_ptr<T>(), data_or_null<const T>(gy), mix,
+                                     pre_mix ? pre_mix->token_stride : 0, a.data_ptr<T>(), b.data_ptr<T>(), pre_eps,
+                                     extra_rows, grad_x, grad_phi, d);
     }
-    backend.template epilogue_backward<T>(P.data_ptr<T>(), R.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(),
-                                          data_or_null<const T>(gpre), data_or_null<const T>(gpost), data_or_null<const T>(gres),
-                                          dl.data_ptr<T>(), dproj.data_ptr<T>(), dalpha.data_ptr<T>(),
-                                          drstd.data_ptr<T>(), d, s);
-    // The layer input's coefficient: pre_mix's (shifted) or h_pre recomputed from proj (null).
-    const T* mix = pre_mix && gy.defined() ? pre_mix->h.data_ptr<T>() : nullptr;
-    grad_x = at::empty({T_, d.n * d.C}, x.options());
-    backend.template grad_x_phi<T>(xr, phi.contiguous(), dproj, P.data_ptr<T>(), R.data_ptr<T>(),
-                                   drstd.data_ptr<T>(), data_or_null<const T>(gy), mix,
-                                   pre_mix ? pre_mix->token_stride : 0, a.data_ptr<T>(), b.data_ptr<T>(), pre_eps,
-                                   extra_rows, grad_x, grad_phi, d);
   });
   if (pre_mix && gy.defined()) {
     typename Backend::Streams streams(x);
     finish_coef_grad(streams, gmix, *pre_mix, T_, n);
   }
-  out.x = grad_x.view(x.sizes());
+  if (grad_x.defined()) out.x = grad_x.view(x.sizes());
   out.phi = grad_phi;
   out.alpha = at::sum(dalpha, {0});
   out.bias = at::sum(dl, {0});
@@ -330,7 +395,8 @@ Tensor5 mhc_shifted_backward_impl(const at::Tensor& x, const at::Tensor& pre_mix
 //   h_res_next; layer_input = stream_aggregate(x_next, h_pre): the rest of mhc_pre, unchanged.
 // Backward: grad of x_next = grad_x_next (from x_next's other consumers) + the coefficient
 //   path's share, summed in fp32 and rounded once (mhc_backward_core's extra); then
-//   stream_mix_expand_backward (the streams backend).
+//   stream_mix_expand_backward (the streams backend) — on a backend with kFusedBackwardPass,
+//   inside the coefficient path's pass on each block of that gradient (MhcBoundaryMixGrad).
 
 // -> (x_next, layer_input, h_post_next, h_res_next, next h_pre, proj, rstd). pre_mix: null
 // (the layer input is collapsed with x_next's own h_pre) or the shifted collapse's pre_mix.
@@ -422,8 +488,8 @@ MhcPostPreGrads mhc_post_pre_backward_core(
   check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
   const StreamsProblem p = check_streams_shape(x, op);  // validation only: the mix backward copies
   check_streams_f(f, x, p, op);
-  check_streams_coef(h_post, "h_post", 1, x, p, op);
-  check_streams_coef(h_res, "h_res", 2, x, p, op);
+  const StreamsCoef hp = check_streams_coef(h_post, "h_post", 1, x, p, op);
+  const StreamsCoef hr = check_streams_coef(h_res, "h_res", 2, x, p, op);
   StreamsCoef mix;
   if (pre_mix) mix = check_streams_coef(*pre_mix, "pre_mix", 1, x, p, op);
   TORCH_CHECK(x_next.sizes() == x.sizes() && x_next.scalar_type() == x.scalar_type() && x_next.device() == x.device(),
@@ -440,6 +506,33 @@ MhcPostPreGrads mhc_post_pre_backward_core(
   at::Tensor g_next;
   const bool coefficient_path = has_value(grad_layer_input) || has_value(grad_h_post_next) ||
                                 has_value(grad_h_res_next) || (pre_mix && has_value(grad_next_pre_mix));
+  if (coefficient_path && Backend::kFusedBackwardPass) {
+    // The mix's backward inside the coefficient path's pass, on each block of x_next's gradient
+    // as it is computed: that gradient is never stored. The same kernels and roundings as
+    // stream_mix_expand_backward below.
+    StreamsProblem px = p;
+    px.x = x.contiguous();
+    const at::Tensor fc = f.contiguous();
+    const auto xo = px.x.options();
+    MhcBoundaryMixGrad mg{fc, px, hp, hr,
+                          output_mask[0] ? at::empty(f.sizes(), xo) : at::empty({0}, xo),
+                          output_mask[1] ? at::empty(x.sizes(), xo) : at::empty({0}, xo),
+                          make_coef_grad(output_mask[2], hp, p.tokens, p.n),
+                          make_coef_grad(output_mask[3], hr, p.tokens, int64_t(p.n) * p.n)};
+    out.next = mhc_backward_core<Backend>(op, x_next, phi, alpha, bias, proj, rstd, grad_layer_input,
+                                          pre_mix ? grad_next_pre_mix : std::nullopt, grad_h_post_next,
+                                          grad_h_res_next, iters, sinkhorn_eps, pre_eps, post_mult,
+                                          has_value(grad_x_next) ? *grad_x_next : at::Tensor(), pre_mix ? &mix : nullptr,
+                                          /*boundary=*/true, &mg);
+    typename Backend::Streams streams(x);
+    finish_coef_grad(streams, mg.grad_h_post, hp, p.tokens, p.n);
+    finish_coef_grad(streams, mg.grad_h_res, hr, p.tokens, int64_t(p.n) * p.n);
+    out.f = mg.grad_f;
+    out.x = mg.grad_x;
+    out.h_post = mg.grad_h_post.out;
+    out.h_res = mg.grad_h_res.out;
+    return out;
+  }
   if (coefficient_path) {
     out.next = mhc_backward_core<Backend>(op, x_next, phi, alpha, bias, proj, rstd, grad_layer_input,
                                           pre_mix ? grad_next_pre_mix : std::nullopt, grad_h_post_next,

@@ -258,16 +258,31 @@ template <typename T, typename S>
 void CpuStreamsBackend::mix_backward(const T* g, const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr,
                                      int64_t hr_stride, T* grad_f, T* grad_x, S* ghp_rows, S* ghr_rows,
                                      int64_t tokens, int n, int64_t C) {
-  // grad_x decides (grad_f, n times smaller, follows it when both are aligned).
-  const int64_t row = C * int64_t(sizeof(T));
-  const bool stream = grad_x && cpu::use_stream_stores(grad_x, tokens * n * row, row) &&
-                      (!grad_f || cpu::use_stream_stores(grad_f, cpu::kStreamStoreMinBytes, row));
+  const bool stream = mix_backward_streams(grad_f, grad_x, tokens, n, C);
   dispatch_kernels(n, [&](auto k, auto kN, auto kMaxN) {
     for_tokens(tokens, n, C, [&](int64_t t0, int64_t t1) {
       decltype(k)::template mix_backward<decltype(kN)::value, decltype(kMaxN)::value>(g, f, x, hp, hp_stride, hr, hr_stride, grad_f, grad_x,
                                                         ghp_rows, ghr_rows, t0, t1, n, C, stream);
     });
   });
+}
+
+template <typename T, typename S>
+void CpuStreamsBackend::mix_backward_rows(const T* g, const T* f, const T* x, const S* hp, int64_t hp_stride,
+                                          const S* hr, int64_t hr_stride, T* grad_f, T* grad_x, S* ghp_rows,
+                                          S* ghr_rows, int64_t tokens, int n, int64_t C, bool stream) {
+  dispatch_kernels(n, [&](auto k, auto kN, auto kMaxN) {
+    decltype(k)::template mix_backward<decltype(kN)::value, decltype(kMaxN)::value>(
+        g, f, x, hp, hp_stride, hr, hr_stride, grad_f, grad_x, ghp_rows, ghr_rows, int64_t(0), tokens, n, C, stream);
+  });
+}
+
+template <typename T>
+bool CpuStreamsBackend::mix_backward_streams(const T* grad_f, const T* grad_x, int64_t tokens, int n, int64_t C) {
+  // grad_x decides (grad_f, n times smaller, follows it when both are aligned).
+  const int64_t row = C * int64_t(sizeof(T));
+  return grad_x && cpu::use_stream_stores(grad_x, tokens * n * row, row) &&
+         (!grad_f || cpu::use_stream_stores(grad_f, cpu::kStreamStoreMinBytes, row));
 }
 
 template <typename S>
@@ -281,8 +296,12 @@ void CpuStreamsBackend::sum_over_tokens(const S* partials, S* out, int64_t token
                                                             int, int64_t);                                          \
   template void CpuStreamsBackend::mix_forward<T, S>(const T*, const T*, const S*, int64_t, const S*, int64_t, T*,   \
                                                      int64_t, int, int64_t);                                        \
-  template void CpuStreamsBackend::mix_backward<T, S>(const T*, const T*, const T*, const S*, int64_t, const S*,     \
-                                                      int64_t, T*, T*, S*, S*, int64_t, int, int64_t);
+  template void CpuStreamsBackend::mix_backward<T, S>(const T*, const T*, const T*, const S*, int64_t, const S*,   \
+                                                      int64_t, T*, T*, S*, S*, int64_t, int, int64_t);             \
+  template void CpuStreamsBackend::mix_backward_rows<T, S>(const T*, const T*, const T*, const S*, int64_t,        \
+                                                           const S*, int64_t, T*, T*, S*, S*, int64_t, int, int64_t, \
+                                                           bool);                                                  \
+  template bool CpuStreamsBackend::mix_backward_streams<T>(const T*, const T*, int64_t, int, int64_t);
 HCEXT_INSTANTIATE_CPU_STREAMS(float, float)
 HCEXT_INSTANTIATE_CPU_STREAMS(double, double)
 HCEXT_INSTANTIATE_CPU_STREAMS(c10::BFloat16, float)

@@ -41,6 +41,18 @@ struct CpuStreamsBackend {
                     int64_t C);
   template <typename S>
   void sum_over_tokens(const S* partials, S* out, int64_t tokens, int64_t K);
+
+  // mix_backward's kernel on the calling thread, for the rows [0, tokens) of pointers already
+  // at the first of them (the mHC boundary's backward pass runs it on each block of x_next's
+  // gradient it has just computed). stream: mix_backward_streams of the whole outputs.
+  template <typename T, typename S>
+  static void mix_backward_rows(const T* g, const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr,
+                                int64_t hr_stride, T* grad_f, T* grad_x, S* ghp_rows, S* ghr_rows, int64_t tokens,
+                                int n, int64_t C, bool stream);
+  // Whether mix_backward streams its stores, for the whole grad_f [tokens, C] and grad_x
+  // [tokens, n, C] (nullable).
+  template <typename T>
+  static bool mix_backward_streams(const T* grad_f, const T* grad_x, int64_t tokens, int n, int64_t C);
 };
 
 }  // namespace hcext
