@@ -258,11 +258,17 @@ struct CpuMhcBackend {
                                           : mhc_h_pre<T, T>(a.proj[t * D + i], a.rstd[t], a.alpha, a.bias[i], a.pre_eps);
               }
             }
+            // The next block this thread runs (in this chunk or its next one), prefetched by the
+            // grad_x pass.
+            const int64_t u0 = t1 < std::min(T_, (c + 1) * chunk) ? t1 : (c + 1 < c1 ? (c + 1) * chunk : T_);
+            const int64_t u1 = std::min({T_, u0 + kBlock, (u0 / chunk + 1) * chunk});
+            const cpu::MhcNextRows<T, X> next{xp + u0 * len, ex ? ex + u0 * len : nullptr,
+                                              a.gy ? a.gy + u0 * C : nullptr, u1 - u0};
             // The block's pointers start at token t0 (its tokens are [0, nt) of the pass).
             cpu::mhc_grad_x_phi_rows<T, X>(xp + t0 * len, phiP.data_ptr<T>(), a.dproj + t0 * D, fp + t0,
                                            a.gy ? hp + t0 * n : nullptr, a.gy ? a.gy + t0 * C : nullptr,
                                            ex ? ex + t0 * len : nullptr, mg ? gbuf.data() : out + t0 * len,
-                                           part + c * psize, n, C, D, 0, nt, stream_dx);
+                                           part + c * psize, n, C, D, 0, nt, stream_dx, u1 > u0 ? &next : nullptr);
             if (mg) {
               Streams::mix_backward_rows<X, T>(
                   gbuf.data(), mf + t0 * C, mx + t0 * len, mg->h_post.h.data_ptr<T>() + t0 * mg->h_post.token_stride,

@@ -246,7 +246,8 @@ template <int TB, int NV, int W, typename V, typename S, typename Width>
 template <class Blocks, typename S, typename X>
 [[gnu::always_inline]] inline void grad_x_phi_range(const X* x, const S* phiP, const S* dproj, const S* factor,
                                                     const S* h, const S* gy, const X* extra, X* dx, S* partialP, int n,
-                                                    int64_t C, int64_t D, int64_t t0, int64_t t1, bool stream) {
+                                                    int64_t C, int64_t D, int64_t t0, int64_t t1, bool stream,
+                                                    const MhcNextRows<S, X>* next) {
   constexpr int W = kColWidth<S>;
   constexpr int TB = Blocks::kTokens, VB = Blocks::kVectors, DB = Blocks::kColumns;
   constexpr int64_t P = kMhcPanel<S>;
@@ -304,6 +305,20 @@ template <class Blocks, typename S, typename X>
         for (int v = 0; v < NV; ++v) {
           const V out = acc[j][v];
           if (j < nt) store_out(dx + tj[j] * len + k + v * W, out, vw(v), stream);
+        }
+      }
+    }
+    // The next block's rows of this group on their way to L2 (see MhcNextRows).
+    if (next) {
+      for (int64_t t = 0; t < next->tokens; ++t) {
+        for (int64_t b = 0; b < int64_t(sizeof(X)) * NV * W; b += 64) {
+          __builtin_prefetch(reinterpret_cast<const char*>(next->x + t * len + k) + b, 0, 2);
+          if (next->extra) __builtin_prefetch(reinterpret_cast<const char*>(next->extra + t * len + k) + b, 0, 2);
+        }
+        if (next->gy && i == 0) {
+          for (int64_t b = 0; b < int64_t(sizeof(S)) * NV * W; b += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(next->gy + t * C + c) + b, 0, 2);
+          }
         }
       }
     }
@@ -380,9 +395,9 @@ void mhc_project_rows(const X* x, const S* phi_pad, int64_t Dp, S* proj, S* rstd
 template <typename S, typename X>
 void mhc_grad_x_phi_rows(const X* x, const S* phiP, const S* dproj, const S* factor, const S* h, const S* gy,
                          const X* extra, X* dx, S* partialP, int n, int64_t C, int64_t D, int64_t t0, int64_t t1,
-                         bool stream) {
+                         bool stream, const MhcNextRows<S, X>* next) {
   dispatch_isa<BaselinePasses, Avx2Passes, Avx512Passes>([&](auto k) {
-    decltype(k)::grad_x_phi(x, phiP, dproj, factor, h, gy, extra, dx, partialP, n, C, D, t0, t1, stream);
+    decltype(k)::grad_x_phi(x, phiP, dproj, factor, h, gy, extra, dx, partialP, n, C, D, t0, t1, stream, next);
   });
 }
 
@@ -431,7 +446,8 @@ template void mhc_sum_panels<double>(const double*, int64_t, double*, int, int64
   template void mhc_project_rows<S, X>(const X*, const S*, int64_t, S*, S*, int64_t, int64_t, S, int64_t, int64_t, \
                                        S*, const MhcLayerInputArgs<S, X>*, const MhcMixArgs<S, X>*);              \
   template void mhc_grad_x_phi_rows<S, X>(const X*, const S*, const S*, const S*, const S*, const S*, const X*, X*, \
-                                          S*, int, int64_t, int64_t, int64_t, int64_t, bool);
+                                          S*, int, int64_t, int64_t, int64_t, int64_t, bool,                      \
+                                          const MhcNextRows<S, X>*);
 HCEXT_INSTANTIATE(float, float)
 HCEXT_INSTANTIATE(double, double)
 HCEXT_INSTANTIATE(float, c10::BFloat16)

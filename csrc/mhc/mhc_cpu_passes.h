@@ -87,6 +87,18 @@ template <typename S>
 void mhc_sum_panels(const S* partials, int64_t chunks, S* grad_phi, int n, int64_t C, int64_t D, int64_t q0,
                     int64_t q1);
 
+// The next block of tokens a caller of mhc_grad_x_phi_rows will pass (pointers at its first
+// token, the same layouts): its rows are prefetched to L2, a group of channels at a time, while
+// this call's FMAs run, so that the next block's first pass over them (the layer input's row
+// sums) reads cache, not memory.
+template <typename S, typename X>
+struct MhcNextRows {
+  const X* x;
+  const X* extra;  // nullable
+  const S* gy;     // nullable
+  int64_t tokens;
+};
+
 // The backward's pass over x for tokens [t0, t1) (one pass: reads x, gy, extra once, writes dx
 // once, every term summed in S and rounded once):
 //   dx[t, k]    = sum_d dproj[t, d] phi[k, d]        (the projection's share; phiP: phi's panels)
@@ -99,6 +111,6 @@ void mhc_sum_panels(const S* partials, int64_t chunks, S* grad_phi, int n, int64
 template <typename S, typename X>
 void mhc_grad_x_phi_rows(const X* x, const S* phiP, const S* dproj, const S* factor, const S* h, const S* gy,
                          const X* extra, X* dx, S* partialP, int n, int64_t C, int64_t D, int64_t t0, int64_t t1,
-                         bool stream);
+                         bool stream, const MhcNextRows<S, X>* next = nullptr);
 
 }  // namespace hcext::cpu
