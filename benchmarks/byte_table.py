@@ -2,9 +2,9 @@
 
 One table per op (``OPS``): the passes its forward or backward runs (csrc/mhc/mhc_driver.h,
 csrc/streams/streams_driver.h), each with the tensors it reads and writes. CUDA (n <= 6) runs
-``OPS``; the CPU (``CPU_OPS``) differs in the forwards of mhc_pre and the fused boundary, whose
-projection pass also writes the layer input from the rows it has just read (no aggregate pass) and,
-in the boundary, first writes each row of x_next (no separate mix pass), and in the backwards,
+``OPS`` (the fused boundary's mix inside its projection pass); the CPU (``CPU_OPS``) differs in the
+forwards of mhc_pre and the fused boundary, whose projection pass also writes the layer input from
+the rows it has just read (no aggregate pass), and in the backwards,
 which run the layer input's row sums, the epilogue's backward and the grad_x pass block by block
 of tokens (x read from memory once) and, in the boundary, the mix's backward on each block of
 x_next's gradient (never stored). A tensor is a name and a size in elements times its element size:
@@ -98,9 +98,11 @@ OPS: Dict[str, List[Pass]] = {
         ("grad_phi_sum", [(f"partial{i}", "phi") for i in range(PARTIALS)], [("grad_phi", "phi")]),
         ("coefficient_sums", [("dl", "proj"), ("dalpha", "token3")], [("grad_alpha", "alpha"), ("grad_bias", "bias")]),
     ],
+    # The boundary: x_next is mixed and projected in the same tiles (mhc_mix_project_kernel, n <= 6;
+    # the split's partial sums, like the projection's, are proj-sized and not counted).
     "mhc_post_pre_fwd": [
-        ("mix", [("f", "row"), ("x", "streams"), ("h_post", "coef_n"), ("h_res", "coef_nn")], [("x_next", "streams")]),
-        ("project", [("x_next", "streams"), ("phi", "phi")], [("proj", "proj"), ("rstd", "token")]),
+        ("mix+project", [("f", "row"), ("x", "streams"), ("h_post", "coef_n"), ("h_res", "coef_nn"), ("phi", "phi")],
+         [("x_next", "streams"), ("proj", "proj"), ("rstd", "token")]),
         ("epilogue", [("proj", "proj"), ("rstd", "token"), ("alpha", "alpha"), ("bias", "bias")],
          [("h_pre", "coef_n"), ("h_post_next", "coef_n"), ("h_res_next", "coef_nn")]),
         ("aggregate", [("x_next", "streams"), ("h_pre", "coef_n")], [("layer_input", "row")]),
@@ -134,9 +136,9 @@ CPU_OPS["mhc_pre_fwd"] = [_PROJECT_LAYER_INPUT, OPS["mhc_pre_fwd"][1]]
 # The boundary: each token's row of x_next is mixed, stored and projected (and aggregated) from
 # cache in the same pass.
 CPU_OPS["mhc_post_pre_fwd"] = [
-    ("mix+project+layer_input", OPS["mhc_post_pre_fwd"][0][1] + _PROJECT_LAYER_INPUT[1][1:],
-     OPS["mhc_post_pre_fwd"][0][2] + _PROJECT_LAYER_INPUT[2]),
-    OPS["mhc_post_pre_fwd"][2],
+    ("mix+project+layer_input", OPS["mhc_post_pre_fwd"][0][1] + _PROJECT_LAYER_INPUT[1][2:],
+     OPS["mhc_post_pre_fwd"][0][2] + _PROJECT_LAYER_INPUT[2][2:]),
+    OPS["mhc_post_pre_fwd"][1],
 ]
 # The backward (CpuMhcBackend::kFusedBackwardPass): per block of 24 tokens, the layer input's row
 # sums read the block's rows of x from memory, the epilogue's backward runs on the block's

@@ -12,10 +12,12 @@
 //
 // Backend interface (T: the compute type; x_rows: x as contiguous [tokens, n*C], its dtype):
 //   explicit Backend(const at::Tensor& x)              device guard, stream
-//   project<T>(x_rows, phi, proj, rstd, d, norm_eps)   proj [tokens, D] = x̃ @ phi and rstd [tokens]
+//   project<T>(x_rows, phi, proj, rstd, d, norm_eps, mix)
+//                                                      proj [tokens, D] = x̃ @ phi and rstd [tokens];
+//     when mix is not null (the fused boundary), x_rows is x_next, written by the same pass as the
+//     boundary's mix just before it is projected (never read back for the projection)
 //     with kFusedProjectionPass: project<T>(..., norm_eps, layer_input, alpha, bias, pre_eps, mix), which
 //     also writes layer_input = Σ h_pre[i] x_i when it is not null (mhc_pre, the fused boundary)
-//     and, when mix is not null, first writes each row of x_rows as the boundary's mix (x_next)
 //   epilogue<T>(proj, rstd, alpha, bias, h_pre, h_post, h_res, d, s)
 //   layer_input_grad_x<T>(x_rows, gy, g_pre, out, d)   out = g_pre + sum_c gy * x_i
 //   epilogue_backward<T>(proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha, drstd, d, s)
@@ -125,9 +127,9 @@ struct MhcCoeffs {
 
   // proj and rstd from one pass over x's rows (contiguous, x's dtype), then the per-token
   // epilogue.
+  // mix: the boundary's mix, written into x_rows by the same pass just before it is projected.
   // Backend::kFusedProjectionPass only: layer_input, the layer input Σ h_pre[i] x_i [tokens, C] in
-  // x's dtype, from the projection pass's rows; mix, the boundary's mix written into x_rows by
-  // the same pass, each row just before it is projected.
+  // x's dtype, from the projection pass's rows.
   template <class Backend>
   void compute(Backend& backend, const at::Tensor& x_rows, const at::Tensor& phi, const at::Tensor& alpha,
                const at::Tensor& bias, const MhcDims& d, const MhcScalars& s, at::Tensor* layer_input = nullptr,
@@ -141,9 +143,8 @@ struct MhcCoeffs {
         backend.template project<T>(x_rows, ph, proj_rows, rstd_rows, d, static_cast<T>(s.norm_eps), layer_input,
                                     a.data_ptr<T>(), b.data_ptr<T>(), static_cast<T>(s.pre_eps), mix);
       } else {
-        TORCH_INTERNAL_ASSERT(layer_input == nullptr && mix == nullptr,
-                              "this backend runs the layer input and the mix as passes of their own");
-        backend.template project<T>(x_rows, ph, proj_rows, rstd_rows, d, static_cast<T>(s.norm_eps));
+        TORCH_INTERNAL_ASSERT(layer_input == nullptr, "this backend aggregates the layer input in a pass of its own");
+        backend.template project<T>(x_rows, ph, proj_rows, rstd_rows, d, static_cast<T>(s.norm_eps), mix);
       }
     });
     epilogue(backend, alpha, bias, d, s);
@@ -390,9 +391,10 @@ Tensor5 mhc_shifted_backward_impl(const at::Tensor& x, const at::Tensor& pre_mix
 
 // ---- The fused layer boundary (hcext::mhc_post_pre).
 //
-// Forward: x_next = mix_expand(f, x, h_post, h_res)    stream_mix_into (the streams backend)
-//   proj and rstd of the stored x_next (the projection pass), epilogue -> h_pre, h_post_next,
-//   h_res_next; layer_input = stream_aggregate(x_next, h_pre): the rest of mhc_pre, unchanged.
+// Forward: x_next = mix_expand(f, x, h_post, h_res) (the streams family's arithmetic), written
+//   by the projection pass, which also computes proj and rstd of the stored x_next; epilogue ->
+//   h_pre, h_post_next, h_res_next; layer_input = stream_aggregate(x_next, h_pre) (on the CPU,
+//   from the same pass): the rest of mhc_pre, unchanged.
 // Backward: grad of x_next = grad_x_next (from x_next's other consumers) + the coefficient
 //   path's share, summed in fp32 and rounded once (mhc_backward_core's extra); then
 //   stream_mix_expand_backward (the streams backend) — on a backend with kFusedBackwardPass,
@@ -427,15 +429,10 @@ Tensor7 mhc_post_pre_fwd_core(const char* op, const at::Tensor& f, const at::Ten
   if (fused_input) layer_input = at::empty(lead_shape(x, {d.C}), p.x.options());
   if (d.tokens > 0) {
     const at::Tensor x_next_rows = x_next.view({d.tokens, d.n * d.C});
-    if constexpr (Backend::kFusedProjectionPass) {
-      // One pass: each token's row of x_next is mixed, stored, and projected from cache.
-      const MhcBoundaryMix mix{fc, p, hp, hr};
-      c.compute(backend, x_next_rows, phi, alpha, bias, d, s, fused_input ? &layer_input : nullptr, &mix);
-    } else {
-      // The mix, then the projection pass over the stored x_next (with its rstd).
-      stream_mix_into<Streams>(p, fc, hp, hr, x_next);
-      c.compute(backend, x_next_rows, phi, alpha, bias, d, s);
-    }
+    // One pass: x_next is mixed, stored, and projected from cache (the CPU: each token's row;
+    // CUDA: tiles of tokens x channels of every stream).
+    const MhcBoundaryMix mix{fc, p, hp, hr};
+    c.compute(backend, x_next_rows, phi, alpha, bias, d, s, fused_input ? &layer_input : nullptr, &mix);
   }
   if (!fused_input) layer_input = stream_aggregate_impl<Streams>(x_next, pre_mix ? *pre_mix : c.h_pre);
   return {x_next, layer_input, c.h_post, c.h_res, c.h_pre, c.proj, c.rstd};

@@ -8,6 +8,8 @@
 // sums (with the sum of squares) mhc_project_reduce_kernel adds in split order;
 // mhc_grad_x_phi_kernel writes grad_x (every term summed in T, rounded once) and grad_phi's
 // per-chunk partial sums in one pass over x, added in chunk order by mhc_grad_phi_reduce_kernel.
+// The fused boundary's first pass, mhc_mix_project_kernel, mixes x_next and projects it from
+// registers and shared memory in the same tiles (x_next is written once and not read back).
 // Larger n keep the GEMM formulation (cuBLAS through at::mm in the glue on x's rows in T).
 
 #include <cuda_runtime.h>
@@ -17,6 +19,7 @@
 #include "common/cuda_utils.cuh"
 #include "hcext/dispatch.h"
 #include "hcext/mhc.h"
+#include "hcext/streams.h"
 #include "mhc/mhc_launch.h"
 
 namespace hcext::cuda {
@@ -209,6 +212,87 @@ __global__ void __launch_bounds__(kProjThreads)
   }
 }
 
+// ---- The fused boundary's mix inside the projection (D <= kMhcFusedMaxD) ------------------
+
+// Channels of each stream per step: 32 bytes of X (one memory sector per token row and stream).
+template <typename X>
+constexpr int kMixC = 32 / int(sizeof(X));
+template <typename X>
+constexpr int kMixMaxK = kMhcFusedMaxN * kMixC<X>;  // k per step: n * kMixC <= 96
+
+// hcext::mhc_post_pre's first pass, for a tile of kProjTokens tokens and this split's channels:
+// x_next[t, i, c] = sum_j h_res[t, i, j] x[t, j, c] + h_post[t, i] f[t, c] (stream_mix_value, as
+// the streams family's mix kernel: the same bits as stream_mix_expand), stored once; then,
+// from the stored (rounded) values, partial[split, t, :D] = sum of x_next[t, k] phi[k, :] and
+// partial[split, t, D] = sum of x_next[t, k]² over the split's k = i C + c — x_next is never
+// read back for the projection. The sums run over channel steps, stream-major within a step;
+// mhc_project_reduce_kernel adds the splits in order. Grid: (token tiles, channel splits).
+template <typename X, typename T>
+__global__ void __launch_bounds__(kProjThreads)
+    mhc_mix_project_kernel(const X* __restrict__ f, const X* __restrict__ x, const T* __restrict__ hp,
+                           int64_t hp_stride, const T* __restrict__ hr, int64_t hr_stride, X* __restrict__ x_next,
+                           const T* __restrict__ phi, T* __restrict__ partial, int64_t tokens, int n, int64_t C,
+                           int D, int64_t c_per_split) {
+  constexpr int kC = kMixC<X>;
+  __shared__ T xs[kProjTokens][kMixMaxK<X> + 1];  // +1: tokens in different banks
+  __shared__ T ps[kMixMaxK<X>][kMhcFusedMaxD];
+  const int tok = threadIdx.x / kProjGroups, grp = threadIdx.x % kProjGroups;
+  const int64_t t0 = int64_t(blockIdx.x) * kProjTokens;
+  const int64_t c_begin = int64_t(blockIdx.y) * c_per_split;
+  const int64_t c_end = c_begin + c_per_split < C ? c_begin + c_per_split : C;
+  const int64_t len = int64_t(n) * C;
+  const int K = n * kC;
+  T acc[kProjCols], squares = T(0);
+#pragma unroll
+  for (int j = 0; j < kProjCols; ++j) acc[j] = T(0);
+  for (int64_t cb = c_begin; cb < c_end; cb += kC) {
+    // The mix of (token r, channel cb + cc), every stream, one thread each.
+    for (int e = threadIdx.x; e < kProjTokens * kC; e += kProjThreads) {
+      const int r = e / kC, cc = e % kC;
+      const int64_t t = t0 + r, c = cb + cc;
+      if (t < tokens && c < c_end) {
+        using V = Lanes<T, 1>;
+        const X* xt = x + t * len + c;
+        const T* hpt = hp + t * hp_stride;
+        const T* hrt = hr + t * hr_stride;
+        const V F(to_compute(f[t * C + c]));
+        for (int i = 0; i < n; ++i) {
+          const V o = stream_mix_value<0, V>(hrt + i * n, hpt[i], F, n, [&](int j) { return V(to_compute(xt[j * C])); });
+          const X stored = Convert<X>::out(static_cast<ComputeOf<X>>(o.v[0]));
+          x_next[t * len + i * C + c] = stored;
+          xs[r][i * kC + cc] = T(to_compute(stored));
+        }
+      } else {
+        for (int i = 0; i < n; ++i) xs[r][i * kC + cc] = T(0);
+      }
+    }
+    for (int e = threadIdx.x; e < K * kMhcFusedMaxD; e += kProjThreads) {
+      const int kk = e / kMhcFusedMaxD, col = e % kMhcFusedMaxD;
+      const int64_t c = cb + kk % kC;
+      ps[kk][col] = (c < c_end && col < D) ? phi[((kk / kC) * C + c) * D + col] : T(0);
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int kk = 0; kk < K; ++kk) {
+      const T v = xs[tok][kk];
+      squares += v * v;
+#pragma unroll
+      for (int j = 0; j < kProjCols; ++j) acc[j] += v * ps[kk][grp + kProjGroups * j];
+    }
+    __syncthreads();  // the tiles are refilled
+  }
+  const int64_t t = t0 + tok;
+  if (t < tokens) {
+    T* out = partial + (int64_t(blockIdx.y) * tokens + t) * (D + 1);
+#pragma unroll
+    for (int j = 0; j < kProjCols; ++j) {
+      const int c = grp + kProjGroups * j;
+      if (c < D) out[c] = acc[j];
+    }
+    if (grp == 0) out[D] = squares;
+  }
+}
+
 // proj[t, c] = sum over splits (in order) of partial[split, t, c]; rstd[t] from the squares.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
@@ -312,18 +396,29 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// The split of the projection over k: about 1024 blocks in all, whole kProjK steps per split.
+// The split of the projection over k (or, with the boundary's mix, over channels): about 1024
+// blocks in all, whole steps per split.
 struct ProjSplit {
   int64_t k_per_split;
   int splits;
 };
-inline ProjSplit project_split(int64_t tokens, int64_t len) {
+inline ProjSplit project_split(int64_t tokens, int64_t len, int64_t step = kProjK) {
   const int64_t tiles = (tokens + kProjTokens - 1) / kProjTokens;
-  const int64_t steps = (len + kProjK - 1) / kProjK;
+  const int64_t steps = (len + step - 1) / step;
   int64_t want = (1024 + tiles - 1) / tiles;
   want = want < 1 ? 1 : (want > steps ? steps : want);
   const int64_t per = (steps + want - 1) / want;
-  return {per * kProjK, int((steps + per - 1) / per)};
+  return {per * step, int((steps + per - 1) / per)};
+}
+
+// The channel step of the boundary's mix-and-project kernel for x's dtype.
+inline int64_t mix_step(StreamDtype xtype) {
+  switch (xtype) {
+    case StreamDtype::kDouble: return kMixC<double>;
+    case StreamDtype::kBFloat16: return kMixC<__nv_bfloat16>;
+    case StreamDtype::kHalf: return kMixC<__half>;
+    default: return kMixC<float>;
+  }
 }
 
 // The token chunks of the backward: about 1024 blocks in all, at most 16 partials of grad_phi.
@@ -420,6 +515,10 @@ int64_t mhc_project_workspace(int64_t tokens, int64_t len, int D) {
   return int64_t(project_split(tokens, len).splits) * tokens * (D + 1);
 }
 
+int64_t mhc_mix_project_workspace(int64_t tokens, int64_t C, int D, StreamDtype xtype) {
+  return int64_t(project_split(tokens, C, mix_step(xtype)).splits) * tokens * (D + 1);
+}
+
 int64_t mhc_grad_phi_workspace(int64_t tokens, int64_t len, int D) {
   if (tokens == 0) return 0;
   const int64_t per = grad_tokens_per_chunk(tokens, len);
@@ -443,6 +542,28 @@ cudaError_t mhc_project(const void* x, StreamDtype xtype, const T* phi, T* works
   const int64_t blocks = (total + kRowThreads - 1) / kRowThreads;
   return launch<mhc_project_reduce_kernel<T>>(static_cast<unsigned int>(blocks < 65536 ? blocks : 65536), kRowThreads,
                                               0, stream, workspace, proj, rstd, tokens, D, sp.splits, len, norm_eps);
+}
+
+template <typename T>
+cudaError_t mhc_mix_project(const void* f, const void* x, StreamDtype xtype, const T* h_post, int64_t hp_stride,
+                            const T* h_res, int64_t hr_stride, void* x_next, const T* phi, T* workspace, T* proj,
+                            T* rstd, int64_t tokens, int n, int64_t C, int D, T norm_eps, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  if (tokens == 0) return cudaSuccess;
+  const ProjSplit sp = project_split(tokens, C, mix_step(xtype));
+  const dim3 grid(ceil_div(tokens, kProjTokens), static_cast<unsigned int>(sp.splits));
+  with_stream_ptr<T>(xtype, x_next, [&](auto* out) {
+    using X = std::remove_pointer_t<decltype(out)>;
+    err = launch<mhc_mix_project_kernel<X, T>>(grid, kProjThreads, 0, stream, static_cast<const X*>(f),
+                                               static_cast<const X*>(x), h_post, hp_stride, h_res, hr_stride, out, phi,
+                                               workspace, tokens, n, C, D, sp.k_per_split);
+  });
+  if (err != cudaSuccess) return err;
+  const int64_t total = tokens * (D + 1);
+  const int64_t blocks = (total + kRowThreads - 1) / kRowThreads;
+  return launch<mhc_project_reduce_kernel<T>>(static_cast<unsigned int>(blocks < 65536 ? blocks : 65536), kRowThreads,
+                                              0, stream, workspace, proj, rstd, tokens, D, sp.splits,
+                                              int64_t(n) * C, norm_eps);
 }
 
 template <typename T>
@@ -486,6 +607,9 @@ cudaError_t mhc_grad_x_phi(const void* x, StreamDtype xtype, const T* phi, const
                                                int64_t, cudaStream_t);                                            \
   template cudaError_t mhc_project<T>(const void*, StreamDtype, const T*, T*, T*, T*, int64_t, int64_t, int, T,     \
                                       cudaStream_t);                                                              \
+  template cudaError_t mhc_mix_project<T>(const void*, const void*, StreamDtype, const T*, int64_t, const T*,       \
+                                          int64_t, void*, const T*, T*, T*, T*, int64_t, int, int64_t, int, T,      \
+                                          cudaStream_t);                                                            \
   template cudaError_t mhc_grad_x_phi<T>(const void*, StreamDtype, const T*, const T*, const T*, const T*,          \
                                          const T*, const T*, const T*, int64_t, const T*, const T*, T,              \
                                          const void*, void*, T*, T*, int64_t, int, int64_t, int, cudaStream_t);     \

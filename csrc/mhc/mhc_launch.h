@@ -28,6 +28,17 @@ template <typename T>
 cudaError_t mhc_project(const void* x, StreamDtype xtype, const T* phi, T* workspace, T* proj, T* rstd,
                         int64_t tokens, int64_t len, int D, T norm_eps, cudaStream_t stream);
 
+// The fused boundary's first pass, D <= kMhcFusedMaxD: x_next [tokens, n, C] (x's dtype) =
+// the mix of f [tokens, C] and x [tokens, n, C] with h_post / h_res (token t at t * stride; 0:
+// shared), computed as stream_mix_expand computes it (the same bits), written once; proj and
+// rstd of x_next from the same tiles (the split over channels, added in order). workspace:
+// mhc_mix_project_workspace elements.
+int64_t mhc_mix_project_workspace(int64_t tokens, int64_t C, int D, StreamDtype xtype);
+template <typename T>
+cudaError_t mhc_mix_project(const void* f, const void* x, StreamDtype xtype, const T* h_post, int64_t hp_stride,
+                            const T* h_res, int64_t hr_stride, void* x_next, const T* phi, T* workspace, T* proj,
+                            T* rstd, int64_t tokens, int n, int64_t C, int D, T norm_eps, cudaStream_t stream);
+
 // One pass over x (xtype) for the backward, D <= kMhcFusedMaxD:
 //   dx = dproj @ phiᵀ + (-drstd rstd³ / len) x + (gy ? h_i gy : 0) + (extra ? extra : 0),
 //        summed in T and written once in x's dtype (h_i as in mhc_grad_x);
