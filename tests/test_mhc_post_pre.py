@@ -114,6 +114,18 @@ def test_matches_reference_across_token_blocks(device, T, n, C, dtype, shared):
     _check(_make_inputs((T,), n, C, device, dtype=dtype, shared=shared))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("n,C", [(1, 17), (4, 17), (4, 300), (6, 41), (8, 9)])
+def test_x_next_is_stream_mix_expand_bitwise(device, n, C, dtype):
+    # The fused op writes x_next inside its projection pass (the CPU: row by row; CUDA, n <= 6: tiles
+    # of channels of every stream, split over channels, C tails across splits) with the mix's own
+    # arithmetic: the same bits as stream_mix_expand in every dtype, per-token and shared coefficients.
+    for shared in (False, True):
+        f, x, h_post, h_res, phi, alpha, bias = _tensors((37,), n, C, device, dtype=dtype, shared=shared)
+        fused = OP(f, x, h_post, h_res, phi, alpha, bias)[0]
+        assert torch.equal(fused, hcext.ops.stream_mix_expand(f, x, h_post, h_res)), shared
+
+
 @pytest.mark.parametrize("kind", ["sliced", "transposed", "lead-permuted", "expanded", "offset"])
 def test_layouts(device, kind):
     # The streams f and x in each shared layout (helpers.LAYOUTS).

@@ -65,16 +65,12 @@ template <typename S, typename X>
   return lane_sum(sq);
 }
 
-// Row t of the boundary's mix into out (= the projection's x): the streams family's CPU mix
-// kernel itself on one token (streams/streams_cpu_rows.h: bitwise the unfused
-// stream_mix_expand), with ordinary stores (the projection reads the row back from cache).
+// Row t of the boundary's mix into out (= the projection's x): the streams family's compiled CPU
+// mix kernel on one token (streams/streams_cpu_rows.h: bitwise the unfused stream_mix_expand),
+// with ordinary stores (the projection reads the row back from cache).
 template <typename S, typename X>
 [[gnu::always_inline]] inline void mix_row(const MhcMixArgs<S, X>& m, X* out, int64_t t, int64_t C) {
-  // dispatch_n (always inlined): the same instantiations as the streams kernel's, the same code.
-  dispatch_n(m.n, [&]<int kN, int kMaxN>() __attribute__((always_inline)) {
-    mix_forward_range<kN, kMaxN>(m.f, m.x, m.h_post, m.hp_stride, m.h_res, m.hr_stride, out, t, t + 1, m.n, C,
-                                 /*stream=*/false);
-  });
+  mix_forward_tokens<X, S>(m.f, m.x, m.h_post, m.hp_stride, m.h_res, m.hr_stride, out, t, t + 1, m.n, C);
 }
 
 template <typename S, typename X>

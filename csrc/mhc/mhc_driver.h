@@ -14,8 +14,9 @@
 //   explicit Backend(const at::Tensor& x)              device guard, stream
 //   project<T>(x_rows, phi, proj, rstd, d, norm_eps, mix)
 //                                                      proj [tokens, D] = x̃ @ phi and rstd [tokens];
-//     when mix is not null (the fused boundary), x_rows is x_next, written by the same pass as the
-//     boundary's mix just before it is projected (never read back for the projection)
+//     when mix is not null (the fused boundary), x_rows is x_next, which project first writes as
+//     the boundary's mix: in the projection pass itself (the CPU; CUDA for n <= 6: never read back
+//     for the projection), or in a mix pass of its own (CUDA, n > 6)
 //     with kFusedProjectionPass: project<T>(..., norm_eps, layer_input, alpha, bias, pre_eps, mix), which
 //     also writes layer_input = Σ h_pre[i] x_i when it is not null (mhc_pre, the fused boundary)
 //   epilogue<T>(proj, rstd, alpha, bias, h_pre, h_post, h_res, d, s)
@@ -127,7 +128,8 @@ struct MhcCoeffs {
 
   // proj and rstd from one pass over x's rows (contiguous, x's dtype), then the per-token
   // epilogue.
-  // mix: the boundary's mix, written into x_rows by the same pass just before it is projected.
+  // mix: the boundary's mix, written into x_rows by project before it is projected (see the
+  // interface above).
   // Backend::kFusedProjectionPass only: layer_input, the layer input Σ h_pre[i] x_i [tokens, C] in
   // x's dtype, from the projection pass's rows.
   template <class Backend>
@@ -429,8 +431,8 @@ Tensor7 mhc_post_pre_fwd_core(const char* op, const at::Tensor& f, const at::Ten
   if (fused_input) layer_input = at::empty(lead_shape(x, {d.C}), p.x.options());
   if (d.tokens > 0) {
     const at::Tensor x_next_rows = x_next.view({d.tokens, d.n * d.C});
-    // One pass: x_next is mixed, stored, and projected from cache (the CPU: each token's row;
-    // CUDA: tiles of tokens x channels of every stream).
+    // x_next is mixed, stored, and projected from cache in one pass (the CPU: each token's row;
+    // CUDA, n <= 6: tiles of tokens x channels of every stream; n > 6: the mix, then the GEMM).
     const MhcBoundaryMix mix{fc, p, hp, hr};
     c.compute(backend, x_next_rows, phi, alpha, bias, d, s, fused_input ? &layer_input : nullptr, &mix);
   }

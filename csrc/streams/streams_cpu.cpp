@@ -222,6 +222,15 @@ void for_tokens(int64_t tokens, int n, int64_t C, Kernel&& kernel) {
 // The backend (streams_cpu.h).
 
 template <typename T, typename S>
+void cpu::mix_forward_tokens(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr, int64_t hr_stride,
+                             T* out, int64_t t0, int64_t t1, int n, int64_t C) {
+  dispatch_kernels(n, [&](auto k, auto kN, auto kMaxN) {
+    decltype(k)::template mix_forward<decltype(kN)::value, decltype(kMaxN)::value>(f, x, hp, hp_stride, hr, hr_stride,
+                                                                                 out, t0, t1, n, C, false);
+  });
+}
+
+template <typename T, typename S>
 void CpuStreamsBackend::aggregate_forward(const T* x, const S* h, int64_t h_stride, T* y, int64_t tokens, int n,
                                           int64_t C) {
   const bool stream = cpu::use_stream_stores(y, tokens * C * int64_t(sizeof(T)), C * int64_t(sizeof(T)));
@@ -302,6 +311,14 @@ void CpuStreamsBackend::sum_over_tokens(const S* partials, S* out, int64_t token
                                                            const S*, int64_t, T*, T*, S*, S*, int64_t, int, int64_t, \
                                                            bool);                                                  \
   template bool CpuStreamsBackend::mix_backward_streams<T>(const T*, const T*, int64_t, int, int64_t);
+#define HCEXT_INSTANTIATE_MIX_TOKENS(T, S)                                                                     \
+  template void cpu::mix_forward_tokens<T, S>(const T*, const T*, const S*, int64_t, const S*, int64_t, T*, int64_t, \
+                                              int64_t, int, int64_t);
+HCEXT_INSTANTIATE_MIX_TOKENS(float, float)
+HCEXT_INSTANTIATE_MIX_TOKENS(double, double)
+HCEXT_INSTANTIATE_MIX_TOKENS(c10::BFloat16, float)
+HCEXT_INSTANTIATE_MIX_TOKENS(c10::Half, float)
+#undef HCEXT_INSTANTIATE_MIX_TOKENS
 HCEXT_INSTANTIATE_CPU_STREAMS(float, float)
 HCEXT_INSTANTIATE_CPU_STREAMS(double, double)
 HCEXT_INSTANTIATE_CPU_STREAMS(c10::BFloat16, float)

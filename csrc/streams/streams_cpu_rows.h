@@ -1,9 +1,8 @@
 #pragma once
-// Per-token row kernels of the streams family's CPU backend that another family's pass also
-// runs: the mHC boundary's projection pass (mhc_cpu_passes.cpp) writes the mix of each token
-// with this very code, so that its x_next is bitwise the unfused stream_mix_expand's (the same
-// expression shape gives g++ the same FMA contractions). Templates only, inlined into each
-// caller's ISA variant (common/cpu_isa.h).
+// Per-token row kernels of the streams family's CPU backend (inlined into each ISA variant of
+// streams_cpu.cpp, common/cpu_isa.h), and the entry another family's pass calls to run the mix
+// kernel on its own rows: the mHC boundary's projection pass (mhc_cpu_passes.cpp) writes the mix
+// of each token with it, so that its x_next is bitwise the unfused stream_mix_expand's.
 
 #include <cstdint>
 
@@ -50,5 +49,14 @@ template <int kN, int kMaxN, typename T, typename S>
   }
   if (stream) stream_fence();
 }
+
+// stream_mix_expand's CPU kernel itself (streams_cpu.cpp, the instruction set chosen at run time)
+// on the tokens [t0, t1), on the calling thread, with ordinary stores. The mHC boundary's
+// projection pass writes each row of x_next with it: the same compiled code as the unfused op,
+// so the same bits (a copy of mix_forward_range inlined into another function may be
+// contracted into FMAs differently: measured with AVX2, n = 1 and 6).
+template <typename T, typename S>
+void mix_forward_tokens(const T* f, const T* x, const S* hp, int64_t hp_stride, const S* hr, int64_t hr_stride,
+                        T* out, int64_t t0, int64_t t1, int n, int64_t C);
 
 }  // namespace hcext::cpu

@@ -143,7 +143,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_mix_expand_bac
   return {grad_f, grad_x, ghp.out, ghr.out};
 }
 
-// The first pass of hcext::mhc_post_pre (called by the mHC driver on checked inputs):
+// The mix of hcext::mhc_post_pre where it is a pass of its own (the mHC CUDA backend for n > 6, on
+// checked inputs):
 // out = stream_mix_expand(f, x, h_post, h_res), into a contiguous tensor of x's shape and dtype.
 template <class Backend>
 void stream_mix_into(const StreamsProblem& p, const at::Tensor& f, const StreamsCoef& hp, const StreamsCoef& hr,

@@ -27,7 +27,7 @@ inline long long thread_matrix_workspace(long long tokens, int n, int matrices) 
 }
 
 // Always inlined: a caller inside an ISA-targeted CPU kernel (common/cpu_isa.h) gets the chosen
-// instantiation compiled for its own ISA (the mHC boundary's pass runs the streams mix this way).
+// instantiation compiled for its own ISA.
 template <typename Fn>
 [[gnu::always_inline]] inline void dispatch_n(int n, Fn&& fn) {
   if (n == 4) return fn.template operator()<4, 4>();

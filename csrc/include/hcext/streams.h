@@ -34,10 +34,15 @@ namespace hcext {
 constexpr int kStreamsMaxN = kMaxStreams;
 
 // sum_{i < n} w[i * stride] * row(i), accumulated in the order i = 0, 1, ..., n - 1.
+// The first product is added to +0 so that every addition takes one product and a running sum,
+// never two products: FMA contraction (g++ on AVX2 / AVX-512, nvcc) then has exactly one way to
+// round each step, whatever the context this is inlined into (the mHC boundary's fused passes
+// write x_next with this code and must give stream_mix_expand's bits). Its only effect on values:
+// a first product of -0 counts as +0.
 template <int kN, typename V, typename S, typename Load>
 HCEXT_HD V stream_weighted_sum(const S* w, int stride, int n_rt, Load&& row) {
   const int n = kN > 0 ? kN : n_rt;
-  V acc = w[0] * row(0);
+  V acc = V(S(0)) + w[0] * row(0);
   HCEXT_UNROLL
   for (int i = 1; i < n; ++i) acc = acc + w[i * stride] * row(i);
   return acc;
