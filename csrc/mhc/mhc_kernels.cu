@@ -164,6 +164,35 @@ constexpr int kProjGroups = 8;                        // thread (token, group): 
 constexpr int kProjThreads = kProjTokens * kProjGroups;
 constexpr int kProjCols = kMhcFusedMaxD / kProjGroups;
 
+// The projection kernels' inner loop, one token's row of a shared-memory tile against the tile of
+// phi: acc[j] += xrow[kk] * ps[kk][grp + kProjGroups * j] and squares += xrow[kk]² over kk < K.
+template <typename T>
+__device__ __forceinline__ void project_tile(const T* xrow, T (*ps)[kMhcFusedMaxD], int K, int grp,
+                                             T (&acc)[kProjCols], T& squares) {
+#pragma unroll 4
+  for (int kk = 0; kk < K; ++kk) {
+    const T v = xrow[kk];
+    squares += v * v;
+#pragma unroll
+    for (int j = 0; j < kProjCols; ++j) acc[j] += v * ps[kk][grp + kProjGroups * j];
+  }
+}
+
+// This split's partial sums of token t (when t < tokens): partial[split, t, c] = acc[j] for this
+// thread's columns c = grp + kProjGroups * j < D, and partial[split, t, D] = squares (group 0).
+template <typename T>
+__device__ __forceinline__ void store_partial(T* partial, int64_t tokens, int64_t t, int D, int grp,
+                                              const T (&acc)[kProjCols], T squares) {
+  if (t >= tokens) return;
+  T* out = partial + (int64_t(blockIdx.y) * tokens + t) * (D + 1);
+#pragma unroll
+  for (int j = 0; j < kProjCols; ++j) {
+    const int c = grp + kProjGroups * j;
+    if (c < D) out[c] = acc[j];
+  }
+  if (grp == 0) out[D] = squares;
+}
+
 // partial[split, t, :D] = sum over this split's k of x[t, k] phi[k, :]; partial[split, t, D] =
 // sum of x[t, k]². Grid: (token tiles, splits).
 template <typename X, typename T>
@@ -191,25 +220,10 @@ __global__ void __launch_bounds__(kProjThreads)
       ps[kk][c] = (k < k_end && c < D) ? phi[k * D + c] : T(0);
     }
     __syncthreads();
-#pragma unroll 4
-    for (int kk = 0; kk < kProjK; ++kk) {
-      const T v = xs[tok][kk];
-      squares += v * v;
-#pragma unroll
-      for (int j = 0; j < kProjCols; ++j) acc[j] += v * ps[kk][grp + kProjGroups * j];
-    }
+    project_tile(xs[tok], ps, kProjK, grp, acc, squares);
     __syncthreads();  // the tiles are refilled
   }
-  const int64_t t = t0 + tok;
-  if (t < tokens) {
-    T* out = partial + (int64_t(blockIdx.y) * tokens + t) * (D + 1);
-#pragma unroll
-    for (int j = 0; j < kProjCols; ++j) {
-      const int c = grp + kProjGroups * j;
-      if (c < D) out[c] = acc[j];
-    }
-    if (grp == 0) out[D] = squares;
-  }
+  store_partial(partial, tokens, t0 + tok, D, grp, acc, squares);
 }
 
 // ---- The fused boundary's mix inside the projection (D <= kMhcFusedMaxD) ------------------
@@ -272,25 +286,10 @@ __global__ void __launch_bounds__(kProjThreads)
       ps[kk][col] = (c < c_end && col < D) ? phi[((kk / kC) * C + c) * D + col] : T(0);
     }
     __syncthreads();
-#pragma unroll 4
-    for (int kk = 0; kk < K; ++kk) {
-      const T v = xs[tok][kk];
-      squares += v * v;
-#pragma unroll
-      for (int j = 0; j < kProjCols; ++j) acc[j] += v * ps[kk][grp + kProjGroups * j];
-    }
+    project_tile(xs[tok], ps, K, grp, acc, squares);
     __syncthreads();  // the tiles are refilled
   }
-  const int64_t t = t0 + tok;
-  if (t < tokens) {
-    T* out = partial + (int64_t(blockIdx.y) * tokens + t) * (D + 1);
-#pragma unroll
-    for (int j = 0; j < kProjCols; ++j) {
-      const int c = grp + kProjGroups * j;
-      if (c < D) out[c] = acc[j];
-    }
-    if (grp == 0) out[D] = squares;
-  }
+  store_partial(partial, tokens, t0 + tok, D, grp, acc, squares);
 }
 
 // proj[t, c] = sum over splits (in order) of partial[split, t, c]; rstd[t] from the squares.
