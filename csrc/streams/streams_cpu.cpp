@@ -56,8 +56,6 @@ using cpu::store_out;
 
 using cpu::for_channel_blocks;
 using cpu::lane_sum;
-using cpu::LocalCoefs;
-using cpu::mix_forward_range;
 
 
 // out[k] = sum_t partials[t, k], in a fixed order: fixed blocks of kRows tokens are summed
@@ -85,6 +83,17 @@ void sum_rows_fixed_order(const S* partials, S* out, int64_t tokens, int64_t K) 
 // ---------------------------------------------------------------------------------------
 // Kernels over the tokens [t0, t1). kN > 0: compile-time n; kN == 0: run-time n <= kMaxN.
 
+
+// A token's coefficients, copied to the stack: the compiler keeps them in registers
+// (through the output pointers they could otherwise alias, and be reloaded every block).
+template <int kN, int kCount, typename S>
+struct LocalCoefs {
+  S v[kCount];
+  [[gnu::always_inline]] LocalCoefs(const S* src, int count) {
+    const int m = kN > 0 ? kCount : count;
+    for (int k = 0; k < m; ++k) v[k] = src[k];
+  }
+};
 
 template <int kN, int kMaxN, typename T, typename S>
 [[gnu::always_inline]] inline void aggregate_forward_range(const T* x, const S* h, int64_t h_stride, T* y, int64_t t0,
@@ -127,6 +136,32 @@ template <int kN, int kMaxN, typename T, typename S>
     if (gh) {
       for (int i = 0; i < n; ++i) gh[t * n + i] = lane_sum(acc[i]);
     }
+  }
+  if (stream) cpu::stream_fence();
+}
+
+// out = mix(f, x, h_post, h_res) over the tokens [t0, t1). stream: streaming stores for whole
+// blocks (use_stream_stores), fenced before returning.
+template <int kN, int kMaxN, typename T, typename S>
+[[gnu::always_inline]] inline void mix_forward_range(const T* f, const T* x, const S* hp, int64_t hp_stride,
+                                                     const S* hr, int64_t hr_stride, T* out, int64_t t0, int64_t t1,
+                                                     int n_rt, int64_t C, bool stream) {
+  const int n = kN > 0 ? kN : n_rt;
+  Block<S> X[kMaxN];
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* xt = x + t * n * C;
+    const LocalCoefs<kN, kMaxN, S> hpt(hp + t * hp_stride, n);
+    const LocalCoefs<kN, kMaxN * kMaxN, S> hrt(hr + t * hr_stride, n * n);
+    T* ot = out + t * n * C;
+    for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
+      for (int j = 0; j < n; ++j) X[j] = load_block<S>(xt + j * C + c, valid);
+      const Block<S> F = load_block<S>(f + t * C + c, valid);
+      for (int i = 0; i < n; ++i) {
+        const Block<S> o = stream_mix_value<kN, Block<S>>(hrt.v + i * n, hpt.v[i], F, n,
+                                                          [&](int j) __attribute__((always_inline)) { return X[j]; });
+        store_out(ot + i * C + c, o, valid, stream);
+      }
+    });
   }
   if (stream) cpu::stream_fence();
 }
@@ -310,15 +345,9 @@ void CpuStreamsBackend::sum_over_tokens(const S* partials, S* out, int64_t token
   template void CpuStreamsBackend::mix_backward_rows<T, S>(const T*, const T*, const T*, const S*, int64_t,        \
                                                            const S*, int64_t, T*, T*, S*, S*, int64_t, int, int64_t, \
                                                            bool);                                                  \
-  template bool CpuStreamsBackend::mix_backward_streams<T>(const T*, const T*, int64_t, int, int64_t);
-#define HCEXT_INSTANTIATE_MIX_TOKENS(T, S)                                                                     \
+  template bool CpuStreamsBackend::mix_backward_streams<T>(const T*, const T*, int64_t, int, int64_t);             \
   template void cpu::mix_forward_tokens<T, S>(const T*, const T*, const S*, int64_t, const S*, int64_t, T*, int64_t, \
                                               int64_t, int, int64_t);
-HCEXT_INSTANTIATE_MIX_TOKENS(float, float)
-HCEXT_INSTANTIATE_MIX_TOKENS(double, double)
-HCEXT_INSTANTIATE_MIX_TOKENS(c10::BFloat16, float)
-HCEXT_INSTANTIATE_MIX_TOKENS(c10::Half, float)
-#undef HCEXT_INSTANTIATE_MIX_TOKENS
 HCEXT_INSTANTIATE_CPU_STREAMS(float, float)
 HCEXT_INSTANTIATE_CPU_STREAMS(double, double)
 HCEXT_INSTANTIATE_CPU_STREAMS(c10::BFloat16, float)
