@@ -60,8 +60,14 @@ class Shape:
             "phi": n * C * D * self.c,
             "alpha": 3 * self.c,
             "bias": D * self.c,
+            # CUDA's grad_x pass: per block of GRAD_CHANNELS channels, each token's sums over them
+            # for h_res's and h_post's gradients (n² + n), added in block order by a second pass.
+            "mix_partial": -(-C // GRAD_CHANNELS) * T * (n * n + n) * self.c,
         }[kind]
 
+
+# Channels per block of CUDA's backward pass over x (kGradW in csrc/mhc/mhc_kernels.cu).
+GRAD_CHANNELS = 64
 
 # A pass: (name, reads [(tensor, kind)], writes [(tensor, kind)]).
 Pass = Tuple[str, List[Tuple[str, str]], List[Tuple[str, str]]]
@@ -109,22 +115,29 @@ OPS: Dict[str, List[Pass]] = {
     ],
 }
 # The boundary's backward: x_next's coefficient path (mhc_backward's passes, on x_next, with
-# grad_x_next read by grad_x_phi and added before the one rounding), then the mix's backward on
-# the summed gradient.
+# grad_x_next read by the grad_x pass and added before the one rounding); the same pass runs the
+# mix's backward on x_next's summed gradient (never stored: mhc_grad_x_phi_kernel's kMix, n <= 6),
+# whose per-token sums over channels come out as per-block partial sums added by a pass of their own.
+_MIX_BACKWARD = ("mix_backward", [("grad_x_next_total", "streams"), ("f", "row"), ("x", "streams"),
+                                  ("h_post", "coef_n"), ("h_res", "coef_nn")],
+                 [("grad_f", "row"), ("grad_x", "streams"), ("grad_h_post", "coef_n"), ("grad_h_res", "coef_nn")])
+_GRAD_PHI_SUM = OPS["mhc_backward"][3]
+_COEFFICIENT_SUMS = OPS["mhc_backward"][4]
 OPS["mhc_post_pre_backward"] = [
     ("layer_input_grad", [("x_next", "streams"), ("grad_layer_input", "row")], [("g_pre", "coef_n")]),
     ("epilogue_backward", [("proj", "proj"), ("rstd", "token"), ("alpha", "alpha"), ("bias", "bias"),
                            ("g_pre", "coef_n"), ("grad_h_post_next", "coef_n"), ("grad_h_res_next", "coef_nn")],
      [("dl", "proj"), ("dproj", "proj"), ("dalpha", "token3"), ("drstd", "token")]),
-    ("grad_x_phi", [("x_next", "streams"), ("grad_x_next", "streams"), ("grad_layer_input", "row"), ("dproj", "proj"),
-                    ("proj", "proj"), ("rstd", "token"), ("drstd", "token"), ("phi", "phi")]
-     + [(f"partial{i}", "phi") for i in range(PARTIALS)],
-     [("grad_x_next_total", "streams")] + [(f"partial{i}", "phi") for i in range(PARTIALS)]),
-    ("grad_phi_sum", [(f"partial{i}", "phi") for i in range(PARTIALS)], [("grad_phi", "phi")]),
-    ("coefficient_sums", [("dl", "proj"), ("dalpha", "token3")], [("grad_alpha", "alpha"), ("grad_bias", "bias")]),
-    ("mix_backward", [("grad_x_next_total", "streams"), ("f", "row"), ("x", "streams"), ("h_post", "coef_n"),
-                      ("h_res", "coef_nn")],
-     [("grad_f", "row"), ("grad_x", "streams"), ("grad_h_post", "coef_n"), ("grad_h_res", "coef_nn")]),
+    ("grad_x_phi+mix_backward",
+     [("x_next", "streams"), ("grad_x_next", "streams"), ("grad_layer_input", "row"), ("dproj", "proj"),
+      ("proj", "proj"), ("rstd", "token"), ("drstd", "token"), ("phi", "phi")]
+     + [(f"partial{i}", "phi") for i in range(PARTIALS)]
+     + [r for r in _MIX_BACKWARD[1] if r[0] != "grad_x_next_total"],
+     [(f"partial{i}", "phi") for i in range(PARTIALS)] + [("grad_f", "row"), ("grad_x", "streams"),
+                                                          ("mix_partial", "mix_partial")]),
+    ("mix_rows_sum", [("mix_partial", "mix_partial")], [("grad_h_post", "coef_n"), ("grad_h_res", "coef_nn")]),
+    _GRAD_PHI_SUM,
+    _COEFFICIENT_SUMS,
 ]
 
 
@@ -151,15 +164,17 @@ _BACKWARD_PASS = [
 ]
 CPU_OPS["mhc_backward"] = _BACKWARD_PASS + OPS["mhc_backward"][3:]
 # The boundary: the same pass on x_next, which also reads grad_x_next and runs the mix's backward
-# on each block of x_next's summed gradient from a per-thread buffer (never stored).
-_MIX_BACKWARD = OPS["mhc_post_pre_backward"][-1]
+# on each block of x_next's summed gradient from a per-thread buffer (never stored; its sums
+# over channels finished within the block: no partial sums).
 CPU_OPS["mhc_post_pre_backward"] = [
     ("row_sums+epilogue_backward+grad_x_phi+mix_backward",
      [({"x": "x_next", "grad_h_post": "grad_h_post_next", "grad_h_res": "grad_h_res_next"}.get(t, t), k)
       for t, k in _BACKWARD_PASS[0][1] if t != "grad_h_pre"]
      + [("grad_x_next", "streams")] + [r for r in _MIX_BACKWARD[1] if r[0] != "grad_x_next_total"],
      [w for w in _BACKWARD_PASS[0][2] if w[0] != "grad_x"] + _MIX_BACKWARD[2]),
-] + OPS["mhc_post_pre_backward"][3:5]
+    _GRAD_PHI_SUM,
+    _COEFFICIENT_SUMS,
+]
 BACKENDS = {"cuda": OPS, "cpu": CPU_OPS}
 
 

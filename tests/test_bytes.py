@@ -111,12 +111,21 @@ def test_cpu_forward_passes_read_less():
 
 def test_cpu_backward_passes_read_less():
     # The CPU's backward pass reads x once per block (the row sums; grad_x reads the block again
-    # from cache) and keeps the epilogue's per-token results of a block in cache; the boundary's
-    # also runs the mix's backward on x_next's gradient without storing it.
+    # from cache) and keeps the epilogue's per-token results of a block in cache. Both backends'
+    # boundary runs the mix's backward on x_next's gradient without storing it; CUDA's grad_x pass
+    # splits the channels over blocks, so its sums over channels go through partial sums.
     shape = table.Shape(T=4096, n=4, C=1024, s=4)
     small = shape.size("row") + shape.size("coef_n") + 2 * shape.size("proj") + 2 * shape.size("token")
-    saved = {"mhc_backward": (1, 0), "mhc_post_pre_backward": (2, 1)}  # streams-sized (reads, writes) saved
-    for op, (reads, writes) in saved.items():
+    partial = shape.size("mix_partial")
+    saved = {"mhc_backward": (1, 0, 0), "mhc_post_pre_backward": (1, 0, partial)}  # (reads, writes) in streams
+    for op, (reads, writes, extra) in saved.items():
         cuda, cpu = table.op_bytes(op, shape, "cuda"), table.op_bytes(op, shape, "cpu")
-        assert cuda["read"] - cpu["read"] == reads * shape.size("streams") + small, op
-        assert cuda["write"] - cpu["write"] == writes * shape.size("streams"), op
+        assert cuda["read"] - cpu["read"] == reads * shape.size("streams") + small + extra, op
+        assert cuda["write"] - cpu["write"] == writes * shape.size("streams") + extra, op
+
+
+def test_cuda_boundary_backward_never_stores_x_next_gradient():
+    # mhc_grad_x_phi_kernel's kMix (n <= 6): x_next's summed gradient is neither written nor read.
+    for backend in table.BACKENDS:
+        passes = table.BACKENDS[backend]["mhc_post_pre_backward"]
+        assert not any(t == "grad_x_next_total" for _, rs, ws in passes for t, _ in rs + ws), backend

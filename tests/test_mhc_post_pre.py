@@ -212,14 +212,22 @@ def test_opcheck_backward(device, name):
     "present", [(True, False, False, False), (False, True, False, False), (False, False, True, True),
                 (False, False, False, False)]
 )
-def test_backward_none_equals_zeros(device, present):
+def test_backward_none_equals_zeros(request, device, present):
     inputs = _tensors((5,), 4, 8, device)
     args = list(_backward_args(inputs, present))
     zeros = [a if a is not None else torch.zeros_like(o) for a, o in zip(args[:4], FWD_OP(*inputs, 5)[:4])]
     with_none = BACKWARD_OP(*args)
     with_zeros = BACKWARD_OP(*zeros, *args[4:])
-    for a, b in zip(with_none, with_zeros):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # Without any coefficient gradient the mix's backward is stream_mix_expand_backward's kernel;
+    # with one (zeros here), it runs inside the coefficient path's pass. On the CPU that is the
+    # same kernel (the same bits); CUDA's pass sums h_post's and h_res's gradients over blocks of
+    # channels, the streams kernel over threads: the same terms in another fixed order.
+    split_sums = request.node.callspec.params["device"] != "cpu" and present == (True, False, False, False)
+    for k, (a, b) in enumerate(zip(with_none, with_zeros)):
+        if split_sums and k in (2, 3):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        else:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("tokens", [5, 300])  # 300: across the CPU backward pass's blocks and chunks

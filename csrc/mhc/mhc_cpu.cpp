@@ -193,6 +193,7 @@ struct CpuMhcBackend {
   // grad_phi's sum over tokens runs in fixed chunks of blocks (their number depends on the
   // token count only) added in chunk order: deterministic, whatever the thread count.
   static constexpr bool kFusedBackwardPass = true;
+  static bool grad_pass_fuses(const MhcDims&) { return true; }  // the boundary's mix backward: step 4
   template <typename T>
   void backward_pass(const MhcBackwardPass<T>& a, const MhcDims& d, const MhcScalars& s) {
     constexpr int64_t kBlock = cpu::kMhcGradChunkTokens;

@@ -81,25 +81,48 @@ struct CudaMhcBackend : CudaContext {
                                                     drstd, workspace.data_ptr<T>(), d.tokens, d.n, s.iters,
                                                     T(s.sinkhorn_eps), T(s.post_mult), stream));
   }
-  // grad_x and grad_phi. n <= 6: one pass over x (mhc_grad_x_phi). Larger n: x's rows in T,
-  // grad_phi = xfᵀ @ dproj and dxp = dproj @ phiᵀ by cuBLAS, then the grad_x pass (dx may
-  // overwrite dxp in place when x is in T).
+  // The grad_x pass also runs the fused boundary's mix backward and the shifted collapse's row
+  // sums where it reads x in its own dtype (n <= 6; see grad_x_phi).
+  static bool grad_pass_fuses(const MhcDims& d) { return d.D <= cuda::kMhcFusedMaxD; }
+
+  // grad_x and grad_phi. n <= 6: one pass over x (mhc_grad_x_phi), which also computes gy_rows
+  // (the shifted collapse's Σ_c gy x_i) and, for the fused boundary (mix_grad), runs the mix's
+  // backward on x_next's gradient instead of storing it (dx is then left undefined). Larger n:
+  // x's rows in T, grad_phi = xfᵀ @ dproj and dxp = dproj @ phiᵀ by cuBLAS, then the grad_x pass
+  // (dx may overwrite dxp in place when x is in T).
   template <typename T>
   void grad_x_phi(const at::Tensor& x_rows, const at::Tensor& phi, const at::Tensor& dproj, const T* proj,
                   const T* rstd, const T* drstd, const T* gy, const T* mix, int64_t mix_stride, const T* alpha,
                   const T* bias, double pre_eps, const at::Tensor& extra, at::Tensor& dx, at::Tensor& grad_phi,
-                  const MhcDims& d) {
+                  const MhcDims& d, T* gy_rows = nullptr, MhcBoundaryMixGrad* mix_grad = nullptr) {
     const int64_t len = d.n * d.C;
     const void* ex = extra.defined() ? extra.data_ptr() : nullptr;
-    if (d.D <= cuda::kMhcFusedMaxD) {
-      const at::Tensor workspace = scratch<T>(cuda::mhc_grad_phi_workspace(d.tokens, len, int(d.D)));
+    if (grad_pass_fuses(d)) {
+      cuda::MhcGradRows<T> rows;
+      rows.gy_rows = gy_rows;
+      if (mix_grad) {
+        auto out = [](const at::Tensor& t) { return t.numel() > 0 ? t.data_ptr() : nullptr; };
+        rows.f = mix_grad->f.data_ptr();
+        rows.x = mix_grad->p.x.data_ptr();
+        rows.h_post = mix_grad->h_post.h.data_ptr<T>();
+        rows.hp_stride = mix_grad->h_post.token_stride;
+        rows.h_res = mix_grad->h_res.h.data_ptr<T>();
+        rows.hr_stride = mix_grad->h_res.token_stride;
+        rows.grad_f = out(mix_grad->grad_f);
+        rows.grad_x = out(mix_grad->grad_x);
+        rows.grad_h_post = mix_grad->grad_h_post.rows<T>();
+        rows.grad_h_res = mix_grad->grad_h_res.rows<T>();
+      }
+      const at::Tensor workspace =
+          scratch<T>(cuda::mhc_grad_x_phi_workspace<T>(d.tokens, int(d.n), d.C, int(d.D), rows));
       grad_phi = at::empty({len, d.D}, phi.options());
-      HCEXT_CUDA_CHECK(cuda::mhc_grad_x_phi<T>(x_rows.data_ptr(), stream_dtype(x_rows.scalar_type()), phi.data_ptr<T>(),
-                                               dproj.data_ptr<T>(), proj, rstd, drstd, gy, mix, mix_stride, alpha, bias,
-                                               T(pre_eps), ex, dx.data_ptr(), workspace.data_ptr<T>(),
-                                               grad_phi.data_ptr<T>(), d.tokens, d.n, d.C, int(d.D), stream));
+      HCEXT_CUDA_CHECK(cuda::mhc_grad_x_phi<T>(
+          x_rows.data_ptr(), stream_dtype(x_rows.scalar_type()), phi.data_ptr<T>(), dproj.data_ptr<T>(), proj, rstd,
+          drstd, gy, mix, mix_stride, alpha, bias, T(pre_eps), ex, mix_grad ? nullptr : dx.data_ptr(), rows,
+          workspace.data_ptr<T>(), grad_phi.data_ptr<T>(), d.tokens, d.n, d.C, int(d.D), stream));
       return;
     }
+    TORCH_INTERNAL_ASSERT(gy_rows == nullptr && mix_grad == nullptr, "n > 6: the row sums and the mix are passes of their own");
     const at::Tensor xf = x_rows.to(d.compute);
     grad_phi = at::mm(xf.t(), dproj);
     at::Tensor dxp = at::mm(dproj, phi.t());

@@ -23,7 +23,12 @@
 //   layer_input_grad_x<T>(x_rows, gy, g_pre, out, d)   out = g_pre + sum_c gy * x_i
 //   epilogue_backward<T>(proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha, drstd, d, s)
 //   grad_x_phi<T>(x_rows, phi, dproj, proj, rstd, drstd, gy, mix, mix_stride, alpha, bias,
-//                 pre_eps, extra, dx, grad_phi, d)     grad_x and grad_phi, one pass over x
+//                 pre_eps, extra, dx, grad_phi, d, gy_rows, mix_grad)
+//                                                      grad_x and grad_phi, one pass over x; where
+//     grad_pass_fuses(d), also the shifted collapse's row sums Σ_c gy x_i (gy_rows, not null) and the
+//     fused boundary's mix backward on x_next's gradient (mix_grad, not null: dx is not written)
+//   static grad_pass_fuses(d)                          whether the backward's pass over x runs the
+//     fused boundary's mix backward (and, without kFusedBackwardPass, the shifted row sums)
 //   with kFusedBackwardPass, instead of the three above: backward_pass<T>(MhcBackwardPass<T>, d, s),
 //     the same three steps block by block of tokens, so that a block's rows of x are read from
 //     memory once (the row sums) and again from cache (grad_x); for the fused boundary it also
@@ -76,7 +81,8 @@ struct MhcBoundaryMix {
 };
 
 // The fused boundary's mix backward (grad_f, grad_x, h_post's and h_res's per-token rows), for
-// a backend whose backward pass runs it on each block of x_next's gradient (kFusedBackwardPass).
+// a backend whose backward pass over x_next runs it on x_next's gradient (grad_pass_fuses: the
+// CPU's backward_pass per block of tokens, CUDA's grad_x pass for n <= 6).
 // f and x contiguous; an output not requested is an empty tensor (CoefGrad: no rows).
 struct MhcBoundaryMixGrad {
   const at::Tensor& f;
@@ -300,8 +306,8 @@ MhcGrads mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor
   at::Tensor dl = at::empty({T_, D}, opts), dproj = at::empty({T_, D}, opts);
   at::Tensor dalpha = at::empty({T_, 3}, opts), drstd = at::empty({T_}, opts);
   at::Tensor grad_phi, grad_x, row_sums_total;
-  TORCH_INTERNAL_ASSERT(mix_grad == nullptr || Backend::kFusedBackwardPass,
-                        "only a fused backward pass runs the boundary's mix backward");
+  TORCH_INTERNAL_ASSERT(mix_grad == nullptr || Backend::grad_pass_fuses(d),
+                        "this backend runs the boundary's mix backward in a pass of its own");
   dispatch_compute(d.compute, [&](auto zero) {
     using T = decltype(zero);
     if constexpr (Backend::kFusedBackwardPass) {
@@ -326,8 +332,11 @@ MhcGrads mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor
       auto layer_input_grad = [&](const T* g_pre, T* total) {
         backend.template layer_input_grad_x<T>(xr, gy.data_ptr<T>(), g_pre, total, d);
       };
+      // The shifted collapse's row sums: in the grad_x pass where the backend can (they feed no
+      // coefficient), else a pass of their own.
+      const bool rows_in_pass = gy.defined() && pre_mix && Backend::grad_pass_fuses(d);
       if (gy.defined() && pre_mix) {
-        layer_input_grad(nullptr, gmix.rows<T>());
+        if (!rows_in_pass) layer_input_grad(nullptr, gmix.rows<T>());
       } else if (gy.defined()) {
         at::Tensor total = at::empty({T_, n}, opts);
         layer_input_grad(data_or_null<const T>(gpre), total.data_ptr<T>());
@@ -340,11 +349,12 @@ MhcGrads mhc_backward_core(const char* op, const at::Tensor& x, const at::Tensor
                                             drstd.data_ptr<T>(), d, s);
       // The layer input's coefficient: pre_mix's (shifted) or h_pre recomputed from proj (null).
       const T* mix = pre_mix && gy.defined() ? pre_mix->h.data_ptr<T>() : nullptr;
-      grad_x = at::empty({T_, d.n * d.C}, x.options());
+      if (!mix_grad) grad_x = at::empty({T_, d.n * d.C}, x.options());
       backend.template grad_x_phi<T>(xr, phi.contiguous(), dproj, P.data_ptr<T>(), R.data_ptr<T>(),
                                      drstd.data_ptr<T>(), data_or_null<const T>(gy), mix,
                                      pre_mix ? pre_mix->token_stride : 0, a.data_ptr<T>(), b.data_ptr<T>(), pre_eps,
-                                     extra_rows, grad_x, grad_phi, d);
+                                     extra_rows, grad_x, grad_phi, d, rows_in_pass ? gmix.rows<T>() : nullptr,
+                                     mix_grad);
     }
   });
   if (pre_mix && gy.defined()) {
@@ -399,8 +409,8 @@ Tensor5 mhc_shifted_backward_impl(const at::Tensor& x, const at::Tensor& pre_mix
 //   from the same pass): the rest of mhc_pre, unchanged.
 // Backward: grad of x_next = grad_x_next (from x_next's other consumers) + the coefficient
 //   path's share, summed in fp32 and rounded once (mhc_backward_core's extra); then
-//   stream_mix_expand_backward (the streams backend) — on a backend with kFusedBackwardPass,
-//   inside the coefficient path's pass on each block of that gradient (MhcBoundaryMixGrad).
+//   stream_mix_expand_backward (the streams backend) — where Backend::grad_pass_fuses, inside the
+//   coefficient path's pass over x_next, on that gradient as it is computed (MhcBoundaryMixGrad).
 
 // -> (x_next, layer_input, h_post_next, h_res_next, next h_pre, proj, rstd). pre_mix: null
 // (the layer input is collapsed with x_next's own h_pre) or the shifted collapse's pre_mix.
@@ -484,7 +494,7 @@ MhcPostPreGrads mhc_post_pre_backward_core(
   const NoAutocast no_autocast;
   // Every input of layer l's merge first, in the forward's order (x, the parameters, f,
   // h_post, h_res, pre_mix), so that a bad one is named, under this op's name, before any work.
-  check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
+  const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
   const StreamsProblem p = check_streams_shape(x, op);  // validation only: the mix backward copies
   check_streams_f(f, x, p, op);
   const StreamsCoef hp = check_streams_coef(h_post, "h_post", 1, x, p, op);
@@ -505,10 +515,11 @@ MhcPostPreGrads mhc_post_pre_backward_core(
   at::Tensor g_next;
   const bool coefficient_path = has_value(grad_layer_input) || has_value(grad_h_post_next) ||
                                 has_value(grad_h_res_next) || (pre_mix && has_value(grad_next_pre_mix));
-  if (coefficient_path && Backend::kFusedBackwardPass) {
-    // The mix's backward inside the coefficient path's pass, on each block of x_next's gradient
-    // as it is computed: that gradient is never stored. The same kernels and roundings as
-    // stream_mix_expand_backward below.
+  if (coefficient_path && Backend::grad_pass_fuses(d)) {
+    // The mix's backward inside the coefficient path's pass over x_next, on x_next's gradient as
+    // it is computed: that gradient is never stored. The arithmetic and roundings of
+    // stream_mix_expand_backward below (the CPU: its very kernel, the same bits; CUDA: its per-
+    // channel values, the sums over channels in another fixed order).
     StreamsProblem px = p;
     px.x = x.contiguous();
     const at::Tensor fc = f.contiguous();

@@ -311,29 +311,117 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-constexpr int kGradThreads = 256;  // one k (element of a token's row) per thread
-constexpr int kGradTokens = 32;    // tokens staged in shared memory per step
+// ---- The backward's pass over x (D <= kMhcFusedMaxD) ----------------------------------------
+//
+// A block owns kGradW channels of every stream (thread (i, c): element k = i C + c of the
+// row) for a chunk of tokens, so that the boundary's mix backward, which needs x_next's
+// gradient of every stream at a channel, runs in the same pass on values exchanged through
+// shared memory, and the per-token sums over channels (the mix's coefficient gradients; the
+// shifted collapse's Σ_c gy x_i) come out of the same rows as per-block partial sums.
 
-// For this block's k and its chunk of tokens: dx[t, k] = sum_d dproj[t, d] phi[k, d] +
+constexpr int kGradW = 64;       // channels per block, of every stream
+constexpr int kGradTokens = 32;  // tokens staged in shared memory per step
+// Streams per block for a column count: D <= 24 means n <= 4.
+template <int kMaxD>
+constexpr int kGradMaxN = kMaxD <= 24 ? 4 : kMhcFusedMaxN;
+// Tokens per exchange of the mix backward (16 bytes of T per thread and array).
+template <typename T>
+constexpr int kGradStage = int(16 / sizeof(T));
+
+// What the pass adds to grad_x/grad_phi (mhc_launch.h's MhcGradRows, typed): the boundary's mix
+// backward (f non-null) and the per-token sums, partial [channel blocks, tokens, terms] with
+// terms = mix_terms (h_res's n², then h_post's n; 0 when neither is wanted) + (gy rows ? n : 0).
+template <typename X, typename T>
+struct GradRows {
+  const X* f;
+  const X* x;  // layer l's streams
+  const T *hp, *hr;
+  int64_t hp_stride, hr_stride;
+  X *grad_f, *grad_x;
+  T* partial;
+  int mix_terms, terms;
+};
+
+// The exchange between a block's threads (arrays sized 1 where unused): x_next's gradient
+// rounded to X (g), x and f (kMix), gy x_next (kRows), for kS tokens.
+template <typename T, int kN, int kS, bool kMix, bool kRows>
+struct GradExchange {
+  T g[kMix ? kS : 1][kN][kGradW];
+  T x[kMix ? kS : 1][kN][kGradW];
+  T f[kMix ? kS : 1][kGradW];
+  T p[kRows ? kS : 1][kN][kGradW];
+};
+
+// The staged tokens [t0, t0 + count) of the exchange: the mix's input gradients, channel-wise
+// (stream_mix_expand_backward's arithmetic on x_next's gradient rounded to X, eg), and one
+// thread per (token, term) summing the block's channels in order.
+template <typename X, typename T, int kN, int kS, bool kMix, bool kRows>
+__device__ __forceinline__ void grad_rows_step(const GradRows<X, T>& r, const GradExchange<T, kN, kS, kMix, kRows>& e,
+                                               int64_t t0, int count, int i, int cl, int64_t c, bool active, int n,
+                                               int64_t C, int64_t tokens) {
+  using V = Lanes<T, 1>;
+  const auto& eg = e.g;
+  const auto& ex = e.x;
+  const auto& ef = e.f;
+  const auto& ep = e.p;
+  if constexpr (kMix) {
+    if (active) {
+      for (int s = 0; s < count; ++s) {
+        const int64_t t = t0 + s;
+        auto rows = [&](int q) { return V(eg[s][q][cl]); };
+        if (r.grad_x) {
+          store_as(r.grad_x + (t * n + i) * C + c, stream_mix_grad_x_value<0, V>(r.hr + t * r.hr_stride, i, n, rows).v[0]);
+        }
+        if (r.grad_f && i == 0) {
+          store_as(r.grad_f + t * C + c, stream_mix_grad_f_value<0, V>(r.hp + t * r.hp_stride, n, rows).v[0]);
+        }
+      }
+    }
+  }
+  for (int p = threadIdx.x; p < count * r.terms; p += blockDim.x) {
+    const int s = p / r.terms, q = p % r.terms;
+    T sum = T(0);
+    if (kMix && q < r.mix_terms) {
+      if (q < n * n) {  // h_res[a, b]: Σ_c g_a x_b
+        const int a = q / n, b = q % n;
+        for (int l = 0; l < kGradW; ++l) sum += stream_coef_grad_term(V(eg[s][a][l]), V(ex[s][b][l])).v[0];
+      } else {  // h_post[a]: Σ_c g_a f
+        const int a = q - n * n;
+        for (int l = 0; l < kGradW; ++l) sum += stream_coef_grad_term(V(eg[s][a][l]), V(ef[s][l])).v[0];
+      }
+    } else if (kRows) {  // the shifted collapse's pre_mix[a]: Σ_c gy x_next_a
+      const int a = q - r.mix_terms;
+      for (int l = 0; l < kGradW; ++l) sum += ep[s][a][l];
+    }
+    r.partial[(int64_t(blockIdx.x) * tokens + t0 + s) * r.terms + q] = sum;
+  }
+}
+
+// For this block's channels and its chunk of tokens: dx[t, k] = sum_d dproj[t, d] phi[k, d] +
 // factor[t] x[t, k] + h[t, i] gy[t, c] + extra[t, k] (k = i C + c), rounded once to X; and
 // partial[chunk, k, d] = sum over the chunk's tokens of x[t, k] dproj[t, d]. phi's row k
-// stays in registers for the whole chunk. Grid: (k blocks, token chunks).
-template <typename X, typename T, int kMaxD>
-__global__ void __launch_bounds__(kGradThreads)
+// stays in registers for the whole chunk. kMix: dx is x_next's gradient, not stored: the mix's
+// backward runs on it (grad_f, grad_x of layer l's streams, their coefficients' partial sums);
+// kRows: the partial sums of gy x too. Grid: (channel blocks, token chunks); n * kGradW threads.
+template <typename X, typename T, int kMaxD, bool kMix, bool kRows>
+__global__ void __launch_bounds__(kGradMaxN<kMaxD> * kGradW)
     mhc_grad_x_phi_kernel(const X* __restrict__ x, const T* __restrict__ phi, const T* __restrict__ dproj,
                           const T* __restrict__ proj, const T* __restrict__ rstd, const T* __restrict__ drstd,
                           const T* __restrict__ gy, const T* __restrict__ mix, int64_t mix_stride,
                           const T* __restrict__ alpha, const T* __restrict__ bias, T pre_eps,
                           const X* __restrict__ extra, X* __restrict__ dx, T* __restrict__ partial, int64_t tokens,
-                          int n, int64_t C, int D, int64_t tokens_per_chunk) {
+                          int n, int64_t C, int D, int64_t tokens_per_chunk, GradRows<X, T> r) {
+  constexpr int kN = kGradMaxN<kMaxD>;
+  constexpr int kS = kGradStage<T>;
   __shared__ T dps[kGradTokens][kMaxD];
   __shared__ T fs[kGradTokens];
   __shared__ T hs[kGradTokens][kMhcFusedMaxN];
+  __shared__ GradExchange<T, kN, kS, kMix, kRows> xch;
   const int64_t len = int64_t(n) * C;
-  const int64_t k = int64_t(blockIdx.x) * kGradThreads + threadIdx.x;
-  const bool active = k < len;
-  const int i = active ? int(k / C) : 0;
-  const int64_t c = active ? k - i * C : 0;
+  const int i = int(threadIdx.x) / kGradW, cl = int(threadIdx.x) % kGradW;
+  const int64_t c = int64_t(blockIdx.x) * kGradW + cl;
+  const bool active = c < C;
+  const int64_t k = int64_t(i) * C + c;
   T ph[kMaxD], g[kMaxD];
 #pragma unroll
   for (int d = 0; d < kMaxD; ++d) {
@@ -344,11 +432,11 @@ __global__ void __launch_bounds__(kGradThreads)
   const int64_t t_end = t_begin + tokens_per_chunk < tokens ? t_begin + tokens_per_chunk : tokens;
   for (int64_t tb = t_begin; tb < t_end; tb += kGradTokens) {
     const int nt = int(t_end - tb < kGradTokens ? t_end - tb : kGradTokens);
-    for (int e = threadIdx.x; e < nt * kMaxD; e += kGradThreads) {
+    for (int e = threadIdx.x; e < nt * kMaxD; e += blockDim.x) {
       const int j = e / kMaxD, d = e % kMaxD;
       dps[j][d] = d < D ? dproj[(tb + j) * D + d] : T(0);
     }
-    for (int j = threadIdx.x; j < nt; j += kGradThreads) {
+    for (int j = threadIdx.x; j < nt; j += blockDim.x) {
       const int64_t t = tb + j;
       fs[j] = mhc_rstd_grad_factor<T>(drstd[t], rstd[t], T(len));
       for (int q = 0; q < n; ++q) {
@@ -356,13 +444,14 @@ __global__ void __launch_bounds__(kGradThreads)
       }
     }
     __syncthreads();
-    if (active) {
-      for (int j = 0; j < nt; ++j) {
-        const int64_t t = tb + j;
-        const T xv = T(to_compute(x[t * len + k]));
+    for (int j = 0; j < nt; ++j) {
+      const int64_t t = tb + j;
+      T v = T(0), xv = T(0);
+      if (active) {
+        xv = T(to_compute(x[t * len + k]));
         // One product per addition (FMA contraction rounds it one way): an absent gradient and a
         // zero one give the same bits.
-        T v = extra ? T(to_compute(extra[t * len + k])) : T(0);
+        v = extra ? T(to_compute(extra[t * len + k])) : T(0);
         v += fs[j] * xv;
         if (gy) v += hs[j][i] * gy[t * C + c];
 #pragma unroll
@@ -370,7 +459,22 @@ __global__ void __launch_bounds__(kGradThreads)
           v += dps[j][d] * ph[d];
           g[d] += dps[j][d] * xv;
         }
-        store_as(dx + t * len + k, v);
+        if constexpr (!kMix) store_as(dx + t * len + k, v);
+      }
+      if constexpr (kMix || kRows) {
+        const int s = j % kS;
+        if constexpr (kMix) {
+          // The gradient as stream_mix_expand_backward would read it back: rounded to X.
+          xch.g[s][i][cl] = active ? T(to_compute(Convert<X>::out(static_cast<ComputeOf<X>>(v)))) : T(0);
+          xch.x[s][i][cl] = active ? T(to_compute(r.x[t * len + k])) : T(0);
+          if (i == 0) xch.f[s][cl] = active ? T(to_compute(r.f[t * C + c])) : T(0);
+        }
+        if constexpr (kRows) xch.p[s][i][cl] = active ? stream_coef_grad_term(Lanes<T, 1>(gy[t * C + c]), Lanes<T, 1>(xv)).v[0] : T(0);
+        if (s == kS - 1 || j == nt - 1) {
+          __syncthreads();
+          grad_rows_step(r, xch, t - s, s + 1, i, cl, c, active, n, C, tokens);
+          __syncthreads();  // the exchange is refilled
+        }
       }
     }
     __syncthreads();  // the staged tokens are replaced
@@ -380,6 +484,29 @@ __global__ void __launch_bounds__(kGradThreads)
 #pragma unroll
     for (int d = 0; d < kMaxD; ++d) {
       if (d < D) out[d] = g[d];
+    }
+  }
+}
+
+// The per-token sums: rows[t, q] = sum over channel blocks (in order) of partial[block, t, q],
+// to h_res's rows (q < n²), h_post's (q < mix_terms) and gy's (the rest); null ones skipped.
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    mhc_grad_rows_reduce_kernel(const T* __restrict__ partial, T* __restrict__ gh_res, T* __restrict__ gh_post,
+                                T* __restrict__ gy_rows, int64_t tokens, int n, int mix_terms, int terms,
+                                int blocks) {
+  const int64_t total = tokens * terms;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = e / terms;
+    const int q = int(e - t * terms);
+    T s = partial[e];
+    for (int b = 1; b < blocks; ++b) s += partial[int64_t(b) * total + e];
+    if (q < mix_terms && q < n * n) {
+      if (gh_res) gh_res[t * n * n + q] = s;
+    } else if (q < mix_terms) {
+      if (gh_post) gh_post[t * n + q - n * n] = s;
+    } else {
+      gy_rows[t * n + q - mix_terms] = s;
     }
   }
 }
@@ -421,9 +548,9 @@ inline int64_t mix_step(StreamDtype xtype) {
 }
 
 // The token chunks of the backward: about 1024 blocks in all, at most 16 partials of grad_phi.
-inline int64_t grad_tokens_per_chunk(int64_t tokens, int64_t len) {
-  const int64_t kblocks = (len + kGradThreads - 1) / kGradThreads;
-  int64_t chunks = (1024 + kblocks - 1) / kblocks;
+inline int64_t grad_tokens_per_chunk(int64_t tokens, int64_t C) {
+  const int64_t cblocks = (C + kGradW - 1) / kGradW;
+  int64_t chunks = (1024 + cblocks - 1) / cblocks;
   chunks = chunks < 1 ? 1 : (chunks > 16 ? 16 : chunks);
   return (tokens + chunks - 1) / chunks;
 }
@@ -518,10 +645,26 @@ int64_t mhc_mix_project_workspace(int64_t tokens, int64_t C, int D, StreamDtype 
   return int64_t(project_split(tokens, C, mix_step(xtype)).splits) * tokens * (D + 1);
 }
 
-int64_t mhc_grad_phi_workspace(int64_t tokens, int64_t len, int D) {
+namespace {
+// The per-token sums mhc_grad_x_phi writes for `rows`: h_res's and h_post's gradient rows when
+// either is wanted, gy's rows when wanted.
+template <typename T>
+int mix_terms(const MhcGradRows<T>& rows, int n) {
+  return rows.f && (rows.grad_h_res || rows.grad_h_post) ? n * n + n : 0;
+}
+template <typename T>
+int row_terms(const MhcGradRows<T>& rows, int n) {
+  return mix_terms(rows, n) + (rows.gy_rows ? n : 0);
+}
+}  // namespace
+
+template <typename T>
+int64_t mhc_grad_x_phi_workspace(int64_t tokens, int n, int64_t C, int D, const MhcGradRows<T>& rows) {
   if (tokens == 0) return 0;
-  const int64_t per = grad_tokens_per_chunk(tokens, len);
-  return (tokens + per - 1) / per * len * D;
+  const int64_t per = grad_tokens_per_chunk(tokens, C);
+  const int64_t chunks = (tokens + per - 1) / per;
+  const int64_t cblocks = (C + kGradW - 1) / kGradW;
+  return chunks * n * C * D + cblocks * tokens * row_terms(rows, n);
 }
 
 template <typename T>
@@ -568,34 +711,57 @@ cudaError_t mhc_mix_project(const void* f, const void* x, StreamDtype xtype, con
 template <typename T>
 cudaError_t mhc_grad_x_phi(const void* x, StreamDtype xtype, const T* phi, const T* dproj, const T* proj,
                            const T* rstd, const T* drstd, const T* gy, const T* mix, int64_t mix_stride,
-                           const T* alpha, const T* bias, T pre_eps, const void* extra, void* dx, T* workspace,
-                           T* grad_phi, int64_t tokens, int n, int64_t C, int D, cudaStream_t stream) {
+                           const T* alpha, const T* bias, T pre_eps, const void* extra, void* dx,
+                           const MhcGradRows<T>& rows, T* workspace, T* grad_phi, int64_t tokens, int n, int64_t C,
+                           int D, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   const int64_t len = int64_t(n) * C;
   if (tokens == 0 || len == 0) return cudaSuccess;
-  const int64_t per = grad_tokens_per_chunk(tokens, len);
+  const int64_t per = grad_tokens_per_chunk(tokens, C);
   const int chunks = int((tokens + per - 1) / per);
-  const dim3 grid(ceil_div(len, kGradThreads), static_cast<unsigned int>(chunks));
-  with_stream_ptr<T>(xtype, dx, [&](auto* dxp) {
-    using X = std::remove_pointer_t<decltype(dxp)>;
-    const X* xp = static_cast<const X*>(x);
-    const X* ex = static_cast<const X*>(extra);
-    auto go = [&]<int kMaxD>() {
-      err = launch<mhc_grad_x_phi_kernel<X, T, kMaxD>>(grid, kGradThreads, 0, stream, xp, phi, dproj, proj, rstd, drstd,
-                                                       gy, mix, mix_stride, alpha, bias, pre_eps, ex, dxp, workspace,
-                                                       tokens, n, C, D, per);
+  const int cblocks = int(ceil_div(C, kGradW));
+  const dim3 grid(static_cast<unsigned int>(cblocks), static_cast<unsigned int>(chunks));
+  const int threads = n * kGradW;
+  const bool with_mix = rows.f != nullptr, with_rows = rows.gy_rows != nullptr;
+  T* row_partial = workspace + int64_t(chunks) * len * D;
+  const int mterms = mix_terms(rows, n), terms = row_terms(rows, n);
+  with_stream_ptr<T>(xtype, const_cast<void*>(x), [&](auto* xp) {
+    using X = std::remove_pointer_t<decltype(xp)>;
+    const GradRows<X, T> r{static_cast<const X*>(rows.f), static_cast<const X*>(rows.x), rows.h_post, rows.h_res,
+                           rows.hp_stride, rows.hr_stride, static_cast<X*>(rows.grad_f), static_cast<X*>(rows.grad_x),
+                           row_partial, mterms, terms};
+    auto go = [&]<int kMaxD, bool kMix, bool kRows>() {
+      err = launch<mhc_grad_x_phi_kernel<X, T, kMaxD, kMix, kRows>>(
+          grid, threads, 0, stream, xp, phi, dproj, proj, rstd, drstd, gy, mix, mix_stride, alpha, bias, pre_eps,
+          static_cast<const X*>(extra), static_cast<X*>(dx), workspace, tokens, n, C, D, per, r);
+    };
+    auto with_flags = [&]<int kMaxD>() {
+      if (with_mix && with_rows) {
+        go.template operator()<kMaxD, true, true>();
+      } else if (with_mix) {
+        go.template operator()<kMaxD, true, false>();
+      } else if (with_rows) {
+        go.template operator()<kMaxD, false, true>();
+      } else {
+        go.template operator()<kMaxD, false, false>();
+      }
     };
     if (D <= 24) {
-      go.template operator()<24>();
+      with_flags.template operator()<24>();
     } else {
-      go.template operator()<kMhcFusedMaxD>();
+      with_flags.template operator()<kMhcFusedMaxD>();
     }
   });
   if (err != cudaSuccess) return err;
   const int64_t count = len * D;
   const int64_t blocks = (count + kRowThreads - 1) / kRowThreads;
-  return launch<mhc_grad_phi_reduce_kernel<T>>(static_cast<unsigned int>(blocks < 65536 ? blocks : 65536), kRowThreads,
-                                               0, stream, workspace, grad_phi, count, chunks);
+  err = launch<mhc_grad_phi_reduce_kernel<T>>(static_cast<unsigned int>(blocks < 65536 ? blocks : 65536), kRowThreads,
+                                              0, stream, workspace, grad_phi, count, chunks);
+  if (err != cudaSuccess || terms == 0) return err;
+  const int64_t row_blocks = (tokens * terms + kRowThreads - 1) / kRowThreads;
+  return launch<mhc_grad_rows_reduce_kernel<T>>(
+      static_cast<unsigned int>(row_blocks < 65536 ? row_blocks : 65536), kRowThreads, 0, stream, row_partial,
+      rows.grad_h_res, rows.grad_h_post, rows.gy_rows, tokens, n, mterms, terms, cblocks);
 }
 
 #define HCEXT_INSTANTIATE_MHC(T)                                                                                   \
@@ -609,9 +775,11 @@ cudaError_t mhc_grad_x_phi(const void* x, StreamDtype xtype, const T* phi, const
   template cudaError_t mhc_mix_project<T>(const void*, const void*, StreamDtype, const T*, int64_t, const T*,       \
                                           int64_t, void*, const T*, T*, T*, T*, int64_t, int, int64_t, int, T,      \
                                           cudaStream_t);                                                            \
+  template int64_t mhc_grad_x_phi_workspace<T>(int64_t, int, int64_t, int, const MhcGradRows<T>&);                 \
   template cudaError_t mhc_grad_x_phi<T>(const void*, StreamDtype, const T*, const T*, const T*, const T*,          \
                                          const T*, const T*, const T*, int64_t, const T*, const T*, T,              \
-                                         const void*, void*, T*, T*, int64_t, int, int64_t, int, cudaStream_t);     \
+                                         const void*, void*, const MhcGradRows<T>&, T*, T*, int64_t, int, int64_t,  \
+                                         int, cudaStream_t);                                                        \
   template cudaError_t mhc_epilogue_backward<T>(const T*, const T*, const T*, const T*, const T*, const T*,        \
                                                 const T*, T*, T*, T*, T*, T*, int64_t, int, int, T, T,             \
                                                 cudaStream_t);                                                    \

@@ -18,9 +18,8 @@ namespace hcext::cuda {
 constexpr int kMhcFusedMaxN = 6;
 constexpr int kMhcFusedMaxD = kMhcFusedMaxN * kMhcFusedMaxN + 2 * kMhcFusedMaxN;  // 48
 
-// Elements of T of workspace the two fused passes need.
+// Elements of T of workspace the fused projection needs.
 int64_t mhc_project_workspace(int64_t tokens, int64_t len, int D);
-int64_t mhc_grad_phi_workspace(int64_t tokens, int64_t len, int D);
 
 // proj [tokens, D] = x @ phi [len, D] and rstd [tokens], one pass over x (in its own dtype,
 // xtype) split over k, the splits' partial sums added in order (deterministic). D <= kMhcFusedMaxD.
@@ -39,15 +38,42 @@ cudaError_t mhc_mix_project(const void* f, const void* x, StreamDtype xtype, con
                             const T* h_res, int64_t hr_stride, void* x_next, const T* phi, T* workspace, T* proj,
                             T* rstd, int64_t tokens, int n, int64_t C, int D, T norm_eps, cudaStream_t stream);
 
+// What mhc_grad_x_phi also computes from the rows it reads (every pointer nullable).
+// The fused boundary's mix backward (f non-null; f, x in x's dtype, [tokens, C] and [tokens, n, C]):
+// dx is then x_next's gradient, rounded to x's dtype and not stored; the pass runs
+// stream_mix_expand_backward's arithmetic on it: grad_f, grad_x (of layer l's streams), and the
+// per-token rows of h_post's and h_res's gradients ([tokens, n], [tokens, n*n]: Σ_c g_i f,
+// Σ_c g_i x_j). gy_rows: the shifted collapse's pre_mix gradient rows, Σ_c gy x_next_i
+// [tokens, n]. The sums over channels are per block of channels, added in block order.
+template <typename T>
+struct MhcGradRows {
+  const void *f = nullptr, *x = nullptr;
+  const T* h_post = nullptr;  // token t at t * hp_stride (0: shared)
+  int64_t hp_stride = 0;
+  const T* h_res = nullptr;  // token t at t * hr_stride (0: shared)
+  int64_t hr_stride = 0;
+  void *grad_f = nullptr, *grad_x = nullptr;
+  T *grad_h_post = nullptr, *grad_h_res = nullptr;
+  T* gy_rows = nullptr;
+};
+
+// Elements of T of workspace mhc_grad_x_phi needs: grad_phi's per-chunk partial sums, then the
+// per-block partial sums of `rows`.
+template <typename T>
+int64_t mhc_grad_x_phi_workspace(int64_t tokens, int n, int64_t C, int D, const MhcGradRows<T>& rows);
+
 // One pass over x (xtype) for the backward, D <= kMhcFusedMaxD:
 //   dx = dproj @ phiᵀ + (-drstd rstd³ / len) x + (gy ? h_i gy : 0) + (extra ? extra : 0),
-//        summed in T and written once in x's dtype (h_i as in mhc_grad_x);
-//   grad_phi [len, D] = xᵀ @ dproj, from per-chunk partial sums (workspace) added in chunk order.
+//        summed in T and rounded once to x's dtype: written to dx, or, with rows.f, the mix's
+//        backward runs on it (see MhcGradRows; dx unused); h_i as in mhc_grad_x;
+//   grad_phi [len, D] = xᵀ @ dproj, from per-chunk partial sums (workspace) added in chunk order;
+//   rows' sums (see MhcGradRows).
 template <typename T>
 cudaError_t mhc_grad_x_phi(const void* x, StreamDtype xtype, const T* phi, const T* dproj, const T* proj,
                            const T* rstd, const T* drstd, const T* gy, const T* mix, int64_t mix_stride,
-                           const T* alpha, const T* bias, T pre_eps, const void* extra, void* dx, T* workspace,
-                           T* grad_phi, int64_t tokens, int n, int64_t C, int D, cudaStream_t stream);
+                           const T* alpha, const T* bias, T pre_eps, const void* extra, void* dx,
+                           const MhcGradRows<T>& rows, T* workspace, T* grad_phi, int64_t tokens, int n, int64_t C,
+                           int D, cudaStream_t stream);
 
 // rstd[t] = 1/sqrt(sum(x[t]²)/len + norm_eps); xf (optional) receives x in T.
 template <typename T>

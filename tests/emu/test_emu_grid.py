@@ -102,3 +102,38 @@ def test_emulated_results_are_not_the_cpu_kernels():
     with emulated():
         hcext.stream_aggregate(x, h)
     assert executed_kernels().get("aggregate_forward_kernel", 0) == before + 1
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["standard", "shifted"])
+@pytest.mark.parametrize("n", [4, 6, 8])
+def test_fused_boundary_backward_passes(n, shifted):
+    """mhc_post_pre(_shifted)'s backward on the CUDA path: for n <= 6 the mix's backward runs
+    inside the grad_x pass on x_next's gradient (never stored: no launch of the streams'
+    mix_backward_kernel), and the shifted collapse's row sums Σ_c gy x_i come out of the same
+    pass (no mhc_layer_input_grad_kernel); n > 6 (the GEMM formulation) keeps both as passes of
+    their own. The values are checked against the reference in test_emu_parity.py."""
+    T, C = 7, 72  # two channel blocks of the grad_x pass, the second partial
+    g = torch.Generator().manual_seed(3)
+    D = n * n + 2 * n
+    f, x = torch.randn(T, C, generator=g), torch.randn(T, n, C, generator=g)
+    h_post, h_res = torch.rand(T, n, generator=g), torch.rand(T, n, n, generator=g)
+    phi = (0.05 * torch.randn(n * C, D, generator=g)).requires_grad_()
+    alpha, bias = torch.tensor([0.8, 0.9, 1.1], requires_grad=True), (0.1 * torch.randn(D, generator=g)).requires_grad_()
+    leaves = [t.requires_grad_() for t in (f, x, h_post, h_res)]
+    pre_mix = torch.rand(T, n, generator=g).requires_grad_()
+    with emulated():
+        if shifted:
+            outs = hcext.mhc_post_pre_shifted(f, x, h_post, h_res, pre_mix, phi, alpha, bias)
+        else:
+            outs = hcext.mhc_post_pre(f, x, h_post, h_res, phi, alpha, bias)
+        loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+        before = executed_kernels()
+        grads = torch.autograd.grad(loss, leaves + [phi, alpha, bias] + ([pre_mix] if shifted else []))
+        after = executed_kernels()
+    ran = {k for k in after if after[k] > before.get(k, 0)}
+    assert all(torch.isfinite(t).all() for t in grads)
+    assert ("mhc_grad_x_phi_kernel" if n <= 6 else "mhc_grad_x_kernel") in ran, ran
+    assert ("mix_backward_kernel" in ran) == (n > 6), ran
+    if shifted:
+        assert ("mhc_layer_input_grad_kernel" in ran) == (n > 6), ran
+        assert ("mhc_grad_rows_reduce_kernel" in ran) == (n <= 6), ran

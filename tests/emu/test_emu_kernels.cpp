@@ -155,8 +155,26 @@ void mhc_cases(hcext::StreamDtype xtype, const char* dtype, int64_t tokens, int 
   if (D <= hcext::cuda::kMhcFusedMaxD) {
     const auto phi = random_vec<T>(size_t(len) * D, 19);
     std::vector<T> proj2(size_t(tokens) * D), rstd2(tokens), grad_phi(size_t(len) * D);
-    std::vector<T> ws(std::max(hcext::cuda::mhc_project_workspace(tokens, len, int(D)),
-                               hcext::cuda::mhc_grad_phi_workspace(tokens, len, int(D))));
+    // The grad_x pass with the fused boundary's mix backward and the shifted row sums.
+    const auto f = random_vec<X>(size_t(tokens) * C, 20), xprev = random_vec<X>(size_t(tokens) * len, 23),
+               hp = random_vec<T>(size_t(tokens) * n, 24), hr = random_vec<T>(size_t(tokens) * n * n, 25);
+    std::vector<X> grad_f(size_t(tokens) * C), grad_xprev(size_t(tokens) * len);
+    std::vector<T> ghp(size_t(tokens) * n), ghr(size_t(tokens) * n * n), gy_rows(size_t(tokens) * n);
+    hcext::cuda::MhcGradRows<T> rows;
+    rows.f = f.data();
+    rows.x = xprev.data();
+    rows.h_post = hp.data();
+    rows.hp_stride = n;
+    rows.h_res = hr.data();
+    rows.hr_stride = int64_t(n) * n;
+    rows.grad_f = grad_f.data();
+    rows.grad_x = grad_xprev.data();
+    rows.grad_h_post = ghp.data();
+    rows.grad_h_res = ghr.data();
+    rows.gy_rows = gy_rows.data();
+    std::vector<T> ws(std::max({hcext::cuda::mhc_project_workspace(tokens, len, int(D)),
+                                hcext::cuda::mhc_grad_x_phi_workspace<T>(tokens, n, C, int(D), {}),
+                                hcext::cuda::mhc_grad_x_phi_workspace<T>(tokens, n, C, int(D), rows)}));
     check_case("mhc_project " + tag, [&] {
       return hcext::cuda::mhc_project<T>(x.data(), xtype, phi.data(), ws.data(), proj2.data(), rstd2.data(), tokens,
                                          len, int(D), T(1e-6), nullptr);
@@ -165,10 +183,20 @@ void mhc_cases(hcext::StreamDtype xtype, const char* dtype, int64_t tokens, int 
     check_case("mhc_grad_x_phi " + tag, [&] {
       return hcext::cuda::mhc_grad_x_phi<T>(x.data(), xtype, phi.data(), proj.data(), proj.data(), rstd.data(),
                                             drstd.data(), gy.data(), nullptr, 0, alpha.data(), bias.data(), T(1e-6),
-                                            nullptr, dx.data(), ws.data(), grad_phi.data(), tokens, n, C, int(D),
-                                            nullptr);
+                                            nullptr, dx.data(), {}, ws.data(), grad_phi.data(), tokens, n, C,
+                                            int(D), nullptr);
     }, {{dx.data(), dx.size() * sizeof(X)}, {grad_phi.data(), grad_phi.size() * sizeof(T)}});
     expect_finite("mhc_grad_x_phi " + tag, grad_phi);
+    check_case("mhc_grad_x_phi mix+rows " + tag, [&] {
+      return hcext::cuda::mhc_grad_x_phi<T>(x.data(), xtype, phi.data(), proj.data(), proj.data(), rstd.data(),
+                                            drstd.data(), gy.data(), hp.data(), n, alpha.data(), bias.data(), T(1e-6),
+                                            nullptr, nullptr, rows, ws.data(), grad_phi.data(), tokens, n, C, int(D),
+                                            nullptr);
+    }, {{grad_f.data(), grad_f.size() * sizeof(X)}, {grad_xprev.data(), grad_xprev.size() * sizeof(X)},
+        {ghp.data(), ghp.size() * sizeof(T)}, {ghr.data(), ghr.size() * sizeof(T)},
+        {gy_rows.data(), gy_rows.size() * sizeof(T)}, {grad_phi.data(), grad_phi.size() * sizeof(T)}});
+    expect_finite("mhc_grad_x_phi mix+rows " + tag, ghr);
+    expect_finite("mhc_grad_x_phi mix+rows " + tag, gy_rows);
   }
 }
 
