@@ -776,3 +776,35 @@ def test_argument_errors():
         shifted_layer([x])
     with pytest.raises(ValueError, match="expected streams of shape"):
         shifted_layer(x[..., :3, :])
+
+
+# ---------------------------------------------------------------------------------------
+# The layer input from the projection pass
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_token", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("n,C", [(1, 9), (4, 17), (6, 40), (8, 5)])
+def test_layer_input_is_stream_aggregate_bitwise(device, n, C, dtype, shared):
+    """Both backends write the shifted collapse's layer input in the projection pass, from the rows
+    it reads (the CPU for every n; CUDA for n <= 6, by tiles of channels of every stream; the
+    boundary's from the x_next it has just mixed): the same arithmetic as stream_aggregate, so
+    the same bits — for mhc_pre_shifted and for mhc_post_pre_shifted."""
+    T = 53  # two CUDA token tiles, the second partial; several CPU row blocks
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, n, C, generator=g).to(dtype).to(device)
+    f = torch.randn(T, C, generator=g).to(dtype).to(device)
+    h_post = (2 * torch.rand(T, n, generator=g)).to(cd).to(device)
+    h_res = torch.rand(T, n, n, generator=g).to(cd).to(device)
+    pre_mix = (torch.rand(*(() if shared else (T,)), n, generator=g) + 1e-6).to(cd).to(device)
+    phi = (torch.randn(n * C, _width(n), generator=g) / math.sqrt(n * C)).to(cd).to(device)
+    alpha = torch.tensor([0.7, 0.8, 0.9], dtype=cd, device=device)
+    bias = (0.5 * torch.randn(_width(n), generator=g)).to(cd).to(device)
+    scalars = (20, 1e-6, 1e-6, 1e-6, 2.0)
+    layer_input = torch.ops.hcext.mhc_pre_shifted(x, pre_mix, phi, alpha, bias, *scalars)[0]
+    assert torch.equal(layer_input, torch.ops.hcext.stream_aggregate(x, pre_mix))
+    x_next, layer_input = torch.ops.hcext.mhc_post_pre_shifted(f, x, h_post, h_res, pre_mix, phi, alpha, bias,
+                                                               *scalars)[:2]
+    assert torch.equal(x_next, torch.ops.hcext.stream_mix_expand(f, x, h_post, h_res))
+    assert torch.equal(layer_input, torch.ops.hcext.stream_aggregate(x_next, pre_mix))

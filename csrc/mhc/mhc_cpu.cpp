@@ -148,10 +148,14 @@ struct CpuMhcBackend {
   // and, when layer_input is given, Σ h_pre[i] x_i from the same rows while they are cached;
   // with mix, each row of x is first written as the boundary's mix (x is x_next).
   // Each token's sums run over k in order whatever the threads' split: deterministic.
+  // collapse: the shifted collapse's layer input Σ pre_mix[i] x_i instead (the same pass).
+  static bool projection_collapses(const MhcDims&) { return true; }
   template <typename T>
   void project(const at::Tensor& x_rows, const at::Tensor& phi, at::Tensor& proj_rows, at::Tensor& rstd_rows,
                const MhcDims& d, T norm_eps, at::Tensor* layer_input, const T* alpha, const T* bias, T pre_eps,
-               const MhcBoundaryMix* mix) {
+               const MhcBoundaryMix* mix, const MhcCollapse* collapse) {
+    TORCH_INTERNAL_ASSERT(!(layer_input && collapse), "one collapse per pass");
+    if (collapse) layer_input = &collapse->layer_input;
     T* proj = proj_rows.data_ptr<T>();
     T* rstd = rstd_rows.data_ptr<T>();
     const int64_t len = d.n * d.C, D = d.D;
@@ -167,7 +171,9 @@ struct CpuMhcBackend {
       using X = decltype(xtag);
       const X* xp = static_cast<const X*>(x_rows.data_ptr());
       const cpu::MhcLayerInputArgs<T, X> li{alpha, bias, pre_eps, d.n,
-                                            layer_input ? static_cast<X*>(layer_input->data_ptr()) : nullptr};
+                                            layer_input ? static_cast<X*>(layer_input->data_ptr()) : nullptr,
+                                            collapse ? collapse->pre_mix.h.data_ptr<T>() : nullptr,
+                                            collapse ? collapse->pre_mix.token_stride : 0};
       cpu::MhcMixArgs<T, X> mx{};
       if (mix) {
         mx = {static_cast<const X*>(mix->f.data_ptr()), static_cast<const X*>(mix->p.x.data_ptr()),

@@ -163,7 +163,10 @@ template <typename S, typename X>
       for (int j = 0; j < nt; ++j) {
         const int64_t t = tb + j;
         S hp[kStreamsMaxN];
-        for (int i = 0; i < n; ++i) hp[i] = mhc_h_pre<S, S>(proj[t * D + i], rstd[t], li->alpha, li->bias[i], li->pre_eps);
+        for (int i = 0; i < n; ++i) {
+          hp[i] = li->weights ? li->weights[t * li->w_stride + i]
+                              : mhc_h_pre<S, S>(proj[t * D + i], rstd[t], li->alpha, li->bias[i], li->pre_eps);
+        }
         for_channel_blocks(C, [&](int64_t c, auto valid) __attribute__((always_inline)) {
           const auto acc = stream_aggregate_value<0, Lanes<S, kVecIoWidth>>(
               hp, n, [&](int i) __attribute__((always_inline)) { return load_block<S, S>(rows[j] + i * C + c, valid); });

@@ -12,7 +12,8 @@ namespace hcext::cpu {
 int64_t mhc_project_width(int64_t D, bool fp64);
 
 // The layer input of mhc_pre, computed by the projection pass while a block's rows are still
-// in cache: y[t, c] = sum_i h_pre[t, i] x[t, i, c], h_pre = mhc_h_pre(proj[t, i], rstd[t]).
+// in cache: y[t, c] = sum_i w[t, i] x[t, i, c] with w = h_pre = mhc_h_pre(proj[t, i], rstd[t]),
+// or, for the shifted collapse, the given weights (pre_mix).
 template <typename S, typename X>
 struct MhcLayerInputArgs {
   const S* alpha;  // [3]
@@ -20,6 +21,8 @@ struct MhcLayerInputArgs {
   S pre_eps;
   int n;
   X* y;            // [tokens, len / n]
+  const S* weights = nullptr;  // the shifted collapse's pre_mix: token t at t * w_stride (0: shared)
+  int64_t w_stride = 0;
 };
 
 // The fused boundary's mix, written by the projection pass one token ahead of projecting it:

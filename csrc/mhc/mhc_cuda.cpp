@@ -19,40 +19,42 @@ namespace {
 struct CudaMhcBackend : CudaContext {
   using CudaContext::CudaContext;
   using Streams = CudaStreamsBackend;
-  // The layer input is a pass of its own (the streams' aggregate kernel); the boundary's mix runs
+  // The standard collapse's layer input is a pass of its own (the streams' aggregate kernel: it
+  // needs h_pre, from the whole row's projection); the boundary's mix and the shifted collapse run
   // inside the projection pass (n <= 6, see project).
   static constexpr bool kFusedProjectionPass = false;
   static constexpr bool kFusedBackwardPass = false;  // the three backward steps are passes of their own
 
-  // proj = x̃ @ phi and rstd. n <= 6: one pass over x in its own dtype (mhc_project; with the
-  // boundary's mix, mhc_mix_project writes x_next and projects it from the same tiles). Larger n:
-  // the mix as a pass of its own, then the GEMM formulation: x's rows in T (a copy for bf16/fp16,
+  // The shifted collapse's layer input from the projection pass (mhc_project) for n <= 6.
+  static bool projection_collapses(const MhcDims& d) { return d.D <= cuda::kMhcFusedMaxD; }
+
+  // proj = x̃ @ phi and rstd. n <= 6: one pass over x in its own dtype (mhc_project: tiles of
+  // channels of every stream; with the boundary's mix it writes x_next and projects it from the
+  // same tiles, with the shifted collapse it writes the layer input from them). Larger n: the
+  // mix as a pass of its own, then the GEMM formulation: x's rows in T (a copy for bf16/fp16,
   // written by the rstd pass), then cuBLAS (TF32 only when the user enabled
   // torch.backends.cuda.matmul.allow_tf32).
   template <typename T>
   void project(const at::Tensor& x_rows, const at::Tensor& phi, at::Tensor& proj, at::Tensor& rstd, const MhcDims& d,
-               T norm_eps, const MhcBoundaryMix* mix = nullptr) {
+               T norm_eps, const MhcBoundaryMix* mix = nullptr, const MhcCollapse* collapse = nullptr) {
     const int64_t len = d.n * d.C;
     const StreamDtype xtype = stream_dtype(x_rows.scalar_type());
-    if (mix && d.D <= cuda::kMhcFusedMaxD) {
-      const at::Tensor workspace = scratch<T>(cuda::mhc_mix_project_workspace(d.tokens, d.C, int(d.D), xtype));
-      HCEXT_CUDA_CHECK(cuda::mhc_mix_project<T>(
-          mix->f.data_ptr(), mix->p.x.data_ptr(), xtype, mix->h_post.h.data_ptr<T>(), mix->h_post.token_stride,
-          mix->h_res.h.data_ptr<T>(), mix->h_res.token_stride, x_rows.data_ptr(), phi.data_ptr<T>(),
-          workspace.data_ptr<T>(), proj.data_ptr<T>(), rstd.data_ptr<T>(), d.tokens, d.n, d.C, int(d.D), norm_eps,
-          stream));
+    TORCH_INTERNAL_ASSERT(collapse == nullptr || projection_collapses(d));
+    if (d.D <= cuda::kMhcFusedMaxD) {
+      const at::Tensor workspace = scratch<T>(cuda::mhc_project_workspace(d.tokens, d.C, int(d.D), xtype));
+      HCEXT_CUDA_CHECK(cuda::mhc_project<T>(
+          mix ? mix->f.data_ptr() : nullptr, mix ? mix->p.x.data_ptr() : x_rows.data_ptr(), xtype,
+          mix ? mix->h_post.h.data_ptr<T>() : nullptr, mix ? mix->h_post.token_stride : 0,
+          mix ? mix->h_res.h.data_ptr<T>() : nullptr, mix ? mix->h_res.token_stride : 0,
+          mix ? x_rows.data_ptr() : nullptr, collapse ? collapse->pre_mix.h.data_ptr<T>() : nullptr,
+          collapse ? collapse->pre_mix.token_stride : 0, collapse ? collapse->layer_input.data_ptr() : nullptr,
+          phi.data_ptr<T>(), workspace.data_ptr<T>(), proj.data_ptr<T>(), rstd.data_ptr<T>(), d.tokens, d.n, d.C,
+          int(d.D), norm_eps, stream));
       return;
     }
     if (mix) {
       at::Tensor x_next = x_rows;  // the boundary's output, written here
       stream_mix_into<Streams>(mix->p, mix->f, mix->h_post, mix->h_res, x_next);
-    }
-    if (d.D <= cuda::kMhcFusedMaxD) {
-      const at::Tensor workspace = scratch<T>(cuda::mhc_project_workspace(d.tokens, len, int(d.D)));
-      HCEXT_CUDA_CHECK(cuda::mhc_project<T>(x_rows.data_ptr(), xtype, phi.data_ptr<T>(), workspace.data_ptr<T>(),
-                                            proj.data_ptr<T>(), rstd.data_ptr<T>(), d.tokens, len, int(d.D), norm_eps,
-                                            stream));
-      return;
     }
     const bool copy = x_rows.scalar_type() != d.compute;
     const at::Tensor xf = copy ? scratch<T>(d.tokens * len).view({d.tokens, len}) : x_rows;

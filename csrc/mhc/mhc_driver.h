@@ -19,6 +19,9 @@
 //     for the projection), or in a mix pass of its own (CUDA, n > 6)
 //     with kFusedProjectionPass: project<T>(..., norm_eps, layer_input, alpha, bias, pre_eps, mix), which
 //     also writes layer_input = Σ h_pre[i] x_i when it is not null (mhc_pre, the fused boundary)
+//     and, last argument, collapse (MhcCollapse, nullable): where projection_collapses(d), the shifted
+//     collapse's layer input Σ pre_mix[i] x_i from the projection pass's rows (x read once)
+//   static projection_collapses(d)                     whether project takes a collapse
 //   epilogue<T>(proj, rstd, alpha, bias, h_pre, h_post, h_res, d, s)
 //   layer_input_grad_x<T>(x_rows, gy, g_pre, out, d)   out = g_pre + sum_c gy * x_i
 //   epilogue_backward<T>(proj, rstd, alpha, bias, g_pre, g_post, g_res, dl, dproj, dalpha, drstd, d, s)
@@ -80,6 +83,14 @@ struct MhcBoundaryMix {
   const StreamsCoef& h_res;
 };
 
+// The shifted collapse's layer input, layer_input = Σ_i pre_mix[i] x_i [tokens, C] in x's dtype
+// (pre_mix checked, compute dtype), for a backend whose projection pass writes it from the rows it
+// reads (Backend::projection_collapses): the same values as stream_aggregate(x, pre_mix).
+struct MhcCollapse {
+  const StreamsCoef& pre_mix;
+  at::Tensor& layer_input;
+};
+
 // The fused boundary's mix backward (grad_f, grad_x, h_post's and h_res's per-token rows), for
 // a backend whose backward pass over x_next runs it on x_next's gradient (grad_pass_fuses: the
 // CPU's backward_pass per block of tokens, CUDA's grad_x pass for n <= 6).
@@ -138,10 +149,12 @@ struct MhcCoeffs {
   // interface above).
   // Backend::kFusedProjectionPass only: layer_input, the layer input Σ h_pre[i] x_i [tokens, C] in
   // x's dtype, from the projection pass's rows.
+  // collapse (Backend::projection_collapses only): the shifted collapse's layer input, from the
+  // same pass.
   template <class Backend>
   void compute(Backend& backend, const at::Tensor& x_rows, const at::Tensor& phi, const at::Tensor& alpha,
                const at::Tensor& bias, const MhcDims& d, const MhcScalars& s, at::Tensor* layer_input = nullptr,
-               const MhcBoundaryMix* mix = nullptr) {
+               const MhcBoundaryMix* mix = nullptr, const MhcCollapse* collapse = nullptr) {
     const at::Tensor ph = phi.contiguous();
     at::Tensor proj_rows = proj.view({d.tokens, d.D}), rstd_rows = rstd.view({d.tokens});
     dispatch_compute(d.compute, [&](auto zero) {
@@ -149,10 +162,10 @@ struct MhcCoeffs {
       if constexpr (Backend::kFusedProjectionPass) {
         const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
         backend.template project<T>(x_rows, ph, proj_rows, rstd_rows, d, static_cast<T>(s.norm_eps), layer_input,
-                                    a.data_ptr<T>(), b.data_ptr<T>(), static_cast<T>(s.pre_eps), mix);
+                                    a.data_ptr<T>(), b.data_ptr<T>(), static_cast<T>(s.pre_eps), mix, collapse);
       } else {
         TORCH_INTERNAL_ASSERT(layer_input == nullptr, "this backend aggregates the layer input in a pass of its own");
-        backend.template project<T>(x_rows, ph, proj_rows, rstd_rows, d, static_cast<T>(s.norm_eps), mix);
+        backend.template project<T>(x_rows, ph, proj_rows, rstd_rows, d, static_cast<T>(s.norm_eps), mix, collapse);
       }
     });
     epilogue(backend, alpha, bias, d, s);
@@ -176,7 +189,8 @@ struct MhcCoeffs {
 template <class Backend>
 Tensor5 mhc_coeffs_fwd_core(const char* op, const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
                             const at::Tensor& bias, int64_t iters, double norm_eps, double sinkhorn_eps,
-                            double pre_eps, double post_mult, at::Tensor* layer_input = nullptr) {
+                            double pre_eps, double post_mult, at::Tensor* layer_input = nullptr,
+                            const MhcCollapse* collapse = nullptr) {
   const NoAutocast no_autocast;
   const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
   check_norm_eps(norm_eps, op);
@@ -188,7 +202,8 @@ Tensor5 mhc_coeffs_fwd_core(const char* op, const at::Tensor& x, const at::Tenso
     *layer_input = at::empty(lead_shape(x, {d.C}), x.options().memory_format(at::MemoryFormat::Contiguous));
   }
   if (d.tokens > 0) {
-    c.compute(backend, x.contiguous().view({d.tokens, d.n * d.C}), phi, alpha, bias, d, s, layer_input);
+    c.compute(backend, x.contiguous().view({d.tokens, d.n * d.C}), phi, alpha, bias, d, s, layer_input, nullptr,
+              collapse);
   }
   return {c.h_pre, c.h_post, c.h_res, c.proj, c.rstd};
 }
@@ -239,11 +254,19 @@ Tensor6 mhc_pre_shifted_fwd_impl(const at::Tensor& x, const at::Tensor& pre_mix,
                                  double sinkhorn_eps, double pre_eps, double post_mult) {
   const char* op = "hcext::mhc_pre_shifted";
   // x and the parameters, then pre_mix, before any work (the fake kernel's order).
-  check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
-  check_streams_coef(pre_mix, "pre_mix", 1, x, check_streams_shape(x, op), op);
-  auto [h_pre, h_post, h_res, proj, rstd] =
-      mhc_coeffs_fwd_core<Backend>(op, x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
-  return {stream_aggregate_impl<typename Backend::Streams>(x, pre_mix), h_post, h_res, h_pre, proj, rstd};
+  const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, op);
+  const StreamsCoef mix = check_streams_coef(pre_mix, "pre_mix", 1, x, check_streams_shape(x, op), op);
+  if (!Backend::projection_collapses(d)) {
+    auto [h_pre, h_post, h_res, proj, rstd] =
+        mhc_coeffs_fwd_core<Backend>(op, x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
+    return {stream_aggregate_impl<typename Backend::Streams>(x, pre_mix), h_post, h_res, h_pre, proj, rstd};
+  }
+  // The layer input from the projection pass's rows (x read once).
+  at::Tensor layer_input = at::empty(lead_shape(x, {d.C}), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const MhcCollapse collapse{mix, layer_input};
+  auto [h_pre, h_post, h_res, proj, rstd] = mhc_coeffs_fwd_core<Backend>(
+      op, x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult, nullptr, &collapse);
+  return {layer_input, h_post, h_res, h_pre, proj, rstd};
 }
 
 struct MhcGrads {
@@ -428,25 +451,32 @@ Tensor7 mhc_post_pre_fwd_core(const char* op, const at::Tensor& f, const at::Ten
   const at::Tensor fc = f.contiguous();
   const StreamsCoef hp = check_streams_coef(h_post, "h_post", 1, x, p, op);
   const StreamsCoef hr = check_streams_coef(h_res, "h_res", 2, x, p, op);
-  if (pre_mix) check_streams_coef(*pre_mix, "pre_mix", 1, x, p, op);
+  StreamsCoef pm;
+  if (pre_mix) pm = check_streams_coef(*pre_mix, "pre_mix", 1, x, p, op);
   Backend backend(x);
   const MhcScalars s{static_cast<int>(iters), norm_eps, sinkhorn_eps, pre_eps, post_mult};
   using Streams = typename Backend::Streams;
   at::Tensor x_next = at::empty(x.sizes(), p.x.options());
   MhcCoeffs c(x, d);  // layer l+1's
-  // The layer input inside the projection pass where the backend can (and the collapse uses
-  // x_next's own h_pre), else aggregated in a pass of its own.
-  const bool fused_input = Backend::kFusedProjectionPass && pre_mix == nullptr;
+  // The layer input inside the projection pass where the backend can: the collapse with x_next's
+  // own h_pre on a backend with kFusedProjectionPass, the shifted collapse where
+  // projection_collapses; else aggregated in a pass of its own.
+  const bool own_input = Backend::kFusedProjectionPass && pre_mix == nullptr;
+  const bool shifted_input = pre_mix != nullptr && Backend::projection_collapses(d);
   at::Tensor layer_input;
-  if (fused_input) layer_input = at::empty(lead_shape(x, {d.C}), p.x.options());
+  if (own_input || shifted_input) layer_input = at::empty(lead_shape(x, {d.C}), p.x.options());
   if (d.tokens > 0) {
     const at::Tensor x_next_rows = x_next.view({d.tokens, d.n * d.C});
     // x_next is mixed, stored, and projected from cache in one pass (the CPU: each token's row;
     // CUDA, n <= 6: tiles of tokens x channels of every stream; n > 6: the mix, then the GEMM).
     const MhcBoundaryMix mix{fc, p, hp, hr};
-    c.compute(backend, x_next_rows, phi, alpha, bias, d, s, fused_input ? &layer_input : nullptr, &mix);
+    const MhcCollapse collapse{pm, layer_input};
+    c.compute(backend, x_next_rows, phi, alpha, bias, d, s, own_input ? &layer_input : nullptr, &mix,
+              shifted_input ? &collapse : nullptr);
   }
-  if (!fused_input) layer_input = stream_aggregate_impl<Streams>(x_next, pre_mix ? *pre_mix : c.h_pre);
+  if (!own_input && !shifted_input) {
+    layer_input = stream_aggregate_impl<Streams>(x_next, pre_mix ? *pre_mix : c.h_pre);
+  }
   return {x_next, layer_input, c.h_post, c.h_res, c.h_pre, c.proj, c.rstd};
 }
 

@@ -4,12 +4,16 @@
 //
 // The projection x̃ @ phi (D = n² + 2n columns) for D <= kMhcFusedMaxD (n <= 6) runs without a
 // GEMM library and without a copy of x: mhc_project_kernel reads x in its own dtype once, tiles
-// of 32 tokens x 32 k with phi's matching rows in shared memory, a split over k whose partial
-// sums (with the sum of squares) mhc_project_reduce_kernel adds in split order;
+// of 32 tokens x 32 bytes of channels of every stream with phi's matching rows in shared memory,
+// a split over channels whose partial sums (with the sum of squares) mhc_project_reduce_kernel
+// adds in split order — the same order for every op, so mhc_coeffs, mhc_pre(_shifted) and the
+// boundary's projection of x_next agree bitwise. Holding every stream of a channel in one thread,
+// the same tiles also write the fused boundary's mix (x_next, written once, projected from
+// shared memory, not read back) and the shifted collapse's layer input.
 // mhc_grad_x_phi_kernel writes grad_x (every term summed in T, rounded once) and grad_phi's
-// per-chunk partial sums in one pass over x, added in chunk order by mhc_grad_phi_reduce_kernel.
-// The fused boundary's first pass, mhc_mix_project_kernel, mixes x_next and projects it from
-// registers and shared memory in the same tiles (x_next is written once and not read back).
+// per-chunk partial sums in one pass over x, added in chunk order by mhc_grad_phi_reduce_kernel;
+// by blocks of channels of every stream, it also runs the boundary's mix backward and the
+// shifted collapse's row sums.
 // Larger n keep the GEMM formulation (cuBLAS through at::mm in the glue on x's rows in T).
 
 #include <cuda_runtime.h>
@@ -159,7 +163,6 @@ __global__ void __launch_bounds__(kRowThreads)
 // ---- The fused projection (D <= kMhcFusedMaxD) --------------------------------------------
 
 constexpr int kProjTokens = 32;                       // tokens per block tile
-constexpr int kProjK = 32;                            // k per shared-memory step
 constexpr int kProjGroups = 8;                        // thread (token, group): columns group + 8 j
 constexpr int kProjThreads = kProjTokens * kProjGroups;
 constexpr int kProjCols = kMhcFusedMaxD / kProjGroups;
@@ -193,40 +196,8 @@ __device__ __forceinline__ void store_partial(T* partial, int64_t tokens, int64_
   if (grp == 0) out[D] = squares;
 }
 
-// partial[split, t, :D] = sum over this split's k of x[t, k] phi[k, :]; partial[split, t, D] =
-// sum of x[t, k]². Grid: (token tiles, splits).
-template <typename X, typename T>
-__global__ void __launch_bounds__(kProjThreads)
-    mhc_project_kernel(const X* __restrict__ x, const T* __restrict__ phi, T* __restrict__ partial, int64_t tokens,
-                       int64_t len, int D, int64_t k_per_split) {
-  __shared__ T xs[kProjTokens][kProjK + 1];  // +1: tokens in different banks
-  __shared__ T ps[kProjK][kMhcFusedMaxD];
-  const int tok = threadIdx.x / kProjGroups, grp = threadIdx.x % kProjGroups;
-  const int64_t t0 = int64_t(blockIdx.x) * kProjTokens;
-  const int64_t k_begin = int64_t(blockIdx.y) * k_per_split;
-  const int64_t k_end = k_begin + k_per_split < len ? k_begin + k_per_split : len;
-  T acc[kProjCols], squares = T(0);
-#pragma unroll
-  for (int j = 0; j < kProjCols; ++j) acc[j] = T(0);
-  for (int64_t kb = k_begin; kb < k_end; kb += kProjK) {
-    for (int e = threadIdx.x; e < kProjTokens * kProjK; e += kProjThreads) {
-      const int r = e / kProjK, kk = e % kProjK;
-      const int64_t t = t0 + r, k = kb + kk;
-      xs[r][kk] = (t < tokens && k < k_end) ? T(to_compute(x[t * len + k])) : T(0);
-    }
-    for (int e = threadIdx.x; e < kProjK * kMhcFusedMaxD; e += kProjThreads) {
-      const int kk = e / kMhcFusedMaxD, c = e % kMhcFusedMaxD;
-      const int64_t k = kb + kk;
-      ps[kk][c] = (k < k_end && c < D) ? phi[k * D + c] : T(0);
-    }
-    __syncthreads();
-    project_tile(xs[tok], ps, kProjK, grp, acc, squares);
-    __syncthreads();  // the tiles are refilled
-  }
-  store_partial(partial, tokens, t0 + tok, D, grp, acc, squares);
-}
-
-// ---- The fused boundary's mix inside the projection (D <= kMhcFusedMaxD) ------------------
+// ---- The projection by channels of every stream: the boundary's mix and the shifted collapse --
+// inside it (D <= kMhcFusedMaxD)
 
 // Channels of each stream per step: 32 bytes of X (one memory sector per token row and stream).
 template <typename X>
@@ -234,17 +205,24 @@ constexpr int kMixC = 32 / int(sizeof(X));
 template <typename X>
 constexpr int kMixMaxK = kMhcFusedMaxN * kMixC<X>;  // k per step: n * kMixC <= 96
 
-// hcext::mhc_post_pre's first pass, for a tile of kProjTokens tokens and this split's channels:
-// x_next[t, i, c] = sum_j h_res[t, i, j] x[t, j, c] + h_post[t, i] f[t, c] (stream_mix_value, as
-// the streams family's mix kernel: the same bits as stream_mix_expand), stored once; then,
-// from the stored (rounded) values, partial[split, t, :D] = sum of x_next[t, k] phi[k, :] and
-// partial[split, t, D] = sum of x_next[t, k]² over the split's k = i C + c — x_next is never
-// read back for the projection. The sums run over channel steps, stream-major within a step;
+// The projection of a tile of kProjTokens tokens over this split's channels, every stream of
+// each channel in one thread, so that what needs all of a channel's streams runs in the same
+// pass:
+// - kMix (hcext::mhc_post_pre's first pass): the rows projected are x_next[t, i, c] =
+//   sum_j h_res[t, i, j] x[t, j, c] + h_post[t, i] f[t, c] (stream_mix_value, as the streams
+//   family's mix kernel: the same bits as stream_mix_expand), stored once and projected from the
+//   stored (rounded) values — never read back; else the rows of x as loaded.
+// - layer_input (not null: the shifted collapse, whose weights pre_mix do not depend on this
+//   projection): layer_input[t, c] = sum_i pre_mix[t, i] rows[t, i, c] (stream_aggregate_value,
+//   as stream_aggregate), so the rows are read once for both.
+// partial[split, t, :D] = sum of rows[t, k] phi[k, :], partial[split, t, D] = sum of rows[t, k]²
+// over the split's k = i C + c, over channel steps, stream-major within a step;
 // mhc_project_reduce_kernel adds the splits in order. Grid: (token tiles, channel splits).
-template <typename X, typename T>
+template <typename X, typename T, bool kMix>
 __global__ void __launch_bounds__(kProjThreads)
-    mhc_mix_project_kernel(const X* __restrict__ f, const X* __restrict__ x, const T* __restrict__ hp,
+    mhc_project_kernel(const X* __restrict__ f, const X* __restrict__ x, const T* __restrict__ hp,
                            int64_t hp_stride, const T* __restrict__ hr, int64_t hr_stride, X* __restrict__ x_next,
+                           const T* __restrict__ pre_mix, int64_t pm_stride, X* __restrict__ layer_input,
                            const T* __restrict__ phi, T* __restrict__ partial, int64_t tokens, int n, int64_t C,
                            int D, int64_t c_per_split) {
   constexpr int kC = kMixC<X>;
@@ -260,21 +238,30 @@ __global__ void __launch_bounds__(kProjThreads)
 #pragma unroll
   for (int j = 0; j < kProjCols; ++j) acc[j] = T(0);
   for (int64_t cb = c_begin; cb < c_end; cb += kC) {
-    // The mix of (token r, channel cb + cc), every stream, one thread each.
+    // The rows at (token r, channel cb + cc), every stream, one thread each.
     for (int e = threadIdx.x; e < kProjTokens * kC; e += kProjThreads) {
       const int r = e / kC, cc = e % kC;
       const int64_t t = t0 + r, c = cb + cc;
+      using V = Lanes<T, 1>;
       if (t < tokens && c < c_end) {
-        using V = Lanes<T, 1>;
         const X* xt = x + t * len + c;
-        const T* hpt = hp + t * hp_stride;
-        const T* hrt = hr + t * hr_stride;
-        const V F(to_compute(f[t * C + c]));
         for (int i = 0; i < n; ++i) {
-          const V o = stream_mix_value<0, V>(hrt + i * n, hpt[i], F, n, [&](int j) { return V(to_compute(xt[j * C])); });
-          const X stored = Convert<X>::out(static_cast<ComputeOf<X>>(o.v[0]));
-          x_next[t * len + i * C + c] = stored;
+          X stored;
+          if constexpr (kMix) {
+            const V F(to_compute(f[t * C + c]));
+            const V o = stream_mix_value<0, V>(hr + t * hr_stride + i * n, hp[t * hp_stride + i], F, n,
+                                                [&](int j) { return V(to_compute(xt[j * C])); });
+            stored = Convert<X>::out(static_cast<ComputeOf<X>>(o.v[0]));
+            x_next[t * len + i * C + c] = stored;
+          } else {
+            stored = xt[i * C];
+          }
           xs[r][i * kC + cc] = T(to_compute(stored));
+        }
+        if (layer_input) {
+          const V y = stream_aggregate_value<0, V>(pre_mix + t * pm_stride, n,
+                                                   [&](int i) { return V(xs[r][i * kC + cc]); });
+          store_as(layer_input + t * C + c, y.v[0]);
         }
       } else {
         for (int i = 0; i < n; ++i) xs[r][i * kC + cc] = T(0);
@@ -522,22 +509,22 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// The split of the projection over k (or, with the boundary's mix, over channels): about 1024
-// blocks in all, whole steps per split.
+// The split of the projection over channels: about 1024 blocks in all, whole steps of `step`
+// channels per split.
 struct ProjSplit {
-  int64_t k_per_split;
+  int64_t c_per_split;
   int splits;
 };
-inline ProjSplit project_split(int64_t tokens, int64_t len, int64_t step = kProjK) {
+inline ProjSplit project_split(int64_t tokens, int64_t C, int64_t step) {
   const int64_t tiles = (tokens + kProjTokens - 1) / kProjTokens;
-  const int64_t steps = (len + step - 1) / step;
+  const int64_t steps = (C + step - 1) / step;
   int64_t want = (1024 + tiles - 1) / tiles;
   want = want < 1 ? 1 : (want > steps ? steps : want);
   const int64_t per = (steps + want - 1) / want;
   return {per * step, int((steps + per - 1) / per)};
 }
 
-// The channel step of the boundary's mix-and-project kernel for x's dtype.
+// The channel step of the projection kernel for x's dtype.
 inline int64_t mix_step(StreamDtype xtype) {
   switch (xtype) {
     case StreamDtype::kDouble: return kMixC<double>;
@@ -637,11 +624,7 @@ cudaError_t mhc_grad_x(const T* xf, const T* dxp, const T* proj, const T* rstd, 
   return err;
 }
 
-int64_t mhc_project_workspace(int64_t tokens, int64_t len, int D) {
-  return int64_t(project_split(tokens, len).splits) * tokens * (D + 1);
-}
-
-int64_t mhc_mix_project_workspace(int64_t tokens, int64_t C, int D, StreamDtype xtype) {
+int64_t mhc_project_workspace(int64_t tokens, int64_t C, int D, StreamDtype xtype) {
   return int64_t(project_split(tokens, C, mix_step(xtype)).splits) * tokens * (D + 1);
 }
 
@@ -668,37 +651,27 @@ int64_t mhc_grad_x_phi_workspace(int64_t tokens, int n, int64_t C, int D, const 
 }
 
 template <typename T>
-cudaError_t mhc_project(const void* x, StreamDtype xtype, const T* phi, T* workspace, T* proj, T* rstd,
-                        int64_t tokens, int64_t len, int D, T norm_eps, cudaStream_t stream) {
-  cudaError_t err = cudaSuccess;
-  if (tokens == 0) return cudaSuccess;
-  const ProjSplit sp = project_split(tokens, len);
-  const dim3 grid(ceil_div(tokens, kProjTokens), static_cast<unsigned int>(sp.splits));
-  with_stream_ptr<T>(xtype, x, [&](const auto* xp) {
-    using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-    err = launch<mhc_project_kernel<X, T>>(grid, kProjThreads, 0, stream, xp, phi, workspace, tokens, len, D,
-                                          sp.k_per_split);
-  });
-  if (err != cudaSuccess) return err;
-  const int64_t total = tokens * (D + 1);
-  const int64_t blocks = (total + kRowThreads - 1) / kRowThreads;
-  return launch<mhc_project_reduce_kernel<T>>(static_cast<unsigned int>(blocks < 65536 ? blocks : 65536), kRowThreads,
-                                              0, stream, workspace, proj, rstd, tokens, D, sp.splits, len, norm_eps);
-}
-
-template <typename T>
-cudaError_t mhc_mix_project(const void* f, const void* x, StreamDtype xtype, const T* h_post, int64_t hp_stride,
-                            const T* h_res, int64_t hr_stride, void* x_next, const T* phi, T* workspace, T* proj,
-                            T* rstd, int64_t tokens, int n, int64_t C, int D, T norm_eps, cudaStream_t stream) {
+cudaError_t mhc_project(const void* f, const void* x, StreamDtype xtype, const T* h_post, int64_t hp_stride,
+                            const T* h_res, int64_t hr_stride, void* x_next, const T* pre_mix, int64_t pm_stride,
+                            void* layer_input, const T* phi, T* workspace, T* proj, T* rstd, int64_t tokens, int n,
+                            int64_t C, int D, T norm_eps, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
   const ProjSplit sp = project_split(tokens, C, mix_step(xtype));
   const dim3 grid(ceil_div(tokens, kProjTokens), static_cast<unsigned int>(sp.splits));
-  with_stream_ptr<T>(xtype, x_next, [&](auto* out) {
-    using X = std::remove_pointer_t<decltype(out)>;
-    err = launch<mhc_mix_project_kernel<X, T>>(grid, kProjThreads, 0, stream, static_cast<const X*>(f),
-                                               static_cast<const X*>(x), h_post, hp_stride, h_res, hr_stride, out, phi,
-                                               workspace, tokens, n, C, D, sp.k_per_split);
+  with_stream_ptr<T>(xtype, const_cast<void*>(x), [&](auto* xp) {
+    using X = std::remove_pointer_t<decltype(xp)>;
+    auto go = [&]<bool kMix>() {
+      err = launch<mhc_project_kernel<X, T, kMix>>(
+          grid, kProjThreads, 0, stream, static_cast<const X*>(f), static_cast<const X*>(xp), h_post, hp_stride, h_res,
+          hr_stride, static_cast<X*>(x_next), pre_mix, pm_stride, static_cast<X*>(layer_input), phi, workspace,
+          tokens, n, C, D, sp.c_per_split);
+    };
+    if (f) {
+      go.template operator()<true>();
+    } else {
+      go.template operator()<false>();
+    }
   });
   if (err != cudaSuccess) return err;
   const int64_t total = tokens * (D + 1);
@@ -770,11 +743,9 @@ cudaError_t mhc_grad_x_phi(const void* x, StreamDtype xtype, const T* phi, const
                                        T, cudaStream_t);                                                          \
   template cudaError_t mhc_layer_input_grad<T>(const void*, StreamDtype, const T*, const T*, T*, int64_t, int,      \
                                                int64_t, cudaStream_t);                                            \
-  template cudaError_t mhc_project<T>(const void*, StreamDtype, const T*, T*, T*, T*, int64_t, int64_t, int, T,     \
-                                      cudaStream_t);                                                              \
-  template cudaError_t mhc_mix_project<T>(const void*, const void*, StreamDtype, const T*, int64_t, const T*,       \
-                                          int64_t, void*, const T*, T*, T*, T*, int64_t, int, int64_t, int, T,      \
-                                          cudaStream_t);                                                            \
+  template cudaError_t mhc_project<T>(const void*, const void*, StreamDtype, const T*, int64_t, const T*,       \
+                                          int64_t, void*, const T*, int64_t, void*, const T*, T*, T*, T*, int64_t, \
+                                          int, int64_t, int, T, cudaStream_t);                                     \
   template int64_t mhc_grad_x_phi_workspace<T>(int64_t, int, int64_t, int, const MhcGradRows<T>&);                 \
   template cudaError_t mhc_grad_x_phi<T>(const void*, StreamDtype, const T*, const T*, const T*, const T*,          \
                                          const T*, const T*, const T*, int64_t, const T*, const T*, T,              \

@@ -12,31 +12,30 @@
 
 namespace hcext::cuda {
 
-// The fused projection (mhc_project, mhc_grad_x_phi: no GEMM library, no copy of x) handles
+// The fused passes (mhc_project, mhc_grad_x_phi: no GEMM library, no copy of x) handle
 // D = n² + 2n <= kMhcFusedMaxD, i.e. n <= 6; larger n keep the GEMM formulation (mhc_rows +
 // cuBLAS + mhc_grad_x).
 constexpr int kMhcFusedMaxN = 6;
 constexpr int kMhcFusedMaxD = kMhcFusedMaxN * kMhcFusedMaxN + 2 * kMhcFusedMaxN;  // 48
 
-// Elements of T of workspace the fused projection needs.
-int64_t mhc_project_workspace(int64_t tokens, int64_t len, int D);
-
-// proj [tokens, D] = x @ phi [len, D] and rstd [tokens], one pass over x (in its own dtype,
-// xtype) split over k, the splits' partial sums added in order (deterministic). D <= kMhcFusedMaxD.
+// proj [tokens, D] = x @ phi [n*C, D] and rstd [tokens], D <= kMhcFusedMaxD: one pass over x (in
+// its own dtype, xtype) by tiles of tokens x channels of every stream, split over channels, the
+// splits' partial sums added in order (deterministic; the same order in every op). The same
+// pass can also (each optional):
+// - f non-null (the fused boundary's first pass): project x_next [tokens, n, C] (x's dtype) =
+//   the mix of f [tokens, C] and x [tokens, n, C] with h_post / h_res (token t at t * stride;
+//   0: shared), computed as stream_mix_expand computes it (the same bits), written once;
+//   else project x itself (h_post, h_res, x_next unused);
+// - layer_input non-null (the shifted collapse): write layer_input [tokens, C] (x's dtype) =
+//   Σ_i pre_mix[t, i] rows_i (pre_mix: token t at t * pm_stride; 0: shared), as
+//   stream_aggregate computes it (the same bits), from the same tiles (the rows read once).
+// workspace: mhc_project_workspace elements.
+int64_t mhc_project_workspace(int64_t tokens, int64_t C, int D, StreamDtype xtype);
 template <typename T>
-cudaError_t mhc_project(const void* x, StreamDtype xtype, const T* phi, T* workspace, T* proj, T* rstd,
-                        int64_t tokens, int64_t len, int D, T norm_eps, cudaStream_t stream);
-
-// The fused boundary's first pass, D <= kMhcFusedMaxD: x_next [tokens, n, C] (x's dtype) =
-// the mix of f [tokens, C] and x [tokens, n, C] with h_post / h_res (token t at t * stride; 0:
-// shared), computed as stream_mix_expand computes it (the same bits), written once; proj and
-// rstd of x_next from the same tiles (the split over channels, added in order). workspace:
-// mhc_mix_project_workspace elements.
-int64_t mhc_mix_project_workspace(int64_t tokens, int64_t C, int D, StreamDtype xtype);
-template <typename T>
-cudaError_t mhc_mix_project(const void* f, const void* x, StreamDtype xtype, const T* h_post, int64_t hp_stride,
-                            const T* h_res, int64_t hr_stride, void* x_next, const T* phi, T* workspace, T* proj,
-                            T* rstd, int64_t tokens, int n, int64_t C, int D, T norm_eps, cudaStream_t stream);
+cudaError_t mhc_project(const void* f, const void* x, StreamDtype xtype, const T* h_post, int64_t hp_stride,
+                        const T* h_res, int64_t hr_stride, void* x_next, const T* pre_mix, int64_t pm_stride,
+                        void* layer_input, const T* phi, T* workspace, T* proj, T* rstd, int64_t tokens, int n,
+                        int64_t C, int D, T norm_eps, cudaStream_t stream);
 
 // What mhc_grad_x_phi also computes from the rows it reads (every pointer nullable).
 // The fused boundary's mix backward (f non-null; f, x in x's dtype, [tokens, C] and [tokens, n, C]):

@@ -172,14 +172,24 @@ void mhc_cases(hcext::StreamDtype xtype, const char* dtype, int64_t tokens, int 
     rows.grad_h_post = ghp.data();
     rows.grad_h_res = ghr.data();
     rows.gy_rows = gy_rows.data();
-    std::vector<T> ws(std::max({hcext::cuda::mhc_project_workspace(tokens, len, int(D)),
+    std::vector<T> ws(std::max({hcext::cuda::mhc_project_workspace(tokens, C, int(D), xtype),
                                 hcext::cuda::mhc_grad_x_phi_workspace<T>(tokens, n, C, int(D), {}),
                                 hcext::cuda::mhc_grad_x_phi_workspace<T>(tokens, n, C, int(D), rows)}));
     check_case("mhc_project " + tag, [&] {
-      return hcext::cuda::mhc_project<T>(x.data(), xtype, phi.data(), ws.data(), proj2.data(), rstd2.data(), tokens,
-                                         len, int(D), T(1e-6), nullptr);
+      return hcext::cuda::mhc_project<T>(nullptr, x.data(), xtype, nullptr, 0, nullptr, 0, nullptr, nullptr, 0, nullptr,
+                                         phi.data(), ws.data(), proj2.data(), rstd2.data(), tokens, n, C, int(D),
+                                         T(1e-6), nullptr);
     }, {{proj2.data(), proj2.size() * sizeof(T)}, {rstd2.data(), rstd2.size() * sizeof(T)}});
     expect_finite("mhc_project " + tag, proj2);
+    // The boundary's mix and the shifted collapse in the same pass.
+    std::vector<X> x_next(size_t(tokens) * len), layer_input(size_t(tokens) * C);
+    check_case("mhc_project mix+collapse " + tag, [&] {
+      return hcext::cuda::mhc_project<T>(f.data(), x.data(), xtype, hp.data(), n, hr.data(), int64_t(n) * n,
+                                         x_next.data(), hp.data(), n, layer_input.data(), phi.data(), ws.data(),
+                                         proj2.data(), rstd2.data(), tokens, n, C, int(D), T(1e-6), nullptr);
+    }, {{proj2.data(), proj2.size() * sizeof(T)}, {rstd2.data(), rstd2.size() * sizeof(T)},
+        {x_next.data(), x_next.size() * sizeof(X)}, {layer_input.data(), layer_input.size() * sizeof(X)}});
+    expect_finite("mhc_project mix+collapse " + tag, layer_input);
     check_case("mhc_grad_x_phi " + tag, [&] {
       return hcext::cuda::mhc_grad_x_phi<T>(x.data(), xtype, phi.data(), proj.data(), proj.data(), rstd.data(),
                                             drstd.data(), gy.data(), nullptr, 0, alpha.data(), bias.data(), T(1e-6),
