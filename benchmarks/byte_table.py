@@ -63,6 +63,8 @@ class Shape:
             # CUDA's grad_x pass: per block of GRAD_CHANNELS channels, each token's sums over them
             # for h_res's and h_post's gradients (n² + n), added in block order by a second pass.
             "mix_partial": -(-C // GRAD_CHANNELS) * T * (n * n + n) * self.c,
+            # ... and, for the shifted collapse, each token's Σ_c gy x_i over them (n).
+            "rows_partial": -(-C // GRAD_CHANNELS) * T * n * self.c,
         }[kind]
 
 
@@ -141,6 +143,48 @@ OPS["mhc_post_pre_backward"] = [
 ]
 
 
+# DeepSeek-V4.1's shifted collapse (layer input = Σ pre_mix[i] x_i; pre_mix does not depend on
+# this layer's projection): the projection pass writes the layer input from the rows it reads
+# (mhc_project_kernel, n <= 6; the CPU's projection pass), and the backward's pass over x computes
+# pre_mix's gradient rows Σ_c gy x_i (per-block partial sums on CUDA) — no pass of their own.
+OPS["mhc_pre_shifted_fwd"] = [
+    ("project+layer_input", [("x", "streams"), ("pre_mix", "coef_n"), ("phi", "phi")],
+     [("proj", "proj"), ("rstd", "token"), ("layer_input", "row")]),
+    ("epilogue", [("proj", "proj"), ("rstd", "token"), ("alpha", "alpha"), ("bias", "bias")],
+     [("next_pre_mix", "coef_n"), ("h_post", "coef_n"), ("h_res", "coef_nn")]),
+]
+_SHIFTED_EPILOGUE_BACKWARD = (
+    "epilogue_backward", [("proj", "proj"), ("rstd", "token"), ("alpha", "alpha"), ("bias", "bias"),
+                          ("grad_next_pre_mix", "coef_n"), ("grad_h_post", "coef_n"), ("grad_h_res", "coef_nn")],
+    [("dl", "proj"), ("dproj", "proj"), ("dalpha", "token3"), ("drstd", "token")])
+OPS["mhc_shifted_backward"] = [
+    _SHIFTED_EPILOGUE_BACKWARD,
+    ("grad_x_phi+rows", [r for r in OPS["mhc_backward"][2][1]] + [("pre_mix", "coef_n")],
+     OPS["mhc_backward"][2][2] + [("rows_partial", "rows_partial")]),
+    ("rows_sum", [("rows_partial", "rows_partial")], [("grad_pre_mix", "coef_n")]),
+    _GRAD_PHI_SUM,
+    _COEFFICIENT_SUMS,
+]
+OPS["mhc_post_pre_shifted_fwd"] = [
+    ("mix+project+layer_input", OPS["mhc_post_pre_fwd"][0][1] + [("pre_mix", "coef_n")],
+     OPS["mhc_post_pre_fwd"][0][2] + [("layer_input", "row")]),
+    ("epilogue", OPS["mhc_post_pre_fwd"][1][1], [("next_pre_mix", "coef_n"), ("h_post_next", "coef_n"),
+                                                 ("h_res_next", "coef_nn")]),
+]
+_BOUNDARY_GRAD_PASS = OPS["mhc_post_pre_backward"][2]
+OPS["mhc_post_pre_shifted_backward"] = [
+    (_SHIFTED_EPILOGUE_BACKWARD[0],
+     [({"grad_h_post": "grad_h_post_next", "grad_h_res": "grad_h_res_next"}.get(t, t), k)
+      for t, k in _SHIFTED_EPILOGUE_BACKWARD[1]], _SHIFTED_EPILOGUE_BACKWARD[2]),
+    ("grad_x_phi+mix_backward+rows", _BOUNDARY_GRAD_PASS[1] + [("pre_mix", "coef_n")],
+     _BOUNDARY_GRAD_PASS[2] + [("rows_partial", "rows_partial")]),
+    ("mix_rows_sum", [("mix_partial", "mix_partial"), ("rows_partial", "rows_partial")],
+     [("grad_h_post", "coef_n"), ("grad_h_res", "coef_nn"), ("grad_pre_mix", "coef_n")]),
+    _GRAD_PHI_SUM,
+    _COEFFICIENT_SUMS,
+]
+
+
 # The CPU: the layer input from the projection pass's rows (CpuMhcBackend::kFusedProjectionPass).
 _PROJECT_LAYER_INPUT = ("project+layer_input", [("x", "streams"), ("phi", "phi"), ("alpha", "alpha"), ("bias", "bias")],
                         [("proj", "proj"), ("rstd", "token"), ("layer_input", "row")])
@@ -175,6 +219,25 @@ CPU_OPS["mhc_post_pre_backward"] = [
     _GRAD_PHI_SUM,
     _COEFFICIENT_SUMS,
 ]
+# The shifted collapse's backward: the same pass, with pre_mix's gradient rows from the block's
+# rows of x (or x_next) while they are read for the row sums.
+_FROM_CACHE = ("dproj", "proj", "rstd", "drstd")  # the epilogue's per-token results of the block
+CPU_OPS["mhc_shifted_backward"] = [
+    ("epilogue_backward+grad_x_phi+rows",
+     OPS["mhc_shifted_backward"][0][1] + [r for r in OPS["mhc_shifted_backward"][1][1] if r[0] not in _FROM_CACHE],
+     [w for w in OPS["mhc_shifted_backward"][1][2] if w[0] != "rows_partial"] + [("grad_pre_mix", "coef_n")]),
+    _GRAD_PHI_SUM,
+    _COEFFICIENT_SUMS,
+]
+CPU_OPS["mhc_post_pre_shifted_backward"] = [
+    ("epilogue_backward+grad_x_phi+mix_backward+rows",
+     OPS["mhc_post_pre_shifted_backward"][0][1]
+     + [r for r in OPS["mhc_post_pre_shifted_backward"][1][1] if r[0] not in _FROM_CACHE],
+     [w for w in OPS["mhc_post_pre_shifted_backward"][1][2] if w[0] not in ("rows_partial", "mix_partial")]
+     + OPS["mhc_post_pre_shifted_backward"][2][2]),
+    _GRAD_PHI_SUM,
+    _COEFFICIENT_SUMS,
+]
 BACKENDS = {"cuda": OPS, "cpu": CPU_OPS}
 
 
@@ -189,19 +252,23 @@ def op_bytes(op: str, shape: Shape, backend: str = "cuda") -> Dict[str, int]:
 # The sub-layer of benchmarks/bench_mhc.py (mhc_pre, then stream_mix_expand) and the boundary
 # of benchmarks/bench_boundary.py. Backward: autograd also adds the two gradients of x (the
 # sub-layer's x feeds both ops): one more read of two and write of one streams-sized tensor.
-def sublayer_bytes(shape: Shape, backward: bool, backend: str = "cuda") -> int:
-    total = sum(sum(op_bytes(op, shape, backend).values()) for op in ("mhc_pre_fwd", "stream_mix_expand"))
+# shifted: the same with DeepSeek-V4.1's shifted collapse (mhc_pre_shifted, mhc_post_pre_shifted).
+def sublayer_bytes(shape: Shape, backward: bool, backend: str = "cuda", shifted: bool = False) -> int:
+    pre, pre_backward = ("mhc_pre_shifted_fwd", "mhc_shifted_backward") if shifted else ("mhc_pre_fwd", "mhc_backward")
+    total = sum(sum(op_bytes(op, shape, backend).values()) for op in (pre, "stream_mix_expand"))
     if backward:
         total += sum(sum(op_bytes(op, shape, backend).values())
-                     for op in ("mhc_backward", "stream_mix_expand_backward"))
+                     for op in (pre_backward, "stream_mix_expand_backward"))
         total += 3 * shape.size("streams")  # autograd's sum of x's two gradients
     return total
 
 
-def boundary_bytes(shape: Shape, backward: bool, backend: str = "cuda") -> int:
-    total = sum(op_bytes("mhc_post_pre_fwd", shape, backend).values())
+def boundary_bytes(shape: Shape, backward: bool, backend: str = "cuda", shifted: bool = False) -> int:
+    fwd, bwd = ("mhc_post_pre_shifted_fwd", "mhc_post_pre_shifted_backward") if shifted else (
+        "mhc_post_pre_fwd", "mhc_post_pre_backward")
+    total = sum(op_bytes(fwd, shape, backend).values())
     if backward:
-        total += sum(op_bytes("mhc_post_pre_backward", shape, backend).values())
+        total += sum(op_bytes(bwd, shape, backend).values())
     return total
 
 
@@ -226,7 +293,13 @@ def table(shape: Shape, backend: str = "cuda") -> List[Dict]:
             ("sub-layer fwd", sublayer_bytes(shape, False, b), floor_bytes("sub-layer", shape, False)),
             ("sub-layer fwd+bwd", sublayer_bytes(shape, True, b), floor_bytes("sub-layer", shape, True)),
             ("boundary fwd", boundary_bytes(shape, False, b), floor_bytes("boundary", shape, False)),
-            ("boundary fwd+bwd", boundary_bytes(shape, True, b), floor_bytes("boundary", shape, True))):
+            ("boundary fwd+bwd", boundary_bytes(shape, True, b), floor_bytes("boundary", shape, True)),
+            ("shifted sub-layer fwd", sublayer_bytes(shape, False, b, True), floor_bytes("sub-layer", shape, False)),
+            ("shifted sub-layer fwd+bwd", sublayer_bytes(shape, True, b, True),
+             floor_bytes("sub-layer", shape, True)),
+            ("shifted boundary fwd", boundary_bytes(shape, False, b, True), floor_bytes("boundary", shape, False)),
+            ("shifted boundary fwd+bwd", boundary_bytes(shape, True, b, True),
+             floor_bytes("boundary", shape, True))):
         rows.append({"row": name, "design_bytes": design, "floor_bytes": floor, "ratio": design / floor,
                      "design_copies": design / copy, "floor_copies": floor / copy})
     return rows

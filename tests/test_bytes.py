@@ -33,7 +33,30 @@ def _calls(dtype):
     boundary = ops.mhc_post_pre_fwd(a["f"], a["x"], a["h_post"], a["h_res"], a["phi"], a["alpha"], a["bias"], *scalars)
     gy, g_streams = torch.randn(T, C, dtype=dtype), torch.randn(T, N, C, dtype=dtype)
     g_n, g_nn = torch.randn(T, N), torch.randn(T, N, N)
-    return {
+    pre_mix = torch.rand(T, N)
+    pre_s = ops.mhc_pre_shifted_fwd(a["x"], pre_mix, a["phi"], a["alpha"], a["bias"], *scalars)
+    boundary_s = ops.mhc_post_pre_shifted_fwd(a["f"], a["x"], a["h_post"], a["h_res"], pre_mix, a["phi"], a["alpha"],
+                                              a["bias"], *scalars)
+    shifted = {
+        "mhc_pre_shifted_fwd": (dict(x=a["x"], pre_mix=pre_mix, phi=a["phi"], alpha=a["alpha"], bias=a["bias"]),
+                                pre_s),
+        "mhc_shifted_backward": (
+            dict(x=a["x"], pre_mix=pre_mix, phi=a["phi"], alpha=a["alpha"], bias=a["bias"], proj=pre_s[4],
+                 rstd=pre_s[5], grad_layer_input=gy, grad_next_pre_mix=g_n, grad_h_post=g_n, grad_h_res=g_nn),
+            ops.mhc_shifted_backward(a["x"], pre_mix, a["phi"], a["alpha"], a["bias"], pre_s[4], pre_s[5], gy, g_n,
+                                     g_n, g_nn, 20, 1e-6, 1e-6, 2.0)),
+        "mhc_post_pre_shifted_fwd": (dict(f=a["f"], x=a["x"], h_post=a["h_post"], h_res=a["h_res"], pre_mix=pre_mix,
+                                          phi=a["phi"], alpha=a["alpha"], bias=a["bias"]), boundary_s),
+        "mhc_post_pre_shifted_backward": (
+            dict(grad_x_next=g_streams, grad_layer_input=gy, grad_h_post_next=g_n, grad_h_res_next=g_nn,
+                 grad_next_pre_mix=g_n, f=a["f"], x=a["x"], h_post=a["h_post"], h_res=a["h_res"], pre_mix=pre_mix,
+                 x_next=boundary_s[0], phi=a["phi"], alpha=a["alpha"], bias=a["bias"], proj=boundary_s[5],
+                 rstd=boundary_s[6]),
+            ops.mhc_post_pre_shifted_backward(g_streams, gy, g_n, g_nn, g_n, a["f"], a["x"], a["h_post"], a["h_res"],
+                                              pre_mix, boundary_s[0], a["phi"], a["alpha"], a["bias"], boundary_s[5],
+                                              boundary_s[6], 20, 1e-6, 1e-6, 2.0, [True] * 5)),
+    }
+    return shifted | {
         "mhc_pre_fwd": (dict(x=a["x"], phi=a["phi"], alpha=a["alpha"], bias=a["bias"]), pre),
         "stream_mix_expand": (dict(f=a["f"], x=a["x"], h_post=a["h_post"], h_res=a["h_res"]),
                               ops.stream_mix_expand(a["f"], a["x"], a["h_post"], a["h_res"])),
