@@ -79,6 +79,7 @@ Pass = Tuple[str, List[Tuple[str, str]], List[Tuple[str, str]]]
 PARTIALS = 16
 
 OPS: Dict[str, List[Pass]] = {
+    # (CUDA rows of n*C*s <= 2.5 KB take the resident pass instead: CPU_OPS' mhc_pre_fwd and boundary.)
     "mhc_pre_fwd": [
         ("project", [("x", "streams"), ("phi", "phi")], [("proj", "proj"), ("rstd", "token")]),
         ("epilogue", [("proj", "proj"), ("rstd", "token"), ("alpha", "alpha"), ("bias", "bias")],
@@ -185,7 +186,7 @@ OPS["mhc_post_pre_shifted_backward"] = [
 ]
 
 
-# The CPU: the layer input from the projection pass's rows (CpuMhcBackend::kFusedProjectionPass).
+# The CPU: the layer input from the projection pass's rows (CpuMhcBackend::projection_aggregates).
 _PROJECT_LAYER_INPUT = ("project+layer_input", [("x", "streams"), ("phi", "phi"), ("alpha", "alpha"), ("bias", "bias")],
                         [("proj", "proj"), ("rstd", "token"), ("layer_input", "row")])
 CPU_OPS: Dict[str, List[Pass]] = dict(OPS)

@@ -20,13 +20,31 @@
 
 namespace hcext::cuda {
 
+constexpr size_t kDefaultDynamicShared = 48 * 1024;
+
 template <auto kKernel, typename... Args>
 cudaError_t launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
 #if defined(HCEXT_EMU)
   return ::hcext_emu::launch<kKernel>(grid, block, smem, stream, std::forward<Args>(args)...);
 #else
+  if (smem > kDefaultDynamicShared) {
+    // More than the default 48 KB of dynamic shared memory must be allowed per kernel (sm_90: up to 227 KB).
+    const cudaError_t err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
   kKernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   return cudaGetLastError();
+#endif
+}
+
+// The block's dynamic shared memory (the launch's smem bytes) as T, 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared() {
+#if defined(HCEXT_EMU)
+  return static_cast<T*>(::hcext_emu::dynamic_shared_memory());
+#else
+  extern __shared__ __align__(16) unsigned char hcext_dynamic_shared[];
+  return reinterpret_cast<T*>(hcext_dynamic_shared);
 #endif
 }
 

@@ -19,24 +19,39 @@ namespace {
 struct CudaMhcBackend : CudaContext {
   using CudaContext::CudaContext;
   using Streams = CudaStreamsBackend;
-  // The standard collapse's layer input is a pass of its own (the streams' aggregate kernel: it
-  // needs h_pre, from the whole row's projection); the boundary's mix and the shifted collapse run
-  // inside the projection pass (n <= 6, see project).
-  static constexpr bool kFusedProjectionPass = false;
   static constexpr bool kFusedBackwardPass = false;  // the three backward steps are passes of their own
 
+  // The standard collapse's layer input from the projection pass where a tile of 32 tokens' rows
+  // fits in shared memory (cuda::mhc_project_resident: 80 KB); else a pass of its own (the
+  // streams' aggregate kernel: it needs h_pre, from the whole row's projection).
+  static bool projection_aggregates(const MhcDims& d, at::ScalarType xtype) {
+    return cuda::mhc_project_resident(int(d.n), d.C, int(d.D), stream_dtype(xtype));
+  }
   // The shifted collapse's layer input from the projection pass (mhc_project) for n <= 6.
   static bool projection_collapses(const MhcDims& d) { return d.D <= cuda::kMhcFusedMaxD; }
 
   // proj = x̃ @ phi and rstd. n <= 6: one pass over x in its own dtype (mhc_project: tiles of
   // channels of every stream; with the boundary's mix it writes x_next and projects it from the
-  // same tiles, with the shifted collapse it writes the layer input from them). Larger n: the
-  // mix as a pass of its own, then the GEMM formulation: x's rows in T (a copy for bf16/fp16,
-  // written by the rstd pass), then cuBLAS (TF32 only when the user enabled
-  // torch.backends.cuda.matmul.allow_tf32).
+  // same tiles, with the shifted collapse it writes the layer input from them; with layer_input,
+  // where projection_aggregates, mhc_project_aggregate keeps a tile's rows in shared memory and
+  // aggregates the layer input from them). Larger n: the mix as a pass of its own, then the GEMM
+  // formulation: x's rows in T (a copy for bf16/fp16, written by the rstd pass), then cuBLAS
+  // (TF32 only when the user enabled torch.backends.cuda.matmul.allow_tf32).
   template <typename T>
   void project(const at::Tensor& x_rows, const at::Tensor& phi, at::Tensor& proj, at::Tensor& rstd, const MhcDims& d,
-               T norm_eps, const MhcBoundaryMix* mix = nullptr, const MhcCollapse* collapse = nullptr) {
+               T norm_eps, at::Tensor* layer_input, const T* alpha, const T* bias, T pre_eps,
+               const MhcBoundaryMix* mix, const MhcCollapse* collapse) {
+    if (layer_input) {
+      TORCH_INTERNAL_ASSERT(collapse == nullptr && projection_aggregates(d, x_rows.scalar_type()));
+      HCEXT_CUDA_CHECK(cuda::mhc_project_aggregate<T>(
+          mix ? mix->f.data_ptr() : nullptr, mix ? mix->p.x.data_ptr() : x_rows.data_ptr(),
+          stream_dtype(x_rows.scalar_type()), mix ? mix->h_post.h.data_ptr<T>() : nullptr,
+          mix ? mix->h_post.token_stride : 0, mix ? mix->h_res.h.data_ptr<T>() : nullptr,
+          mix ? mix->h_res.token_stride : 0, mix ? x_rows.data_ptr() : nullptr, phi.data_ptr<T>(), alpha, bias,
+          pre_eps, proj.data_ptr<T>(), rstd.data_ptr<T>(), layer_input->data_ptr(), d.tokens, d.n, d.C, int(d.D),
+          norm_eps, stream));
+      return;
+    }
     const int64_t len = d.n * d.C;
     const StreamDtype xtype = stream_dtype(x_rows.scalar_type());
     TORCH_INTERNAL_ASSERT(collapse == nullptr || projection_collapses(d));

@@ -12,15 +12,18 @@
 //
 // Backend interface (T: the compute type; x_rows: x as contiguous [tokens, n*C], its dtype):
 //   explicit Backend(const at::Tensor& x)              device guard, stream
-//   project<T>(x_rows, phi, proj, rstd, d, norm_eps, mix)
+//   project<T>(x_rows, phi, proj, rstd, d, norm_eps, layer_input, alpha, bias, pre_eps, mix, collapse)
 //                                                      proj [tokens, D] = x̃ @ phi and rstd [tokens];
 //     when mix is not null (the fused boundary), x_rows is x_next, which project first writes as
 //     the boundary's mix: in the projection pass itself (the CPU; CUDA for n <= 6: never read back
-//     for the projection), or in a mix pass of its own (CUDA, n > 6)
-//     with kFusedProjectionPass: project<T>(..., norm_eps, layer_input, alpha, bias, pre_eps, mix), which
-//     also writes layer_input = Σ h_pre[i] x_i when it is not null (mhc_pre, the fused boundary)
-//     and, last argument, collapse (MhcCollapse, nullable): where projection_collapses(d), the shifted
-//     collapse's layer input Σ pre_mix[i] x_i from the projection pass's rows (x read once)
+//     for the projection), or in a mix pass of its own (CUDA, n > 6);
+//     layer_input (nullable, only where projection_aggregates): also writes the layer input
+//     Σ h_pre[i] x_i (h_pre from proj, alpha, bias, pre_eps) from the pass's rows (x read once);
+//     collapse (MhcCollapse, nullable, only where projection_collapses): also writes the shifted
+//     collapse's layer input Σ pre_mix[i] x_i from the pass's rows
+//   static projection_aggregates(d, x dtype)            whether project takes layer_input (the CPU:
+//                                                      always; CUDA: where a tile's rows fit in
+//                                                      shared memory)
 //   static projection_collapses(d)                     whether project takes a collapse
 //   epilogue<T>(proj, rstd, alpha, bias, h_pre, h_post, h_res, d, s)
 //   layer_input_grad_x<T>(x_rows, gy, g_pre, out, d)   out = g_pre + sum_c gy * x_i
@@ -147,8 +150,8 @@ struct MhcCoeffs {
   // epilogue.
   // mix: the boundary's mix, written into x_rows by project before it is projected (see the
   // interface above).
-  // Backend::kFusedProjectionPass only: layer_input, the layer input Σ h_pre[i] x_i [tokens, C] in
-  // x's dtype, from the projection pass's rows.
+  // layer_input (Backend::projection_aggregates only): the layer input Σ h_pre[i] x_i [tokens, C]
+  // in x's dtype, from the projection pass's rows.
   // collapse (Backend::projection_collapses only): the shifted collapse's layer input, from the
   // same pass.
   template <class Backend>
@@ -157,16 +160,11 @@ struct MhcCoeffs {
                const MhcBoundaryMix* mix = nullptr, const MhcCollapse* collapse = nullptr) {
     const at::Tensor ph = phi.contiguous();
     at::Tensor proj_rows = proj.view({d.tokens, d.D}), rstd_rows = rstd.view({d.tokens});
+    const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
     dispatch_compute(d.compute, [&](auto zero) {
       using T = decltype(zero);
-      if constexpr (Backend::kFusedProjectionPass) {
-        const at::Tensor a = alpha.contiguous(), b = bias.contiguous();
-        backend.template project<T>(x_rows, ph, proj_rows, rstd_rows, d, static_cast<T>(s.norm_eps), layer_input,
-                                    a.data_ptr<T>(), b.data_ptr<T>(), static_cast<T>(s.pre_eps), mix, collapse);
-      } else {
-        TORCH_INTERNAL_ASSERT(layer_input == nullptr, "this backend aggregates the layer input in a pass of its own");
-        backend.template project<T>(x_rows, ph, proj_rows, rstd_rows, d, static_cast<T>(s.norm_eps), mix, collapse);
-      }
+      backend.template project<T>(x_rows, ph, proj_rows, rstd_rows, d, static_cast<T>(s.norm_eps), layer_input,
+                                  a.data_ptr<T>(), b.data_ptr<T>(), static_cast<T>(s.pre_eps), mix, collapse);
     });
     epilogue(backend, alpha, bias, d, s);
   }
@@ -184,7 +182,7 @@ struct MhcCoeffs {
 };
 
 // -> (h_pre [..., n], h_post [..., n], h_res [..., n, n], proj [..., D], rstd [...]).
-// layer_input (Backend::kFusedProjectionPass only): set to the layer input [..., C] (x's dtype),
+// layer_input (Backend::projection_aggregates only): set to the layer input [..., C] (x's dtype),
 // written by the projection pass.
 template <class Backend>
 Tensor5 mhc_coeffs_fwd_core(const char* op, const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
@@ -217,14 +215,15 @@ Tensor5 mhc_coeffs_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at
 }
 
 // mhc_pre = the coefficients, then the layer input by the streams backend's aggregate (the
-// same kernels users call as hcext::stream_aggregate) — or, on a backend with
-// kFusedProjectionPass (the CPU), inside the projection pass from the rows it has just read (x
-// read once). h_pre is not kept: the backward recomputes it from proj.
+// same kernels users call as hcext::stream_aggregate) — or, where Backend::projection_aggregates
+// (the CPU; CUDA for rows that fit in shared memory), inside the projection pass from the rows
+// it has just read (x read once). h_pre is not kept: the backward recomputes it from proj.
 // -> (layer_input [..., C], h_post, h_res, proj, rstd)
 template <class Backend>
 Tensor5 mhc_pre_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
                          int64_t iters, double norm_eps, double sinkhorn_eps, double pre_eps, double post_mult) {
-  if constexpr (!Backend::kFusedProjectionPass) {
+  const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, "hcext::mhc_coeffs");
+  if (!Backend::projection_aggregates(d, x.scalar_type())) {
     auto [h_pre, h_post, h_res, proj, rstd] =
         mhc_coeffs_fwd_impl<Backend>(x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
     return {stream_aggregate_impl<typename Backend::Streams>(x, h_pre), h_post, h_res, proj, rstd};
@@ -459,9 +458,9 @@ Tensor7 mhc_post_pre_fwd_core(const char* op, const at::Tensor& f, const at::Ten
   at::Tensor x_next = at::empty(x.sizes(), p.x.options());
   MhcCoeffs c(x, d);  // layer l+1's
   // The layer input inside the projection pass where the backend can: the collapse with x_next's
-  // own h_pre on a backend with kFusedProjectionPass, the shifted collapse where
-  // projection_collapses; else aggregated in a pass of its own.
-  const bool own_input = Backend::kFusedProjectionPass && pre_mix == nullptr;
+  // own h_pre where projection_aggregates, the shifted collapse where projection_collapses; else
+  // aggregated in a pass of its own.
+  const bool own_input = pre_mix == nullptr && Backend::projection_aggregates(d, x.scalar_type());
   const bool shifted_input = pre_mix != nullptr && Backend::projection_collapses(d);
   at::Tensor layer_input;
   if (own_input || shifted_input) layer_input = at::empty(lead_shape(x, {d.C}), p.x.options());

@@ -279,6 +279,117 @@ __global__ void __launch_bounds__(kProjThreads)
   store_partial(partial, tokens, t0 + tok, D, grp, acc, squares);
 }
 
+// ---- The resident projection: a token tile's rows held in shared memory -----------------------
+//
+// The standard collapse's layer input needs h_pre, hence the whole row's projection, before any
+// of it can be written: a split over channels reads x again for it (the aggregate pass). Where a
+// tile's rows fit in shared memory (mhc_project_resident), one block per tile of kProjTokens
+// tokens keeps them there: x is read from memory once (for the boundary, x_next is mixed into
+// shared memory, written once, never read back), projected over the same splits in the same order
+// as mhc_project_kernel + mhc_project_reduce_kernel (the same bits), and the layer input is
+// aggregated from shared memory.
+
+// Bytes of dynamic shared memory for a tile's rows: with the static tiles (<= 31 KB) and the
+// 1 KB the hardware reserves, two blocks (16 warps) fit an sm_90 SM's 228 KB. phi is streamed
+// from L2 once per tile of 32 tokens, as in the split kernel. So rows of n*C*sizeof(x) <= 2.5 KB
+// (bf16, n = 4: C <= 320; fp32: C <= 160): small models; at C = 4096 a token's row is 32 KB and
+// the split kernel, with the aggregate as a pass of its own, serves (see the README).
+constexpr int64_t kResidentBytes = 80 * 1024;
+
+template <typename X, typename T, bool kMix>
+__global__ void __launch_bounds__(kProjThreads)
+    mhc_project_resident_kernel(const X* __restrict__ f, const X* __restrict__ x, const T* __restrict__ hp,
+                                int64_t hp_stride, const T* __restrict__ hr, int64_t hr_stride,
+                                X* __restrict__ x_next, const T* __restrict__ phi, const T* __restrict__ alpha,
+                                const T* __restrict__ bias, T pre_eps, T norm_eps, T* __restrict__ proj,
+                                T* __restrict__ rstd, X* __restrict__ layer_input, int64_t tokens, int n, int64_t C,
+                                int D, int64_t c_per_split) {
+  constexpr int kC = kMixC<X>;
+  X* rows = dynamic_shared<X>();  // [kProjTokens][n C]
+  __shared__ T xs[kProjTokens][kMixMaxK<X> + 1];
+  __shared__ T ps[kMixMaxK<X>][kMhcFusedMaxD];
+  __shared__ T hs[kProjTokens][kMhcFusedMaxN];
+  __shared__ T rs[kProjTokens];
+  using V = Lanes<T, 1>;
+  const int tok = threadIdx.x / kProjGroups, grp = threadIdx.x % kProjGroups;
+  const int64_t t0 = int64_t(blockIdx.x) * kProjTokens;
+  const int nt = int(tokens - t0 < kProjTokens ? tokens - t0 : kProjTokens);
+  const int64_t len = int64_t(n) * C;
+  // 1. The tile's rows, from memory once (the boundary: mixed as stream_mix_expand, written).
+  for (int64_t e = threadIdx.x; e < nt * C; e += kProjThreads) {
+    const int r = int(e / C);
+    const int64_t c = e - r * C, t = t0 + r;
+    const X* xt = x + t * len + c;
+    for (int i = 0; i < n; ++i) {
+      X stored;
+      if constexpr (kMix) {
+        const V F(to_compute(f[t * C + c]));
+        const V o = stream_mix_value<0, V>(hr + t * hr_stride + i * n, hp[t * hp_stride + i], F, n,
+                                            [&](int j) { return V(to_compute(xt[j * C])); });
+        stored = Convert<X>::out(static_cast<ComputeOf<X>>(o.v[0]));
+        x_next[t * len + i * C + c] = stored;
+      } else {
+        stored = xt[i * C];
+      }
+      rows[r * len + i * C + c] = stored;
+    }
+  }
+  __syncthreads();
+  // 2. The projection, split by split as mhc_project_kernel's blocks, the splits' sums added in
+  // order as mhc_project_reduce_kernel adds them.
+  const int K = n * kC;
+  T total[kProjCols], total_squares = T(0);
+  for (int64_t c_begin = 0; c_begin < C; c_begin += c_per_split) {
+    const int64_t c_end = c_begin + c_per_split < C ? c_begin + c_per_split : C;
+    T acc[kProjCols], squares = T(0);
+#pragma unroll
+    for (int j = 0; j < kProjCols; ++j) acc[j] = T(0);
+    for (int64_t cb = c_begin; cb < c_end; cb += kC) {
+      for (int e = threadIdx.x; e < kProjTokens * kC; e += kProjThreads) {
+        const int r = e / kC, cc = e % kC;
+        const int64_t c = cb + cc;
+        for (int i = 0; i < n; ++i) {
+          xs[r][i * kC + cc] = (r < nt && c < c_end) ? T(to_compute(rows[r * len + i * C + c])) : T(0);
+        }
+      }
+      for (int e = threadIdx.x; e < K * kMhcFusedMaxD; e += kProjThreads) {
+        const int kk = e / kMhcFusedMaxD, col = e % kMhcFusedMaxD;
+        const int64_t c = cb + kk % kC;
+        ps[kk][col] = (c < c_end && col < D) ? phi[((kk / kC) * C + c) * D + col] : T(0);
+      }
+      __syncthreads();
+      project_tile(xs[tok], ps, K, grp, acc, squares);
+      __syncthreads();  // the tiles are refilled
+    }
+#pragma unroll
+    for (int j = 0; j < kProjCols; ++j) total[j] = c_begin == 0 ? acc[j] : total[j] + acc[j];
+    total_squares = c_begin == 0 ? squares : total_squares + squares;
+  }
+  // 3. proj and rstd; h_pre (mhc_h_pre, as the epilogue and the backward compute it): column c of
+  // the thread's token is total[j] for c = grp + kProjGroups j, so h_pre[i] is thread i's total[0].
+  if (tok < nt) {
+#pragma unroll
+    for (int j = 0; j < kProjCols; ++j) {
+      const int c = grp + kProjGroups * j;
+      if (c < D) proj[(t0 + tok) * D + c] = total[j];
+    }
+    if (grp == 0) {
+      rs[tok] = mhc_rstd<T>(total_squares, T(len), norm_eps);
+      rstd[t0 + tok] = rs[tok];
+    }
+  }
+  __syncthreads();
+  if (tok < nt && grp < n) hs[tok][grp] = mhc_h_pre<T, T>(total[0], rs[tok], alpha, bias[grp], pre_eps);
+  __syncthreads();
+  // 4. The layer input from shared memory (stream_aggregate_value, as stream_aggregate).
+  for (int64_t e = threadIdx.x; e < nt * C; e += kProjThreads) {
+    const int r = int(e / C);
+    const int64_t c = e - r * C;
+    const V y = stream_aggregate_value<0, V>(hs[r], n, [&](int i) { return V(to_compute(rows[r * len + i * C + c])); });
+    store_as(layer_input + (t0 + r) * C + c, y.v[0]);
+  }
+}
+
 // proj[t, c] = sum over splits (in order) of partial[split, t, c]; rstd[t] from the squares.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
@@ -681,6 +792,43 @@ cudaError_t mhc_project(const void* f, const void* x, StreamDtype xtype, const T
                                               int64_t(n) * C, norm_eps);
 }
 
+namespace {
+int64_t stream_bytes(StreamDtype xtype) {
+  return xtype == StreamDtype::kDouble ? 8 : xtype == StreamDtype::kFloat ? 4 : 2;
+}
+}  // namespace
+
+bool mhc_project_resident(int n, int64_t C, int D, StreamDtype xtype) {
+  return D <= kMhcFusedMaxD && int64_t(kProjTokens) * n * C * stream_bytes(xtype) <= kResidentBytes;
+}
+
+template <typename T>
+cudaError_t mhc_project_aggregate(const void* f, const void* x, StreamDtype xtype, const T* h_post, int64_t hp_stride,
+                                  const T* h_res, int64_t hr_stride, void* x_next, const T* phi, const T* alpha,
+                                  const T* bias, T pre_eps, T* proj, T* rstd, void* layer_input, int64_t tokens, int n,
+                                  int64_t C, int D, T norm_eps, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  if (tokens == 0) return cudaSuccess;
+  const ProjSplit sp = project_split(tokens, C, mix_step(xtype));  // mhc_project's splits: the same sums
+  const size_t smem = size_t(kProjTokens) * n * C * stream_bytes(xtype);
+  with_stream_ptr<T>(xtype, const_cast<void*>(x), [&](auto* xp) {
+    using X = std::remove_pointer_t<decltype(xp)>;
+    auto go = [&]<bool kMix>() {
+      err = launch<mhc_project_resident_kernel<X, T, kMix>>(
+          static_cast<unsigned int>(ceil_div(tokens, kProjTokens)), kProjThreads, smem, stream,
+          static_cast<const X*>(f), static_cast<const X*>(xp), h_post, hp_stride, h_res, hr_stride,
+          static_cast<X*>(x_next), phi, alpha, bias, pre_eps, norm_eps, proj, rstd, static_cast<X*>(layer_input),
+          tokens, n, C, D, sp.c_per_split);
+    };
+    if (f) {
+      go.template operator()<true>();
+    } else {
+      go.template operator()<false>();
+    }
+  });
+  return err;
+}
+
 template <typename T>
 cudaError_t mhc_grad_x_phi(const void* x, StreamDtype xtype, const T* phi, const T* dproj, const T* proj,
                            const T* rstd, const T* drstd, const T* gy, const T* mix, int64_t mix_stride,
@@ -746,6 +894,9 @@ cudaError_t mhc_grad_x_phi(const void* x, StreamDtype xtype, const T* phi, const
   template cudaError_t mhc_project<T>(const void*, const void*, StreamDtype, const T*, int64_t, const T*,       \
                                           int64_t, void*, const T*, int64_t, void*, const T*, T*, T*, T*, int64_t, \
                                           int, int64_t, int, T, cudaStream_t);                                     \
+  template cudaError_t mhc_project_aggregate<T>(const void*, const void*, StreamDtype, const T*, int64_t, const T*, \
+                                                int64_t, void*, const T*, const T*, const T*, T, T*, T*, void*,      \
+                                                int64_t, int, int64_t, int, T, cudaStream_t);                        \
   template int64_t mhc_grad_x_phi_workspace<T>(int64_t, int, int64_t, int, const MhcGradRows<T>&);                 \
   template cudaError_t mhc_grad_x_phi<T>(const void*, StreamDtype, const T*, const T*, const T*, const T*,          \
                                          const T*, const T*, const T*, int64_t, const T*, const T*, T,              \

@@ -37,6 +37,19 @@ cudaError_t mhc_project(const void* f, const void* x, StreamDtype xtype, const T
                         void* layer_input, const T* phi, T* workspace, T* proj, T* rstd, int64_t tokens, int n,
                         int64_t C, int D, T norm_eps, cudaStream_t stream);
 
+// The standard collapse where a tile's rows fit on chip (mhc_project_resident: 32 tokens' rows
+// of n*C elements of x's dtype in 80 KB of shared memory, D <= kMhcFusedMaxD): proj, rstd and
+// layer_input [tokens, C] = Σ_i h_pre[t, i] rows_i (h_pre from proj as the epilogue computes it)
+// in one pass that reads x once — proj and rstd bitwise mhc_project's (the same splits, added
+// in the same order), the layer input stream_aggregate's. f non-null: the rows are the
+// boundary's x_next, mixed and written as by mhc_project.
+bool mhc_project_resident(int n, int64_t C, int D, StreamDtype xtype);
+template <typename T>
+cudaError_t mhc_project_aggregate(const void* f, const void* x, StreamDtype xtype, const T* h_post, int64_t hp_stride,
+                                  const T* h_res, int64_t hr_stride, void* x_next, const T* phi, const T* alpha,
+                                  const T* bias, T pre_eps, T* proj, T* rstd, void* layer_input, int64_t tokens, int n,
+                                  int64_t C, int D, T norm_eps, cudaStream_t stream);
+
 // What mhc_grad_x_phi also computes from the rows it reads (every pointer nullable).
 // The fused boundary's mix backward (f non-null; f, x in x's dtype, [tokens, C] and [tokens, n, C]):
 // dx is then x_next's gradient, rounded to x's dtype and not stored; the pass runs

@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <numeric>
 #include <random>
@@ -157,6 +158,10 @@ struct Grid {
   void* scheduler_tsan_fiber = nullptr;
   int launch_sync = 0, block_sync = 0, done_sync = 0;  // TSan synchronisation addresses
   int warp_sync[32] = {};
+  // The launch's dynamic shared memory: exactly its bytes (AddressSanitizer catches an access
+  // past them), shared by the blocks in turn as the static __shared__ arrays are.
+  std::unique_ptr<unsigned char[]> dynamic_smem;
+  size_t dynamic_bytes = 0;
 };
 
 std::mutex g_launch_mutex;  // one emulated grid at a time (the scheduler state is global)
@@ -336,6 +341,11 @@ void thread_exit() {
 }
 
 }  // namespace
+
+void* dynamic_shared_memory() {
+  if (g->dynamic_bytes == 0) report(cudaErrorInvalidValue, "dynamic shared memory used by a launch that has none");
+  return g->dynamic_smem.get();
+}
 
 const uint3& thread_idx() { return g->current->idx; }
 const uint3& block_idx() { return g->block_idx; }
@@ -543,6 +553,11 @@ cudaError_t run_grid(const char* pretty_name, dim3 grid_dim_, dim3 block_dim_, s
   }
   ++g_executed[names.second];
 
+  if (smem > 0) {
+    grid.dynamic_bytes = smem;
+    grid.dynamic_smem.reset(new unsigned char[smem]);
+    std::memset(grid.dynamic_smem.get(), 0xa5, smem);  // not zeros: a missed initialisation shows
+  }
   grid.threads = unsigned(threads);
   grid.fibers.resize(grid.threads);
   grid.warps.resize((grid.threads + 31) / 32);

@@ -18,7 +18,8 @@
 //   1024 threads and 64 in z, dynamic shared memory <= 227 KB) and runs the grid: blocks in
 //   order, or in a shuffled order, with the threads' interleaving shuffled too, for a non-zero
 //   schedule seed (hcext_emu::set_schedule_seed). Kernels with fixed-order reductions must give
-//   bitwise identical results under every schedule.
+//   bitwise identical results under every schedule. Dynamic shared memory (dynamic_shared<T>()
+//   of csrc/common/cuda_launch.cuh) is a buffer of exactly the launch's bytes, filled with 0xa5.
 // - check_aligned(p, bytes): every 128-bit (packed) access of csrc/common/cuda_utils.cuh goes
 //   through it (HCEXT_CHECK_ALIGNED); a misaligned one is an error.
 // Errors are recorded (the first one, with the kernel, block and thread); the launch then
@@ -66,6 +67,9 @@ const dim3& block_dim();
 const dim3& grid_dim();
 
 void syncthreads();
+
+// The running launch's dynamic shared memory (its `smem` bytes; an error if it has none).
+void* dynamic_shared_memory();
 
 // A warp exchange: deposits `bytes` (1, 2, 4 or 8) of the caller's value for the lanes named in
 // `mask`, waits until all of them have deposited, and copies lane `src_lane`'s value to `out`.

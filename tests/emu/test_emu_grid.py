@@ -137,3 +137,44 @@ def test_fused_boundary_backward_passes(n, shifted):
     if shifted:
         assert ("mhc_layer_input_grad_kernel" in ran) == (n > 6), ran
         assert ("mhc_grad_rows_reduce_kernel" in ran) == (n <= 6), ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("n,C", [(4, 40), (4, 190), (6, 9), (1, 700)])
+def test_resident_projection(n, C, dtype):
+    """Where a tile of 32 tokens' rows fits in 80 KB of shared memory (cuda::mhc_project_resident),
+    mhc_pre and mhc_post_pre run the standard collapse's projection with the rows resident
+    (mhc_project_resident_kernel: x, or the mixed x_next, read from memory once; no aggregate
+    pass), over the same splits in the same order as the split kernel, which mhc_coeffs runs:
+    proj, rstd and the coefficients bitwise mhc_coeffs', the layer input bitwise stream_aggregate's
+    with them, x_next bitwise stream_mix_expand's. Larger rows keep the split kernel and the
+    aggregate pass."""
+    T = 45  # two token tiles, the second partial
+    resident = 32 * n * C * torch.empty((), dtype=dtype).element_size() <= 80 * 1024
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(4)
+    D = n * n + 2 * n
+    x = torch.randn(T, n, C, generator=g).to(dtype)
+    f = torch.randn(T, C, generator=g).to(dtype)
+    h_post, h_res = (2 * torch.rand(T, n, generator=g)).to(cd), torch.rand(T, n, n, generator=g).to(cd)
+    phi = (torch.randn(n * C, D, generator=g) / math.sqrt(n * C)).to(cd)
+    alpha, bias = torch.tensor([0.7, 0.8, 0.9], dtype=cd), (0.5 * torch.randn(D, generator=g)).to(cd)
+    scalars = (20, 1e-6, 1e-6, 1e-6, 2.0)
+    ops = torch.ops.hcext
+    with emulated():
+        before = executed_kernels()
+        layer_input, h_post_o, h_res_o, proj, rstd = ops.mhc_pre_fwd(x, phi, alpha, bias, *scalars)
+        after = executed_kernels()
+        h_pre_c, h_post_c, h_res_c, proj_c, rstd_c = ops.mhc_coeffs_fwd(x, phi, alpha, bias, *scalars)
+        aggregate = ops.stream_aggregate(x, h_pre_c)
+        x_next, layer_next, _, _, proj_next, _ = ops.mhc_post_pre_fwd(f, x, h_post, h_res, phi, alpha, bias, *scalars)
+        mixed = ops.stream_mix_expand(f, x, h_post, h_res)
+        proj_mixed = ops.mhc_coeffs_fwd(mixed, phi, alpha, bias, *scalars)
+        aggregate_next = ops.stream_aggregate(mixed, proj_mixed[0])
+    ran = {k for k in after if after[k] > before.get(k, 0)}
+    assert ("mhc_project_resident_kernel" in ran) == resident, ran
+    assert ("aggregate_forward_kernel" in ran) == (not resident), ran
+    for a, b in ((proj, proj_c), (rstd, rstd_c), (h_post_o, h_post_c), (h_res_o, h_res_c), (layer_input, aggregate),
+                 (x_next, mixed), (proj_next, proj_mixed[3])):
+        assert torch.equal(a, b)
+    assert torch.equal(layer_next, aggregate_next)

@@ -190,6 +190,19 @@ void mhc_cases(hcext::StreamDtype xtype, const char* dtype, int64_t tokens, int 
     }, {{proj2.data(), proj2.size() * sizeof(T)}, {rstd2.data(), rstd2.size() * sizeof(T)},
         {x_next.data(), x_next.size() * sizeof(X)}, {layer_input.data(), layer_input.size() * sizeof(X)}});
     expect_finite("mhc_project mix+collapse " + tag, layer_input);
+    // The resident projection (rows in dynamic shared memory), with and without the boundary's mix.
+    if (hcext::cuda::mhc_project_resident(n, C, int(D), xtype)) {
+      for (const bool mix : {false, true}) {
+        check_case(std::string("mhc_project_aggregate") + (mix ? " mix " : " ") + tag, [&] {
+          return hcext::cuda::mhc_project_aggregate<T>(mix ? f.data() : nullptr, x.data(), xtype, hp.data(), n,
+                                                       hr.data(), int64_t(n) * n, x_next.data(), phi.data(),
+                                                       alpha.data(), bias.data(), T(1e-6), proj2.data(), rstd2.data(),
+                                                       layer_input.data(), tokens, n, C, int(D), T(1e-6), nullptr);
+        }, {{proj2.data(), proj2.size() * sizeof(T)}, {rstd2.data(), rstd2.size() * sizeof(T)},
+            {layer_input.data(), layer_input.size() * sizeof(X)}});
+        expect_finite("mhc_project_aggregate " + tag, layer_input);
+      }
+    }
     check_case("mhc_grad_x_phi " + tag, [&] {
       return hcext::cuda::mhc_grad_x_phi<T>(x.data(), xtype, phi.data(), proj.data(), proj.data(), rstd.data(),
                                             drstd.data(), gy.data(), nullptr, 0, alpha.data(), bias.data(), T(1e-6),
