@@ -97,14 +97,17 @@ struct MhcCollapse {
 // The fused boundary's mix backward (grad_f, grad_x, h_post's and h_res's per-token rows), for
 // a backend whose backward pass over x_next runs it on x_next's gradient (grad_pass_fuses: the
 // CPU's backward_pass per block of tokens, CUDA's grad_x pass for n <= 6).
-// f and x contiguous; an output not requested is an empty tensor (CoefGrad: no rows).
-struct MhcBoundaryMixGrad {
+// f and x contiguous; the outputs are stream_mix_expand_backward's (MixGrads: one not requested
+// is an empty tensor, CoefGrad without rows).
+struct MhcBoundaryMixGrad : MixGrads {
   const at::Tensor& f;
   const StreamsProblem& p;  // x
   const StreamsCoef& h_post;
   const StreamsCoef& h_res;
-  at::Tensor grad_f, grad_x;
-  CoefGrad grad_h_post, grad_h_res;
+
+  MhcBoundaryMixGrad(const at::Tensor& f_, const StreamsProblem& p_, const StreamsCoef& hp, const StreamsCoef& hr,
+                     std::array<bool, 4> output_mask)
+      : MixGrads(p_, f_, p_.x, hp, hr, output_mask), f(f_), p(p_), h_post(hp), h_res(hr) {}
 };
 
 // The backward's tensors for a backend with kFusedBackwardPass (see the interface above);
@@ -552,24 +555,14 @@ MhcPostPreGrads mhc_post_pre_backward_core(
     StreamsProblem px = p;
     px.x = x.contiguous();
     const at::Tensor fc = f.contiguous();
-    const auto xo = px.x.options();
-    MhcBoundaryMixGrad mg{fc, px, hp, hr,
-                          output_mask[0] ? at::empty(f.sizes(), xo) : at::empty({0}, xo),
-                          output_mask[1] ? at::empty(x.sizes(), xo) : at::empty({0}, xo),
-                          make_coef_grad(output_mask[2], hp, p.tokens, p.n),
-                          make_coef_grad(output_mask[3], hr, p.tokens, int64_t(p.n) * p.n)};
+    MhcBoundaryMixGrad mg(fc, px, hp, hr, output_mask);
     out.next = mhc_backward_core<Backend>(op, x_next, phi, alpha, bias, proj, rstd, grad_layer_input,
                                           pre_mix ? grad_next_pre_mix : std::nullopt, grad_h_post_next,
                                           grad_h_res_next, iters, sinkhorn_eps, pre_eps, post_mult,
                                           has_value(grad_x_next) ? *grad_x_next : at::Tensor(), pre_mix ? &mix : nullptr,
                                           /*boundary=*/true, &mg);
     typename Backend::Streams streams(x);
-    finish_coef_grad(streams, mg.grad_h_post, hp, p.tokens, p.n);
-    finish_coef_grad(streams, mg.grad_h_res, hr, p.tokens, int64_t(p.n) * p.n);
-    out.f = mg.grad_f;
-    out.x = mg.grad_x;
-    out.h_post = mg.grad_h_post.out;
-    out.h_res = mg.grad_h_res.out;
+    std::tie(out.f, out.x, out.h_post, out.h_res) = mg.finish(streams, px, hp, hr);
     return out;
   }
   if (coefficient_path) {

@@ -109,6 +109,32 @@ at::Tensor stream_mix_expand_impl(const at::Tensor& f_in, const at::Tensor& x_in
   return out;
 }
 
+// The mix backward's outputs (output_mask: grad_f, grad_x, grad_h_post, grad_h_res; one not
+// requested is an empty [0] tensor), for stream_mix_expand_backward and for the mHC boundary,
+// whose coefficient pass runs the mix's backward itself (mhc_driver.h).
+struct MixGrads {
+  at::Tensor grad_f, grad_x;
+  CoefGrad grad_h_post, grad_h_res;
+
+  MixGrads(const StreamsProblem& p, const at::Tensor& f, const at::Tensor& x, const StreamsCoef& hp,
+           const StreamsCoef& hr, std::array<bool, 4> output_mask) {
+    const auto xo = p.x.options();
+    grad_f = output_mask[0] ? at::empty(f.sizes(), xo) : at::empty({0}, xo);
+    grad_x = output_mask[1] ? at::empty(x.sizes(), xo) : at::empty({0}, xo);
+    grad_h_post = make_coef_grad(output_mask[2], hp, p.tokens, p.n);
+    grad_h_res = make_coef_grad(output_mask[3], hr, p.tokens, int64_t(p.n) * p.n);
+  }
+  // The shared coefficients' sums over tokens, once the per-token rows are written; -> (grad_f,
+  // grad_x, grad_h_post, grad_h_res).
+  template <class Backend>
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish(Backend& backend, const StreamsProblem& p,
+                                                                    const StreamsCoef& hp, const StreamsCoef& hr) {
+    finish_coef_grad(backend, grad_h_post, hp, p.tokens, p.n);
+    finish_coef_grad(backend, grad_h_res, hr, p.tokens, int64_t(p.n) * p.n);
+    return {grad_f, grad_x, grad_h_post.out, grad_h_res.out};
+  }
+};
+
 // -> (grad_f, grad_x, grad_h_post, grad_h_res); output_mask in that order.
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_mix_expand_backward_impl(
@@ -122,25 +148,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_mix_expand_bac
   const StreamsCoef hr = check_streams_coef(h_res_in, "h_res", 2, x_in, p, op);
   const at::Tensor g = check_streams_grad(grad_in, x_in.sizes(), x_in, op);
   Backend backend(x_in);
-  const auto xo = p.x.options();
-  at::Tensor grad_f = output_mask[0] ? at::empty(f_in.sizes(), xo) : at::empty({0}, xo);
-  at::Tensor grad_x = output_mask[1] ? at::empty(x_in.sizes(), xo) : at::empty({0}, xo);
-  const int64_t nn = int64_t(p.n) * p.n;
-  CoefGrad ghp = make_coef_grad(output_mask[2], hp, p.tokens, p.n);
-  CoefGrad ghr = make_coef_grad(output_mask[3], hr, p.tokens, nn);
+  MixGrads out(p, f_in, x_in, hp, hr, output_mask);
   if (p.tokens > 0) {
     Backend::dispatch_dtype(p.x.scalar_type(), [&](auto t_tag, auto s_tag) {
       using T = decltype(t_tag);
       using S = decltype(s_tag);
       backend.template mix_backward<T, S>(data_or_null<const T>(g), data_or_null<const T>(f),
                                           data_or_null<const T>(p.x), data_or_null<const S>(hp.h), hp.token_stride,
-                                          data_or_null<const S>(hr.h), hr.token_stride, data_or_null<T>(grad_f),
-                                          data_or_null<T>(grad_x), ghp.rows<S>(), ghr.rows<S>(), p.tokens, p.n, p.C);
+                                          data_or_null<const S>(hr.h), hr.token_stride, data_or_null<T>(out.grad_f),
+                                          data_or_null<T>(out.grad_x), out.grad_h_post.rows<S>(),
+                                          out.grad_h_res.rows<S>(), p.tokens, p.n, p.C);
     });
   }
-  finish_coef_grad(backend, ghp, hp, p.tokens, p.n);
-  finish_coef_grad(backend, ghr, hr, p.tokens, nn);
-  return {grad_f, grad_x, ghp.out, ghr.out};
+  return out.finish(backend, p, hp, hr);
 }
 
 // The mix of hcext::mhc_post_pre where it is a pass of its own (the mHC CUDA backend for n > 6, on
