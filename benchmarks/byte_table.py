@@ -107,7 +107,7 @@ OPS: Dict[str, List[Pass]] = {
         ("grad_phi_sum", [(f"partial{i}", "phi") for i in range(PARTIALS)], [("grad_phi", "phi")]),
         ("coefficient_sums", [("dl", "proj"), ("dalpha", "token3")], [("grad_alpha", "alpha"), ("grad_bias", "bias")]),
     ],
-    # The boundary: x_next is mixed and projected in the same tiles (mhc_mix_project_kernel, n <= 6;
+    # The boundary: x_next is mixed and projected in the same tiles (mhc_project_kernel, n <= 6;
     # the split's partial sums, like the projection's, are proj-sized and not counted).
     "mhc_post_pre_fwd": [
         ("mix+project", [("f", "row"), ("x", "streams"), ("h_post", "coef_n"), ("h_res", "coef_nn"), ("phi", "phi")],

@@ -20,20 +20,43 @@
 
 namespace hcext::cuda {
 
-constexpr size_t kDefaultDynamicShared = 48 * 1024;
-
 template <auto kKernel, typename... Args>
 cudaError_t launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
 #if defined(HCEXT_EMU)
   return ::hcext_emu::launch<kKernel>(grid, block, smem, stream, std::forward<Args>(args)...);
 #else
-  if (smem > kDefaultDynamicShared) {
-    // More than the default 48 KB of dynamic shared memory must be allowed per kernel (sm_90: up to 227 KB).
-    const cudaError_t err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
   kKernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   return cudaGetLastError();
+#endif
+}
+
+// A kernel whose static plus dynamic shared memory exceeds 48 KB must be allowed that much
+// dynamic memory first. The kernel's launcher allows its largest launch once, always with the same
+// value (so two host threads cannot lower it under each other); the emulated grid has no limit to
+// raise.
+template <auto kKernel>
+cudaError_t allow_dynamic_shared(size_t bytes) {
+#if defined(HCEXT_EMU)
+  (void)bytes;
+  return cudaSuccess;
+#else
+  return cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+#endif
+}
+
+// Shared memory a block of `device` may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin: sm_90
+// 227 KB, sm_86/89 99 KB, sm_80 163 KB); the emulated grid is an sm_90. 0 when it cannot be read.
+inline int64_t shared_memory_optin(int device) {
+#if defined(HCEXT_EMU)
+  (void)device;
+  return 227 * 1024;
+#else
+  int bytes = 0;
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: clear it
+    return 0;
+  }
+  return bytes;
 #endif
 }
 

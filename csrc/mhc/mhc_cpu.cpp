@@ -144,7 +144,7 @@ struct CpuMhcBackend {
 
   using Streams = CpuStreamsBackend;
   // The layer input (either collapse) from the projection pass's rows, while they are cached.
-  static bool projection_aggregates(const MhcDims&, at::ScalarType) { return true; }
+  static bool projection_aggregates(const MhcDims&, const at::Tensor&) { return true; }
   // proj = x @ phi and rstd, one pass over x's rows (contiguous [tokens, n*C], x's dtype),
   // and, when layer_input is given, Σ h_pre[i] x_i from the same rows while they are cached;
   // with mix, each row of x is first written as the boundary's mix (x is x_next).

@@ -24,8 +24,8 @@ struct CudaMhcBackend : CudaContext {
   // The standard collapse's layer input from the projection pass where a tile of 32 tokens' rows
   // fits in shared memory (cuda::mhc_project_resident: 80 KB); else a pass of its own (the
   // streams' aggregate kernel: it needs h_pre, from the whole row's projection).
-  static bool projection_aggregates(const MhcDims& d, at::ScalarType xtype) {
-    return cuda::mhc_project_resident(int(d.n), d.C, int(d.D), stream_dtype(xtype));
+  static bool projection_aggregates(const MhcDims& d, const at::Tensor& x) {
+    return cuda::mhc_project_resident(int(d.n), d.C, int(d.D), stream_dtype(x.scalar_type()), x.get_device());
   }
   // The shifted collapse's layer input from the projection pass (mhc_project) for n <= 6.
   static bool projection_collapses(const MhcDims& d) { return d.D <= cuda::kMhcFusedMaxD; }
@@ -42,7 +42,7 @@ struct CudaMhcBackend : CudaContext {
                T norm_eps, at::Tensor* layer_input, const T* alpha, const T* bias, T pre_eps,
                const MhcBoundaryMix* mix, const MhcCollapse* collapse) {
     if (layer_input) {
-      TORCH_INTERNAL_ASSERT(collapse == nullptr && projection_aggregates(d, x_rows.scalar_type()));
+      TORCH_INTERNAL_ASSERT(collapse == nullptr && projection_aggregates(d, x_rows));
       HCEXT_CUDA_CHECK(cuda::mhc_project_aggregate<T>(
           mix ? mix->f.data_ptr() : nullptr, mix ? mix->p.x.data_ptr() : x_rows.data_ptr(),
           stream_dtype(x_rows.scalar_type()), mix ? mix->h_post.h.data_ptr<T>() : nullptr,

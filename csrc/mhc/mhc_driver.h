@@ -21,9 +21,9 @@
 //     Σ h_pre[i] x_i (h_pre from proj, alpha, bias, pre_eps) from the pass's rows (x read once);
 //     collapse (MhcCollapse, nullable, only where projection_collapses): also writes the shifted
 //     collapse's layer input Σ pre_mix[i] x_i from the pass's rows
-//   static projection_aggregates(d, x dtype)            whether project takes layer_input (the CPU:
-//                                                      always; CUDA: where a tile's rows fit in
-//                                                      shared memory)
+//   static projection_aggregates(d, x)                 whether project takes layer_input for x (the
+//                                                      CPU: always; CUDA: where a tile's rows fit in
+//                                                      the device's shared memory)
 //   static projection_collapses(d)                     whether project takes a collapse
 //   epilogue<T>(proj, rstd, alpha, bias, h_pre, h_post, h_res, d, s)
 //   layer_input_grad_x<T>(x_rows, gy, g_pre, out, d)   out = g_pre + sum_c gy * x_i
@@ -226,7 +226,7 @@ template <class Backend>
 Tensor5 mhc_pre_fwd_impl(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha, const at::Tensor& bias,
                          int64_t iters, double norm_eps, double sinkhorn_eps, double pre_eps, double post_mult) {
   const MhcDims d = check_mhc_args(x, phi, alpha, bias, iters, sinkhorn_eps, "hcext::mhc_coeffs");
-  if (!Backend::projection_aggregates(d, x.scalar_type())) {
+  if (!Backend::projection_aggregates(d, x)) {
     auto [h_pre, h_post, h_res, proj, rstd] =
         mhc_coeffs_fwd_impl<Backend>(x, phi, alpha, bias, iters, norm_eps, sinkhorn_eps, pre_eps, post_mult);
     return {stream_aggregate_impl<typename Backend::Streams>(x, h_pre), h_post, h_res, proj, rstd};
@@ -463,7 +463,7 @@ Tensor7 mhc_post_pre_fwd_core(const char* op, const at::Tensor& f, const at::Ten
   // The layer input inside the projection pass where the backend can: the collapse with x_next's
   // own h_pre where projection_aggregates, the shifted collapse where projection_collapses; else
   // aggregated in a pass of its own.
-  const bool own_input = pre_mix == nullptr && Backend::projection_aggregates(d, x.scalar_type());
+  const bool own_input = pre_mix == nullptr && Backend::projection_aggregates(d, x);
   const bool shifted_input = pre_mix != nullptr && Backend::projection_collapses(d);
   at::Tensor layer_input;
   if (own_input || shifted_input) layer_input = at::empty(lead_shape(x, {d.C}), p.x.options());

@@ -295,6 +295,17 @@ __global__ void __launch_bounds__(kProjThreads)
 // (bf16, n = 4: C <= 320; fp32: C <= 160): small models; at C = 4096 a token's row is 32 KB and
 // the split kernel, with the aggregate as a pass of its own, serves (see the README).
 constexpr int64_t kResidentBytes = 80 * 1024;
+// Static shared memory of mhc_project_resident_kernel for x's dtype X (its tiles below): what the
+// device must allow besides kResidentBytes.
+template <typename X, typename T>
+constexpr int64_t resident_static_bytes() {
+  return int64_t(sizeof(T)) * (kProjTokens * (kMixMaxK<X> + 1) + kMixMaxK<X> * kMhcFusedMaxD +
+                               kProjTokens * kMhcFusedMaxN + kProjTokens);
+}
+constexpr int64_t kResidentStaticMax = resident_static_bytes<__nv_bfloat16, float>();
+static_assert(resident_static_bytes<float, float>() <= kResidentStaticMax &&
+              resident_static_bytes<double, double>() <= kResidentStaticMax &&
+              resident_static_bytes<__half, float>() <= kResidentStaticMax);
 
 template <typename X, typename T, bool kMix>
 __global__ void __launch_bounds__(kProjThreads)
@@ -306,6 +317,7 @@ __global__ void __launch_bounds__(kProjThreads)
                                 int D, int64_t c_per_split) {
   constexpr int kC = kMixC<X>;
   X* rows = dynamic_shared<X>();  // [kProjTokens][n C]
+  // The static tiles (resident_static_bytes counts them).
   __shared__ T xs[kProjTokens][kMixMaxK<X> + 1];
   __shared__ T ps[kMixMaxK<X>][kMhcFusedMaxD];
   __shared__ T hs[kProjTokens][kMhcFusedMaxN];
@@ -798,8 +810,10 @@ int64_t stream_bytes(StreamDtype xtype) {
 }
 }  // namespace
 
-bool mhc_project_resident(int n, int64_t C, int D, StreamDtype xtype) {
-  return D <= kMhcFusedMaxD && int64_t(kProjTokens) * n * C * stream_bytes(xtype) <= kResidentBytes;
+bool mhc_project_resident(int n, int64_t C, int D, StreamDtype xtype, int device) {
+  // The device must allow the rows and the static tiles in one block (sm_90: yes; sm_86/89: no).
+  return D <= kMhcFusedMaxD && int64_t(kProjTokens) * n * C * stream_bytes(xtype) <= kResidentBytes &&
+         kResidentBytes + kResidentStaticMax <= shared_memory_optin(device);
 }
 
 template <typename T>
@@ -814,7 +828,10 @@ cudaError_t mhc_project_aggregate(const void* f, const void* x, StreamDtype xtyp
   with_stream_ptr<T>(xtype, const_cast<void*>(x), [&](auto* xp) {
     using X = std::remove_pointer_t<decltype(xp)>;
     auto go = [&]<bool kMix>() {
-      err = launch<mhc_project_resident_kernel<X, T, kMix>>(
+      constexpr auto kKernel = mhc_project_resident_kernel<X, T, kMix>;
+      err = allow_dynamic_shared<kKernel>(kResidentBytes);
+      if (err != cudaSuccess) return;
+      err = launch<kKernel>(
           static_cast<unsigned int>(ceil_div(tokens, kProjTokens)), kProjThreads, smem, stream,
           static_cast<const X*>(f), static_cast<const X*>(xp), h_post, hp_stride, h_res, hr_stride,
           static_cast<X*>(x_next), phi, alpha, bias, pre_eps, norm_eps, proj, rstd, static_cast<X*>(layer_input),

@@ -43,7 +43,9 @@ cudaError_t mhc_project(const void* f, const void* x, StreamDtype xtype, const T
 // in one pass that reads x once — proj and rstd bitwise mhc_project's (the same splits, added
 // in the same order), the layer input stream_aggregate's. f non-null: the rows are the
 // boundary's x_next, mixed and written as by mhc_project.
-bool mhc_project_resident(int n, int64_t C, int D, StreamDtype xtype);
+// device: the CUDA device whose shared-memory limit decides (it must allow the 80 KB and the
+// kernel's static tiles in one block).
+bool mhc_project_resident(int n, int64_t C, int D, StreamDtype xtype, int device);
 template <typename T>
 cudaError_t mhc_project_aggregate(const void* f, const void* x, StreamDtype xtype, const T* h_post, int64_t hp_stride,
                                   const T* h_res, int64_t hr_stride, void* x_next, const T* phi, const T* alpha,

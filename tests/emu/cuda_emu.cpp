@@ -473,6 +473,8 @@ void run_block(Grid& grid, std::mt19937_64* rng) {
   grid.arrived = 0;
   grid.barrier_generation = 0;
   for (Warp& w : grid.warps) w = Warp{};
+  // Each block's dynamic shared memory starts as garbage (not the previous block's values).
+  if (grid.dynamic_bytes > 0) std::memset(grid.dynamic_smem.get(), 0xa5, grid.dynamic_bytes);
   for (unsigned i = 0; i < n; ++i) {
     ThreadState& t = grid.fibers[i];
     t.linear = i;
@@ -555,8 +557,7 @@ cudaError_t run_grid(const char* pretty_name, dim3 grid_dim_, dim3 block_dim_, s
 
   if (smem > 0) {
     grid.dynamic_bytes = smem;
-    grid.dynamic_smem.reset(new unsigned char[smem]);
-    std::memset(grid.dynamic_smem.get(), 0xa5, smem);  // not zeros: a missed initialisation shows
+    grid.dynamic_smem.reset(new unsigned char[smem]);  // filled with 0xa5 before each block (run_block)
   }
   grid.threads = unsigned(threads);
   grid.fibers.resize(grid.threads);

@@ -19,7 +19,8 @@
 //   order, or in a shuffled order, with the threads' interleaving shuffled too, for a non-zero
 //   schedule seed (hcext_emu::set_schedule_seed). Kernels with fixed-order reductions must give
 //   bitwise identical results under every schedule. Dynamic shared memory (dynamic_shared<T>()
-//   of csrc/common/cuda_launch.cuh) is a buffer of exactly the launch's bytes, filled with 0xa5.
+//   of csrc/common/cuda_launch.cuh) is a buffer of exactly the launch's bytes, filled with 0xa5
+//   before each block.
 // - check_aligned(p, bytes): every 128-bit (packed) access of csrc/common/cuda_utils.cuh goes
 //   through it (HCEXT_CHECK_ALIGNED); a misaligned one is an error.
 // Errors are recorded (the first one, with the kernel, block and thread); the launch then

@@ -191,7 +191,7 @@ void mhc_cases(hcext::StreamDtype xtype, const char* dtype, int64_t tokens, int 
         {x_next.data(), x_next.size() * sizeof(X)}, {layer_input.data(), layer_input.size() * sizeof(X)}});
     expect_finite("mhc_project mix+collapse " + tag, layer_input);
     // The resident projection (rows in dynamic shared memory), with and without the boundary's mix.
-    if (hcext::cuda::mhc_project_resident(n, C, int(D), xtype)) {
+    if (hcext::cuda::mhc_project_resident(n, C, int(D), xtype, 0)) {
       for (const bool mix : {false, true}) {
         check_case(std::string("mhc_project_aggregate") + (mix ? " mix " : " ") + tag, [&] {
           return hcext::cuda::mhc_project_aggregate<T>(mix ? f.data() : nullptr, x.data(), xtype, hp.data(), n,
