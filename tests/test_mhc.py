@@ -742,3 +742,32 @@ def test_cuda_noncontiguous_x_and_empty():
     for x_cpu in (torch.randn(5, C, n).transpose(-1, -2), torch.randn(0, n, C), torch.randn(2, 3, n, C)):
         s = _sample(x_cpu, params_cpu)
         compare_results(forward_backward(OP, s.to("cuda")).to("cpu"), forward_backward(OP, s), scale=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,C", [(4, 40), (4, 128), (4, 300), (6, 96)])
+def test_layer_input_paths_agree(device, n, C, dtype):
+    """mhc_pre's layer input and coefficients against mhc_coeffs + stream_aggregate, for row sizes
+    on both sides of CUDA's resident projection budget (32 tokens' rows in 80 KB of shared memory:
+    n*C*sizeof(x) <= 2.5 KB; bf16 n = 4, C = 128 needs the opt-in above 48 KB of shared memory in
+    all). proj, rstd and the coefficients are bitwise mhc_coeffs' on every backend; the layer input
+    equals stream_aggregate's to rounding (bitwise on CUDA, where the resident kernel runs
+    stream_aggregate's arithmetic; tests/emu checks that)."""
+    T = 45
+    cd = torch.float32
+    g = torch.Generator().manual_seed(8)
+    D = n * n + 2 * n
+    x = torch.randn(T, n, C, generator=g).to(dtype).to(device)
+    phi = (torch.randn(n * C, D, generator=g) / math.sqrt(n * C)).to(cd).to(device)
+    alpha = torch.tensor([0.7, 0.8, 0.9], dtype=cd, device=device)
+    bias = (0.5 * torch.randn(D, generator=g)).to(cd).to(device)
+    scalars = (20, 1e-6, 1e-6, 1e-6, 2.0)
+    layer_input, h_post, h_res, proj, rstd = torch.ops.hcext.mhc_pre_fwd(x, phi, alpha, bias, *scalars)
+    h_pre_c, h_post_c, h_res_c, proj_c, rstd_c = torch.ops.hcext.mhc_coeffs_fwd(x, phi, alpha, bias, *scalars)
+    for a, b in ((proj, proj_c), (rstd, rstd_c), (h_post, h_post_c), (h_res, h_res_c)):
+        assert torch.equal(a, b)
+    want = torch.ops.hcext.stream_aggregate(x, h_pre_c)
+    if x.is_cuda:
+        assert torch.equal(layer_input, want)
+    else:
+        assert_scaled_close(layer_input, want, dtype, name="layer_input")
