@@ -205,6 +205,39 @@ constexpr int kMixC = 32 / int(sizeof(X));
 template <typename X>
 constexpr int kMixMaxK = kMhcFusedMaxN * kMixC<X>;  // k per step: n * kMixC <= 96
 
+// Stream i of token t at channel c as the projection sees it: x itself, or (kMix) the boundary's
+// mix x_next[t, i, c] = sum_j h_res[t, i, j] x[t, j, c] + h_post[t, i] f[t, c] (stream_mix_value,
+// as the streams family's mix kernel: the same bits as stream_mix_expand), written once here.
+template <typename X, typename T, bool kMix>
+__device__ __forceinline__ X projected_value(const X* f, const X* x, const T* hp, int64_t hp_stride, const T* hr,
+                                             int64_t hr_stride, X* x_next, int64_t t, int i, int64_t c, int n,
+                                             int64_t C) {
+  const X* xt = x + t * n * C + c;
+  if constexpr (kMix) {
+    using V = Lanes<T, 1>;
+    const V F(to_compute(f[t * C + c]));
+    const V o = stream_mix_value<0, V>(hr + t * hr_stride + i * n, hp[t * hp_stride + i], F, n,
+                                        [&](int j) { return V(to_compute(xt[j * C])); });
+    const X stored = Convert<X>::out(static_cast<ComputeOf<X>>(o.v[0]));
+    x_next[(t * n + i) * C + c] = stored;
+    return stored;
+  } else {
+    return xt[i * C];
+  }
+}
+
+// phi's rows for a step of kC channels of every stream: ps[kk][col] = phi[k, col] with
+// k = (kk / kC) C + cb + kk % kC, zero past c_end or D.
+template <int kC, typename T>
+__device__ __forceinline__ void load_phi_step(T (*ps)[kMhcFusedMaxD], const T* __restrict__ phi, int64_t cb,
+                                              int64_t c_end, int64_t C, int K, int D) {
+  for (int e = threadIdx.x; e < K * kMhcFusedMaxD; e += kProjThreads) {
+    const int kk = e / kMhcFusedMaxD, col = e % kMhcFusedMaxD;
+    const int64_t c = cb + kk % kC;
+    ps[kk][col] = (c < c_end && col < D) ? phi[((kk / kC) * C + c) * D + col] : T(0);
+  }
+}
+
 // The projection of a tile of kProjTokens tokens over this split's channels, every stream of
 // each channel in one thread, so that what needs all of a channel's streams runs in the same
 // pass:
@@ -232,7 +265,6 @@ __global__ void __launch_bounds__(kProjThreads)
   const int64_t t0 = int64_t(blockIdx.x) * kProjTokens;
   const int64_t c_begin = int64_t(blockIdx.y) * c_per_split;
   const int64_t c_end = c_begin + c_per_split < C ? c_begin + c_per_split : C;
-  const int64_t len = int64_t(n) * C;
   const int K = n * kC;
   T acc[kProjCols], squares = T(0);
 #pragma unroll
@@ -244,18 +276,8 @@ __global__ void __launch_bounds__(kProjThreads)
       const int64_t t = t0 + r, c = cb + cc;
       using V = Lanes<T, 1>;
       if (t < tokens && c < c_end) {
-        const X* xt = x + t * len + c;
         for (int i = 0; i < n; ++i) {
-          X stored;
-          if constexpr (kMix) {
-            const V F(to_compute(f[t * C + c]));
-            const V o = stream_mix_value<0, V>(hr + t * hr_stride + i * n, hp[t * hp_stride + i], F, n,
-                                                [&](int j) { return V(to_compute(xt[j * C])); });
-            stored = Convert<X>::out(static_cast<ComputeOf<X>>(o.v[0]));
-            x_next[t * len + i * C + c] = stored;
-          } else {
-            stored = xt[i * C];
-          }
+          const X stored = projected_value<X, T, kMix>(f, x, hp, hp_stride, hr, hr_stride, x_next, t, i, c, n, C);
           xs[r][i * kC + cc] = T(to_compute(stored));
         }
         if (layer_input) {
@@ -267,11 +289,7 @@ __global__ void __launch_bounds__(kProjThreads)
         for (int i = 0; i < n; ++i) xs[r][i * kC + cc] = T(0);
       }
     }
-    for (int e = threadIdx.x; e < K * kMhcFusedMaxD; e += kProjThreads) {
-      const int kk = e / kMhcFusedMaxD, col = e % kMhcFusedMaxD;
-      const int64_t c = cb + kk % kC;
-      ps[kk][col] = (c < c_end && col < D) ? phi[((kk / kC) * C + c) * D + col] : T(0);
-    }
+    load_phi_step<kC>(ps, phi, cb, c_end, C, K, D);
     __syncthreads();
     project_tile(xs[tok], ps, K, grp, acc, squares);
     __syncthreads();  // the tiles are refilled
@@ -331,19 +349,8 @@ __global__ void __launch_bounds__(kProjThreads)
   for (int64_t e = threadIdx.x; e < nt * C; e += kProjThreads) {
     const int r = int(e / C);
     const int64_t c = e - r * C, t = t0 + r;
-    const X* xt = x + t * len + c;
     for (int i = 0; i < n; ++i) {
-      X stored;
-      if constexpr (kMix) {
-        const V F(to_compute(f[t * C + c]));
-        const V o = stream_mix_value<0, V>(hr + t * hr_stride + i * n, hp[t * hp_stride + i], F, n,
-                                            [&](int j) { return V(to_compute(xt[j * C])); });
-        stored = Convert<X>::out(static_cast<ComputeOf<X>>(o.v[0]));
-        x_next[t * len + i * C + c] = stored;
-      } else {
-        stored = xt[i * C];
-      }
-      rows[r * len + i * C + c] = stored;
+      rows[r * len + i * C + c] = projected_value<X, T, kMix>(f, x, hp, hp_stride, hr, hr_stride, x_next, t, i, c, n, C);
     }
   }
   __syncthreads();
@@ -364,11 +371,7 @@ __global__ void __launch_bounds__(kProjThreads)
           xs[r][i * kC + cc] = (r < nt && c < c_end) ? T(to_compute(rows[r * len + i * C + c])) : T(0);
         }
       }
-      for (int e = threadIdx.x; e < K * kMhcFusedMaxD; e += kProjThreads) {
-        const int kk = e / kMhcFusedMaxD, col = e % kMhcFusedMaxD;
-        const int64_t c = cb + kk % kC;
-        ps[kk][col] = (c < c_end && col < D) ? phi[((kk / kC) * C + c) * D + col] : T(0);
-      }
+      load_phi_step<kC>(ps, phi, cb, c_end, C, K, D);
       __syncthreads();
       project_tile(xs[tok], ps, K, grp, acc, squares);
       __syncthreads();  // the tiles are refilled

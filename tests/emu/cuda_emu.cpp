@@ -474,7 +474,12 @@ void run_block(Grid& grid, std::mt19937_64* rng) {
   grid.barrier_generation = 0;
   for (Warp& w : grid.warps) w = Warp{};
   // Each block's dynamic shared memory starts as garbage (not the previous block's values).
-  if (grid.dynamic_bytes > 0) std::memset(grid.dynamic_smem.get(), 0xa5, grid.dynamic_bytes);
+  if (grid.dynamic_bytes > 0) {
+    std::memset(grid.dynamic_smem.get(), 0xa5, grid.dynamic_bytes);
+#if defined(HCEXT_EMU_TSAN)
+    __tsan_release(&grid.launch_sync);  // the fill happens before the block's threads start
+#endif
+  }
   for (unsigned i = 0; i < n; ++i) {
     ThreadState& t = grid.fibers[i];
     t.linear = i;
