@@ -238,6 +238,29 @@ __device__ __forceinline__ void load_phi_step(T (*ps)[kMhcFusedMaxD], const T* _
   }
 }
 
+// One split's projection over channels [c_begin, c_end), a step of kC channels of every stream at
+// a time: fill(r, cc, c) writes xs[r][i kC + cc] for every stream i of the tile's token r at
+// channel c = step + cc (zero where out of range); then acc[j] += over the step's k of
+// xs[tok][k] phi[k, grp + kProjGroups j] and squares += xs[tok][k]² (project_tile). Both
+// projection kernels run this, so their sums are the same arithmetic in the same order.
+template <typename X, typename T, typename Fill>
+__device__ __forceinline__ void project_channels(const T* __restrict__ phi, int64_t c_begin, int64_t c_end, int64_t C,
+                                                 int n, int D, T (*xs)[kMixMaxK<X> + 1], T (*ps)[kMhcFusedMaxD],
+                                                 int tok, int grp, T (&acc)[kProjCols], T& squares, Fill&& fill) {
+  constexpr int kC = kMixC<X>;
+  const int K = n * kC;
+  squares = T(0);
+#pragma unroll
+  for (int j = 0; j < kProjCols; ++j) acc[j] = T(0);
+  for (int64_t cb = c_begin; cb < c_end; cb += kC) {
+    for (int e = threadIdx.x; e < kProjTokens * kC; e += kProjThreads) fill(e / kC, e % kC, cb + e % kC);
+    load_phi_step<kC>(ps, phi, cb, c_end, C, K, D);
+    __syncthreads();
+    project_tile(xs[tok], ps, K, grp, acc, squares);
+    __syncthreads();  // the tiles are refilled
+  }
+}
+
 // The projection of a tile of kProjTokens tokens over this split's channels, every stream of
 // each channel in one thread, so that what needs all of a channel's streams runs in the same
 // pass:
@@ -253,11 +276,11 @@ __device__ __forceinline__ void load_phi_step(T (*ps)[kMhcFusedMaxD], const T* _
 // mhc_project_reduce_kernel adds the splits in order. Grid: (token tiles, channel splits).
 template <typename X, typename T, bool kMix>
 __global__ void __launch_bounds__(kProjThreads)
-    mhc_project_kernel(const X* __restrict__ f, const X* __restrict__ x, const T* __restrict__ hp,
-                           int64_t hp_stride, const T* __restrict__ hr, int64_t hr_stride, X* __restrict__ x_next,
-                           const T* __restrict__ pre_mix, int64_t pm_stride, X* __restrict__ layer_input,
-                           const T* __restrict__ phi, T* __restrict__ partial, int64_t tokens, int n, int64_t C,
-                           int D, int64_t c_per_split) {
+    mhc_project_kernel(const X* __restrict__ f, const X* __restrict__ x, const T* __restrict__ hp, int64_t hp_stride,
+                       const T* __restrict__ hr, int64_t hr_stride, X* __restrict__ x_next,
+                       const T* __restrict__ pre_mix, int64_t pm_stride, X* __restrict__ layer_input,
+                       const T* __restrict__ phi, T* __restrict__ partial, int64_t tokens, int n, int64_t C, int D,
+                       int64_t c_per_split) {
   constexpr int kC = kMixC<X>;
   __shared__ T xs[kProjTokens][kMixMaxK<X> + 1];  // +1: tokens in different banks
   __shared__ T ps[kMixMaxK<X>][kMhcFusedMaxD];
@@ -265,35 +288,25 @@ __global__ void __launch_bounds__(kProjThreads)
   const int64_t t0 = int64_t(blockIdx.x) * kProjTokens;
   const int64_t c_begin = int64_t(blockIdx.y) * c_per_split;
   const int64_t c_end = c_begin + c_per_split < C ? c_begin + c_per_split : C;
-  const int K = n * kC;
-  T acc[kProjCols], squares = T(0);
-#pragma unroll
-  for (int j = 0; j < kProjCols; ++j) acc[j] = T(0);
-  for (int64_t cb = c_begin; cb < c_end; cb += kC) {
-    // The rows at (token r, channel cb + cc), every stream, one thread each.
-    for (int e = threadIdx.x; e < kProjTokens * kC; e += kProjThreads) {
-      const int r = e / kC, cc = e % kC;
-      const int64_t t = t0 + r, c = cb + cc;
-      using V = Lanes<T, 1>;
-      if (t < tokens && c < c_end) {
-        for (int i = 0; i < n; ++i) {
-          const X stored = projected_value<X, T, kMix>(f, x, hp, hp_stride, hr, hr_stride, x_next, t, i, c, n, C);
-          xs[r][i * kC + cc] = T(to_compute(stored));
-        }
-        if (layer_input) {
-          const V y = stream_aggregate_value<0, V>(pre_mix + t * pm_stride, n,
-                                                   [&](int i) { return V(xs[r][i * kC + cc]); });
-          store_as(layer_input + t * C + c, y.v[0]);
-        }
-      } else {
-        for (int i = 0; i < n; ++i) xs[r][i * kC + cc] = T(0);
+  T acc[kProjCols], squares;
+  // The rows at (token r, channel c), every stream, one thread each.
+  project_channels<X>(phi, c_begin, c_end, C, n, D, xs, ps, tok, grp, acc, squares, [&](int r, int cc, int64_t c) {
+    const int64_t t = t0 + r;
+    if (t < tokens && c < c_end) {
+      for (int i = 0; i < n; ++i) {
+        const X stored = projected_value<X, T, kMix>(f, x, hp, hp_stride, hr, hr_stride, x_next, t, i, c, n, C);
+        xs[r][i * kC + cc] = T(to_compute(stored));
       }
+      if (layer_input) {
+        using V = Lanes<T, 1>;
+        const V y = stream_aggregate_value<0, V>(pre_mix + t * pm_stride, n,
+                                                 [&](int i) { return V(xs[r][i * kC + cc]); });
+        store_as(layer_input + t * C + c, y.v[0]);
+      }
+    } else {
+      for (int i = 0; i < n; ++i) xs[r][i * kC + cc] = T(0);
     }
-    load_phi_step<kC>(ps, phi, cb, c_end, C, K, D);
-    __syncthreads();
-    project_tile(xs[tok], ps, K, grp, acc, squares);
-    __syncthreads();  // the tiles are refilled
-  }
+  });
   store_partial(partial, tokens, t0 + tok, D, grp, acc, squares);
 }
 
@@ -356,26 +369,15 @@ __global__ void __launch_bounds__(kProjThreads)
   __syncthreads();
   // 2. The projection, split by split as mhc_project_kernel's blocks, the splits' sums added in
   // order as mhc_project_reduce_kernel adds them.
-  const int K = n * kC;
   T total[kProjCols], total_squares = T(0);
   for (int64_t c_begin = 0; c_begin < C; c_begin += c_per_split) {
     const int64_t c_end = c_begin + c_per_split < C ? c_begin + c_per_split : C;
-    T acc[kProjCols], squares = T(0);
-#pragma unroll
-    for (int j = 0; j < kProjCols; ++j) acc[j] = T(0);
-    for (int64_t cb = c_begin; cb < c_end; cb += kC) {
-      for (int e = threadIdx.x; e < kProjTokens * kC; e += kProjThreads) {
-        const int r = e / kC, cc = e % kC;
-        const int64_t c = cb + cc;
-        for (int i = 0; i < n; ++i) {
-          xs[r][i * kC + cc] = (r < nt && c < c_end) ? T(to_compute(rows[r * len + i * C + c])) : T(0);
-        }
+    T acc[kProjCols], squares;
+    project_channels<X>(phi, c_begin, c_end, C, n, D, xs, ps, tok, grp, acc, squares, [&](int r, int cc, int64_t c) {
+      for (int i = 0; i < n; ++i) {
+        xs[r][i * kC + cc] = (r < nt && c < c_end) ? T(to_compute(rows[r * len + i * C + c])) : T(0);
       }
-      load_phi_step<kC>(ps, phi, cb, c_end, C, K, D);
-      __syncthreads();
-      project_tile(xs[tok], ps, K, grp, acc, squares);
-      __syncthreads();  // the tiles are refilled
-    }
+    });
 #pragma unroll
     for (int j = 0; j < kProjCols; ++j) total[j] = c_begin == 0 ? acc[j] : total[j] + acc[j];
     total_squares = c_begin == 0 ? squares : total_squares + squares;
