@@ -154,6 +154,13 @@ void with_vec(bool vectorize, Fn&& fn) {
   return fn.template operator()<1>();
 }
 
+// fn.template operator()<flag>(): a run-time flag as a template argument (a kernel variant).
+template <typename Fn>
+void with_flag(bool flag, Fn&& fn) {
+  if (flag) return fn.template operator()<true>();
+  return fn.template operator()<false>();
+}
+
 inline unsigned int ceil_div(long long a, long long b) { return static_cast<unsigned int>((a + b - 1) / b); }
 
 }  // namespace hcext::cuda

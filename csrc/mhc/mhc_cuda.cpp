@@ -16,6 +16,15 @@
 namespace hcext {
 namespace {
 
+// The fused boundary's mix as the CUDA passes take it (none when m is null): MhcBoundaryMix or
+// MhcBoundaryMixGrad, whose inputs have the same names.
+template <typename T, class Mix>
+cuda::MhcMixInputs<T> mix_inputs(const Mix* m) {
+  if (!m) return {};
+  return {m->f.data_ptr(), m->p.x.data_ptr(), m->h_post.h.template data_ptr<T>(), m->h_post.token_stride,
+          m->h_res.h.template data_ptr<T>(), m->h_res.token_stride};
+}
+
 struct CudaMhcBackend : CudaContext {
   using CudaContext::CudaContext;
   using Streams = CudaStreamsBackend;
@@ -44,10 +53,7 @@ struct CudaMhcBackend : CudaContext {
     if (layer_input) {
       TORCH_INTERNAL_ASSERT(collapse == nullptr && projection_aggregates(d, x_rows));
       HCEXT_CUDA_CHECK(cuda::mhc_project_aggregate<T>(
-          mix ? mix->f.data_ptr() : nullptr, mix ? mix->p.x.data_ptr() : x_rows.data_ptr(),
-          stream_dtype(x_rows.scalar_type()), mix ? mix->h_post.h.data_ptr<T>() : nullptr,
-          mix ? mix->h_post.token_stride : 0, mix ? mix->h_res.h.data_ptr<T>() : nullptr,
-          mix ? mix->h_res.token_stride : 0, mix ? x_rows.data_ptr() : nullptr, phi.data_ptr<T>(), alpha, bias,
+          x_rows.data_ptr(), stream_dtype(x_rows.scalar_type()), mix_inputs<T>(mix), phi.data_ptr<T>(), alpha, bias,
           pre_eps, proj.data_ptr<T>(), rstd.data_ptr<T>(), layer_input->data_ptr(), d.tokens, d.n, d.C, int(d.D),
           norm_eps, stream));
       return;
@@ -58,10 +64,7 @@ struct CudaMhcBackend : CudaContext {
     if (d.D <= cuda::kMhcFusedMaxD) {
       const at::Tensor workspace = scratch<T>(cuda::mhc_project_workspace(d.tokens, d.C, int(d.D), xtype));
       HCEXT_CUDA_CHECK(cuda::mhc_project<T>(
-          mix ? mix->f.data_ptr() : nullptr, mix ? mix->p.x.data_ptr() : x_rows.data_ptr(), xtype,
-          mix ? mix->h_post.h.data_ptr<T>() : nullptr, mix ? mix->h_post.token_stride : 0,
-          mix ? mix->h_res.h.data_ptr<T>() : nullptr, mix ? mix->h_res.token_stride : 0,
-          mix ? x_rows.data_ptr() : nullptr, collapse ? collapse->pre_mix.h.data_ptr<T>() : nullptr,
+          x_rows.data_ptr(), xtype, mix_inputs<T>(mix), collapse ? collapse->pre_mix.h.data_ptr<T>() : nullptr,
           collapse ? collapse->pre_mix.token_stride : 0, collapse ? collapse->layer_input.data_ptr() : nullptr,
           phi.data_ptr<T>(), workspace.data_ptr<T>(), proj.data_ptr<T>(), rstd.data_ptr<T>(), d.tokens, d.n, d.C,
           int(d.D), norm_eps, stream));
@@ -117,14 +120,9 @@ struct CudaMhcBackend : CudaContext {
     if (grad_pass_fuses(d)) {
       cuda::MhcGradRows<T> rows;
       rows.gy_rows = gy_rows;
+      rows.mix = mix_inputs<T>(mix_grad);
       if (mix_grad) {
         auto out = [](const at::Tensor& t) { return t.numel() > 0 ? t.data_ptr() : nullptr; };
-        rows.f = mix_grad->f.data_ptr();
-        rows.x = mix_grad->p.x.data_ptr();
-        rows.h_post = mix_grad->h_post.h.data_ptr<T>();
-        rows.hp_stride = mix_grad->h_post.token_stride;
-        rows.h_res = mix_grad->h_res.h.data_ptr<T>();
-        rows.hr_stride = mix_grad->h_res.token_stride;
         rows.grad_f = out(mix_grad->grad_f);
         rows.grad_x = out(mix_grad->grad_x);
         rows.grad_h_post = mix_grad->grad_h_post.rows<T>();

@@ -761,7 +761,7 @@ namespace {
 // either is wanted, gy's rows when wanted.
 template <typename T>
 int mix_terms(const MhcGradRows<T>& rows, int n) {
-  return rows.f && (rows.grad_h_res || rows.grad_h_post) ? n * n + n : 0;
+  return rows.mix.f && (rows.grad_h_res || rows.grad_h_post) ? n * n + n : 0;
 }
 template <typename T>
 int row_terms(const MhcGradRows<T>& rows, int n) {
@@ -779,27 +779,21 @@ int64_t mhc_grad_x_phi_workspace(int64_t tokens, int n, int64_t C, int D, const 
 }
 
 template <typename T>
-cudaError_t mhc_project(const void* f, const void* x, StreamDtype xtype, const T* h_post, int64_t hp_stride,
-                            const T* h_res, int64_t hr_stride, void* x_next, const T* pre_mix, int64_t pm_stride,
-                            void* layer_input, const T* phi, T* workspace, T* proj, T* rstd, int64_t tokens, int n,
-                            int64_t C, int D, T norm_eps, cudaStream_t stream) {
+cudaError_t mhc_project(void* rows, StreamDtype xtype, const MhcMixInputs<T>& mix, const T* pre_mix, int64_t pm_stride,
+                        void* layer_input, const T* phi, T* workspace, T* proj, T* rstd, int64_t tokens, int n,
+                        int64_t C, int D, T norm_eps, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
   const ProjSplit sp = project_split(tokens, C, mix_step(xtype));
   const dim3 grid(ceil_div(tokens, kProjTokens), static_cast<unsigned int>(sp.splits));
-  with_stream_ptr<T>(xtype, const_cast<void*>(x), [&](auto* xp) {
-    using X = std::remove_pointer_t<decltype(xp)>;
-    auto go = [&]<bool kMix>() {
+  with_stream_ptr<T>(xtype, rows, [&](auto* rp) {
+    using X = std::remove_pointer_t<decltype(rp)>;
+    with_flag(mix.f != nullptr, [&]<bool kMix>() {
       err = launch<mhc_project_kernel<X, T, kMix>>(
-          grid, kProjThreads, 0, stream, static_cast<const X*>(f), static_cast<const X*>(xp), h_post, hp_stride, h_res,
-          hr_stride, static_cast<X*>(x_next), pre_mix, pm_stride, static_cast<X*>(layer_input), phi, workspace,
-          tokens, n, C, D, sp.c_per_split);
-    };
-    if (f) {
-      go.template operator()<true>();
-    } else {
-      go.template operator()<false>();
-    }
+          grid, kProjThreads, 0, stream, static_cast<const X*>(mix.f), kMix ? static_cast<const X*>(mix.x) : rp,
+          mix.h_post, mix.hp_stride, mix.h_res, mix.hr_stride, rp, pre_mix, pm_stride, static_cast<X*>(layer_input),
+          phi, workspace, tokens, n, C, D, sp.c_per_split);
+    });
   });
   if (err != cudaSuccess) return err;
   const int64_t total = tokens * (D + 1);
@@ -822,31 +816,24 @@ bool mhc_project_resident(int n, int64_t C, int D, StreamDtype xtype, int device
 }
 
 template <typename T>
-cudaError_t mhc_project_aggregate(const void* f, const void* x, StreamDtype xtype, const T* h_post, int64_t hp_stride,
-                                  const T* h_res, int64_t hr_stride, void* x_next, const T* phi, const T* alpha,
-                                  const T* bias, T pre_eps, T* proj, T* rstd, void* layer_input, int64_t tokens, int n,
-                                  int64_t C, int D, T norm_eps, cudaStream_t stream) {
+cudaError_t mhc_project_aggregate(void* rows, StreamDtype xtype, const MhcMixInputs<T>& mix, const T* phi,
+                                  const T* alpha, const T* bias, T pre_eps, T* proj, T* rstd, void* layer_input,
+                                  int64_t tokens, int n, int64_t C, int D, T norm_eps, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   if (tokens == 0) return cudaSuccess;
   const ProjSplit sp = project_split(tokens, C, mix_step(xtype));  // mhc_project's splits: the same sums
   const size_t smem = size_t(kProjTokens) * n * C * stream_bytes(xtype);
-  with_stream_ptr<T>(xtype, const_cast<void*>(x), [&](auto* xp) {
-    using X = std::remove_pointer_t<decltype(xp)>;
-    auto go = [&]<bool kMix>() {
+  with_stream_ptr<T>(xtype, rows, [&](auto* rp) {
+    using X = std::remove_pointer_t<decltype(rp)>;
+    with_flag(mix.f != nullptr, [&]<bool kMix>() {
       constexpr auto kKernel = mhc_project_resident_kernel<X, T, kMix>;
       err = allow_dynamic_shared<kKernel>(kResidentBytes);
       if (err != cudaSuccess) return;
-      err = launch<kKernel>(
-          static_cast<unsigned int>(ceil_div(tokens, kProjTokens)), kProjThreads, smem, stream,
-          static_cast<const X*>(f), static_cast<const X*>(xp), h_post, hp_stride, h_res, hr_stride,
-          static_cast<X*>(x_next), phi, alpha, bias, pre_eps, norm_eps, proj, rstd, static_cast<X*>(layer_input),
-          tokens, n, C, D, sp.c_per_split);
-    };
-    if (f) {
-      go.template operator()<true>();
-    } else {
-      go.template operator()<false>();
-    }
+      err = launch<kKernel>(static_cast<unsigned int>(ceil_div(tokens, kProjTokens)), kProjThreads, smem, stream,
+                            static_cast<const X*>(mix.f), kMix ? static_cast<const X*>(mix.x) : rp, mix.h_post,
+                            mix.hp_stride, mix.h_res, mix.hr_stride, rp, phi, alpha, bias, pre_eps, norm_eps, proj,
+                            rstd, static_cast<X*>(layer_input), tokens, n, C, D, sp.c_per_split);
+    });
   });
   return err;
 }
@@ -865,34 +852,27 @@ cudaError_t mhc_grad_x_phi(const void* x, StreamDtype xtype, const T* phi, const
   const int cblocks = int(ceil_div(C, kGradW));
   const dim3 grid(static_cast<unsigned int>(cblocks), static_cast<unsigned int>(chunks));
   const int threads = n * kGradW;
-  const bool with_mix = rows.f != nullptr, with_rows = rows.gy_rows != nullptr;
   T* row_partial = workspace + int64_t(chunks) * len * D;
   const int mterms = mix_terms(rows, n), terms = row_terms(rows, n);
   with_stream_ptr<T>(xtype, const_cast<void*>(x), [&](auto* xp) {
     using X = std::remove_pointer_t<decltype(xp)>;
-    const GradRows<X, T> r{static_cast<const X*>(rows.f), static_cast<const X*>(rows.x), rows.h_post, rows.h_res,
-                           rows.hp_stride, rows.hr_stride, static_cast<X*>(rows.grad_f), static_cast<X*>(rows.grad_x),
-                           row_partial, mterms, terms};
-    auto go = [&]<int kMaxD, bool kMix, bool kRows>() {
-      err = launch<mhc_grad_x_phi_kernel<X, T, kMaxD, kMix, kRows>>(
-          grid, threads, 0, stream, xp, phi, dproj, proj, rstd, drstd, gy, mix, mix_stride, alpha, bias, pre_eps,
-          static_cast<const X*>(extra), static_cast<X*>(dx), workspace, tokens, n, C, D, per, r);
-    };
-    auto with_flags = [&]<int kMaxD>() {
-      if (with_mix && with_rows) {
-        go.template operator()<kMaxD, true, true>();
-      } else if (with_mix) {
-        go.template operator()<kMaxD, true, false>();
-      } else if (with_rows) {
-        go.template operator()<kMaxD, false, true>();
-      } else {
-        go.template operator()<kMaxD, false, false>();
-      }
+    const MhcMixInputs<T>& m = rows.mix;
+    const GradRows<X, T> r{static_cast<const X*>(m.f), static_cast<const X*>(m.x), m.h_post, m.h_res, m.hp_stride,
+                           m.hr_stride, static_cast<X*>(rows.grad_f), static_cast<X*>(rows.grad_x), row_partial,
+                           mterms, terms};
+    auto go = [&]<int kMaxD>() {
+      with_flag(m.f != nullptr, [&]<bool kMix>() {
+        with_flag(rows.gy_rows != nullptr, [&]<bool kRows>() {
+          err = launch<mhc_grad_x_phi_kernel<X, T, kMaxD, kMix, kRows>>(
+              grid, threads, 0, stream, xp, phi, dproj, proj, rstd, drstd, gy, mix, mix_stride, alpha, bias, pre_eps,
+              static_cast<const X*>(extra), static_cast<X*>(dx), workspace, tokens, n, C, D, per, r);
+        });
+      });
     };
     if (D <= 24) {
-      with_flags.template operator()<24>();
+      go.template operator()<24>();
     } else {
-      with_flags.template operator()<kMhcFusedMaxD>();
+      go.template operator()<kMhcFusedMaxD>();
     }
   });
   if (err != cudaSuccess) return err;
@@ -913,12 +893,11 @@ cudaError_t mhc_grad_x_phi(const void* x, StreamDtype xtype, const T* phi, const
                                        T, cudaStream_t);                                                          \
   template cudaError_t mhc_layer_input_grad<T>(const void*, StreamDtype, const T*, const T*, T*, int64_t, int,      \
                                                int64_t, cudaStream_t);                                            \
-  template cudaError_t mhc_project<T>(const void*, const void*, StreamDtype, const T*, int64_t, const T*,       \
-                                          int64_t, void*, const T*, int64_t, void*, const T*, T*, T*, T*, int64_t, \
-                                          int, int64_t, int, T, cudaStream_t);                                     \
-  template cudaError_t mhc_project_aggregate<T>(const void*, const void*, StreamDtype, const T*, int64_t, const T*, \
-                                                int64_t, void*, const T*, const T*, const T*, T, T*, T*, void*,      \
-                                                int64_t, int, int64_t, int, T, cudaStream_t);                        \
+  template cudaError_t mhc_project<T>(void*, StreamDtype, const MhcMixInputs<T>&, const T*, int64_t, void*,       \
+                                      const T*, T*, T*, T*, int64_t, int, int64_t, int, T, cudaStream_t);          \
+  template cudaError_t mhc_project_aggregate<T>(void*, StreamDtype, const MhcMixInputs<T>&, const T*, const T*,     \
+                                                const T*, T, T*, T*, void*, int64_t, int, int64_t, int, T,           \
+                                                cudaStream_t);                                                       \
   template int64_t mhc_grad_x_phi_workspace<T>(int64_t, int, int64_t, int, const MhcGradRows<T>&);                 \
   template cudaError_t mhc_grad_x_phi<T>(const void*, StreamDtype, const T*, const T*, const T*, const T*,          \
                                          const T*, const T*, const T*, int64_t, const T*, const T*, T,              \

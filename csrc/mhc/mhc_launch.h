@@ -18,42 +18,48 @@ namespace hcext::cuda {
 constexpr int kMhcFusedMaxN = 6;
 constexpr int kMhcFusedMaxD = kMhcFusedMaxN * kMhcFusedMaxN + 2 * kMhcFusedMaxN;  // 48
 
-// proj [tokens, D] = x @ phi [n*C, D] and rstd [tokens], D <= kMhcFusedMaxD: one pass over x (in
-// its own dtype, xtype) by tiles of tokens x channels of every stream, split over channels, the
-// splits' partial sums added in order (deterministic; the same order in every op). The same
-// pass can also (each optional):
-// - f non-null (the fused boundary's first pass): project x_next [tokens, n, C] (x's dtype) =
-//   the mix of f [tokens, C] and x [tokens, n, C] with h_post / h_res (token t at t * stride;
-//   0: shared), computed as stream_mix_expand computes it (the same bits), written once;
-//   else project x itself (h_post, h_res, x_next unused);
-// - layer_input non-null (the shifted collapse): write layer_input [tokens, C] (x's dtype) =
-//   Σ_i pre_mix[t, i] rows_i (pre_mix: token t at t * pm_stride; 0: shared), as
-//   stream_aggregate computes it (the same bits), from the same tiles (the rows read once).
-// workspace: mhc_project_workspace elements.
+// The fused boundary's mix, x_next = stream_mix_expand(f, x, h_post, h_res), as the passes below
+// take it (f null: no mix): f [tokens, C] and x [tokens, n, C] in x's dtype, h_post / h_res with
+// token t at t * stride (0: shared).
+template <typename T>
+struct MhcMixInputs {
+  const void *f = nullptr, *x = nullptr;
+  const T* h_post = nullptr;
+  int64_t hp_stride = 0;
+  const T* h_res = nullptr;
+  int64_t hr_stride = 0;
+};
+
+// proj [tokens, D] = rows @ phi [n*C, D] and rstd [tokens], D <= kMhcFusedMaxD: one pass over the
+// rows [tokens, n, C] (in their own dtype, xtype) by tiles of tokens x channels of every stream,
+// split over channels, the splits' partial sums added in order (deterministic; the same order in
+// every op). rows is x, read; or, with mix.f (the fused boundary's first pass), x_next, written
+// once here as the mix of mix.x computes it (the same bits as stream_mix_expand) and projected
+// from the values stored. layer_input non-null (the shifted collapse): also writes layer_input
+// [tokens, C] (x's dtype) = Σ_i pre_mix[t, i] rows_i (pre_mix: token t at t * pm_stride; 0:
+// shared), as stream_aggregate computes it (the same bits), from the same tiles (the rows read
+// once). workspace: mhc_project_workspace elements.
 int64_t mhc_project_workspace(int64_t tokens, int64_t C, int D, StreamDtype xtype);
 template <typename T>
-cudaError_t mhc_project(const void* f, const void* x, StreamDtype xtype, const T* h_post, int64_t hp_stride,
-                        const T* h_res, int64_t hr_stride, void* x_next, const T* pre_mix, int64_t pm_stride,
+cudaError_t mhc_project(void* rows, StreamDtype xtype, const MhcMixInputs<T>& mix, const T* pre_mix, int64_t pm_stride,
                         void* layer_input, const T* phi, T* workspace, T* proj, T* rstd, int64_t tokens, int n,
                         int64_t C, int D, T norm_eps, cudaStream_t stream);
 
 // The standard collapse where a tile's rows fit on chip (mhc_project_resident: 32 tokens' rows
 // of n*C elements of x's dtype in 80 KB of shared memory, D <= kMhcFusedMaxD): proj, rstd and
 // layer_input [tokens, C] = Σ_i h_pre[t, i] rows_i (h_pre from proj as the epilogue computes it)
-// in one pass that reads x once — proj and rstd bitwise mhc_project's (the same splits, added
-// in the same order), the layer input stream_aggregate's. f non-null: the rows are the
-// boundary's x_next, mixed and written as by mhc_project.
+// in one pass that reads the rows once — proj and rstd bitwise mhc_project's (the same splits,
+// added in the same order), the layer input stream_aggregate's. rows and mix as mhc_project's.
 // device: the CUDA device whose shared-memory limit decides (it must allow the 80 KB and the
 // kernel's static tiles in one block).
 bool mhc_project_resident(int n, int64_t C, int D, StreamDtype xtype, int device);
 template <typename T>
-cudaError_t mhc_project_aggregate(const void* f, const void* x, StreamDtype xtype, const T* h_post, int64_t hp_stride,
-                                  const T* h_res, int64_t hr_stride, void* x_next, const T* phi, const T* alpha,
-                                  const T* bias, T pre_eps, T* proj, T* rstd, void* layer_input, int64_t tokens, int n,
-                                  int64_t C, int D, T norm_eps, cudaStream_t stream);
+cudaError_t mhc_project_aggregate(void* rows, StreamDtype xtype, const MhcMixInputs<T>& mix, const T* phi,
+                                  const T* alpha, const T* bias, T pre_eps, T* proj, T* rstd, void* layer_input,
+                                  int64_t tokens, int n, int64_t C, int D, T norm_eps, cudaStream_t stream);
 
 // What mhc_grad_x_phi also computes from the rows it reads (every pointer nullable).
-// The fused boundary's mix backward (f non-null; f, x in x's dtype, [tokens, C] and [tokens, n, C]):
+// The fused boundary's mix backward (mix.f non-null):
 // dx is then x_next's gradient, rounded to x's dtype and not stored; the pass runs
 // stream_mix_expand_backward's arithmetic on it: grad_f, grad_x (of layer l's streams), and the
 // per-token rows of h_post's and h_res's gradients ([tokens, n], [tokens, n*n]: Σ_c g_i f,
@@ -61,11 +67,7 @@ cudaError_t mhc_project_aggregate(const void* f, const void* x, StreamDtype xtyp
 // [tokens, n]. The sums over channels are per block of channels, added in block order.
 template <typename T>
 struct MhcGradRows {
-  const void *f = nullptr, *x = nullptr;
-  const T* h_post = nullptr;  // token t at t * hp_stride (0: shared)
-  int64_t hp_stride = 0;
-  const T* h_res = nullptr;  // token t at t * hr_stride (0: shared)
-  int64_t hr_stride = 0;
+  MhcMixInputs<T> mix;  // x: layer l's streams
   void *grad_f = nullptr, *grad_x = nullptr;
   T *grad_h_post = nullptr, *grad_h_res = nullptr;
   T* gy_rows = nullptr;
@@ -78,7 +80,7 @@ int64_t mhc_grad_x_phi_workspace(int64_t tokens, int n, int64_t C, int D, const 
 
 // One pass over x (xtype) for the backward, D <= kMhcFusedMaxD:
 //   dx = dproj @ phiᵀ + (-drstd rstd³ / len) x + (gy ? h_i gy : 0) + (extra ? extra : 0),
-//        summed in T and rounded once to x's dtype: written to dx, or, with rows.f, the mix's
+//        summed in T and rounded once to x's dtype: written to dx, or, with rows.mix.f, the mix's
 //        backward runs on it (see MhcGradRows; dx unused); h_i as in mhc_grad_x;
 //   grad_phi [len, D] = xᵀ @ dproj, from per-chunk partial sums (workspace) added in chunk order;
 //   rows' sums (see MhcGradRows).

@@ -160,13 +160,10 @@ void mhc_cases(hcext::StreamDtype xtype, const char* dtype, int64_t tokens, int 
                hp = random_vec<T>(size_t(tokens) * n, 24), hr = random_vec<T>(size_t(tokens) * n * n, 25);
     std::vector<X> grad_f(size_t(tokens) * C), grad_xprev(size_t(tokens) * len);
     std::vector<T> ghp(size_t(tokens) * n), ghr(size_t(tokens) * n * n), gy_rows(size_t(tokens) * n);
+    const hcext::cuda::MhcMixInputs<T> mix_prev{f.data(), xprev.data(), hp.data(), n, hr.data(), int64_t(n) * n};
+    const hcext::cuda::MhcMixInputs<T> mix_x{f.data(), x.data(), hp.data(), n, hr.data(), int64_t(n) * n};
     hcext::cuda::MhcGradRows<T> rows;
-    rows.f = f.data();
-    rows.x = xprev.data();
-    rows.h_post = hp.data();
-    rows.hp_stride = n;
-    rows.h_res = hr.data();
-    rows.hr_stride = int64_t(n) * n;
+    rows.mix = mix_prev;
     rows.grad_f = grad_f.data();
     rows.grad_x = grad_xprev.data();
     rows.grad_h_post = ghp.data();
@@ -176,17 +173,17 @@ void mhc_cases(hcext::StreamDtype xtype, const char* dtype, int64_t tokens, int 
                                 hcext::cuda::mhc_grad_x_phi_workspace<T>(tokens, n, C, int(D), {}),
                                 hcext::cuda::mhc_grad_x_phi_workspace<T>(tokens, n, C, int(D), rows)}));
     check_case("mhc_project " + tag, [&] {
-      return hcext::cuda::mhc_project<T>(nullptr, x.data(), xtype, nullptr, 0, nullptr, 0, nullptr, nullptr, 0, nullptr,
-                                         phi.data(), ws.data(), proj2.data(), rstd2.data(), tokens, n, C, int(D),
-                                         T(1e-6), nullptr);
+      return hcext::cuda::mhc_project<T>(const_cast<X*>(x.data()), xtype, {}, nullptr, 0, nullptr, phi.data(),
+                                         ws.data(), proj2.data(), rstd2.data(), tokens, n, C, int(D), T(1e-6),
+                                         nullptr);
     }, {{proj2.data(), proj2.size() * sizeof(T)}, {rstd2.data(), rstd2.size() * sizeof(T)}});
     expect_finite("mhc_project " + tag, proj2);
     // The boundary's mix and the shifted collapse in the same pass.
     std::vector<X> x_next(size_t(tokens) * len), layer_input(size_t(tokens) * C);
     check_case("mhc_project mix+collapse " + tag, [&] {
-      return hcext::cuda::mhc_project<T>(f.data(), x.data(), xtype, hp.data(), n, hr.data(), int64_t(n) * n,
-                                         x_next.data(), hp.data(), n, layer_input.data(), phi.data(), ws.data(),
-                                         proj2.data(), rstd2.data(), tokens, n, C, int(D), T(1e-6), nullptr);
+      return hcext::cuda::mhc_project<T>(x_next.data(), xtype, mix_x, hp.data(), n, layer_input.data(), phi.data(),
+                                         ws.data(), proj2.data(), rstd2.data(), tokens, n, C, int(D), T(1e-6),
+                                         nullptr);
     }, {{proj2.data(), proj2.size() * sizeof(T)}, {rstd2.data(), rstd2.size() * sizeof(T)},
         {x_next.data(), x_next.size() * sizeof(X)}, {layer_input.data(), layer_input.size() * sizeof(X)}});
     expect_finite("mhc_project mix+collapse " + tag, layer_input);
@@ -194,10 +191,10 @@ void mhc_cases(hcext::StreamDtype xtype, const char* dtype, int64_t tokens, int 
     if (hcext::cuda::mhc_project_resident(n, C, int(D), xtype, 0)) {
       for (const bool mix : {false, true}) {
         check_case(std::string("mhc_project_aggregate") + (mix ? " mix " : " ") + tag, [&] {
-          return hcext::cuda::mhc_project_aggregate<T>(mix ? f.data() : nullptr, x.data(), xtype, hp.data(), n,
-                                                       hr.data(), int64_t(n) * n, x_next.data(), phi.data(),
-                                                       alpha.data(), bias.data(), T(1e-6), proj2.data(), rstd2.data(),
-                                                       layer_input.data(), tokens, n, C, int(D), T(1e-6), nullptr);
+          return hcext::cuda::mhc_project_aggregate<T>(
+              mix ? x_next.data() : const_cast<X*>(x.data()), xtype, mix ? mix_x : hcext::cuda::MhcMixInputs<T>{},
+              phi.data(), alpha.data(), bias.data(), T(1e-6), proj2.data(), rstd2.data(), layer_input.data(), tokens,
+              n, C, int(D), T(1e-6), nullptr);
         }, {{proj2.data(), proj2.size() * sizeof(T)}, {rstd2.data(), rstd2.size() * sizeof(T)},
             {layer_input.data(), layer_input.size() * sizeof(X)}});
         expect_finite("mhc_project_aggregate " + tag, layer_input);
